@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian programs the tests and benchmarks run as real peers.
+# Idempotent: does nothing when every program is already there.
+set -euo pipefail
+PKGS=(haproxy nginx iperf3 wrk fail2ban prosody prosody-modules lua-unbound redis-server
+      openssl curl iproute2 nftables procps psmisc)
+need=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing Debian peers: ${need[*]}"
+$SUDO apt-get update -q
+# Installed services must not auto-start: tests start their own instances.
+printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+$SUDO chmod +x /usr/sbin/policy-rc.d
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y \
+  --no-install-recommends "${need[@]}"
