@@ -1,0 +1,142 @@
+"""The admin API: JSON over HTTP/1.1 on a Unix socket or a loopback port.
+
+Small on purpose (the control plane, not the data plane): one request per
+connection, bodies of at most 64 KiB, bearer token when configured. The CLI
+(`edgeward status`, `reload`, `ban`, ...) is its client.
+
+Routes:
+  GET  /status                      everything `edgeward status` shows
+  GET  /metrics                     Prometheus text format
+  POST /reload                      re-read the config (as SIGHUP)
+  POST /pools/{pool}/drain?server=  stop new connections to a server (undrain: the reverse)
+Extra routes are registered by other parts (the guard adds /bans, /ban, /unban).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .metrics import render_metrics
+
+if TYPE_CHECKING:
+    from ..server import Edge
+
+log = logging.getLogger("edgeward.admin")
+
+Handler = Callable[[dict[str, list[str]], Any], Awaitable[tuple[int, Any]]]
+
+
+class AdminAPI:
+    def __init__(self, edge: Edge, address: str, token: str | None) -> None:
+        self.edge = edge
+        self.address = address
+        self.token = token
+        self.server: asyncio.AbstractServer | None = None
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/status"): self._status,
+            ("POST", "/reload"): self._reload,
+        }
+
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        self.routes[(method, path)] = handler
+
+    async def start(self) -> None:
+        if self.address.startswith("unix:"):
+            path = self.address[5:]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.server = await asyncio.start_unix_server(self._handle, path)
+            os.chmod(path, 0o600)
+        else:
+            host, _, port = self.address.rpartition(":")
+            self.server = await asyncio.start_server(self._handle, host.strip("[]"), int(port))
+        log.info("admin API on %s", self.address)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+            if self.address.startswith("unix:"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.address[5:])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                status, body, ctype = await self._serve(reader)
+        except (TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
+            status, body, ctype = 400, b'{"error": "bad request"}', "application/json"
+        try:
+            writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if len(head) > 16384:
+            raise ValueError("head too large")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0"))
+        if length > 65536:
+            raise ValueError("body too large")
+        raw = await reader.readexactly(length) if length else b""
+        if self.token is not None:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                return 401, b'{"error": "missing or wrong bearer token"}', "application/json"
+        url = urlsplit(target)
+        path = unquote(url.path)
+        query = parse_qs(url.query)
+        if method == "GET" and path == "/metrics":
+            return 200, render_metrics(self.edge).encode(), "text/plain; version=0.0.4"
+        handler = self.routes.get((method, path))
+        if handler is None and method == "POST" and path.startswith("/pools/"):
+            parts = path.split("/")
+            if len(parts) == 4 and parts[3] in ("drain", "undrain"):
+                return self._json(*self._drain(parts[2], parts[3] == "drain", query))
+        if handler is None:
+            return 404, b'{"error": "no such endpoint"}', "application/json"
+        body: Any = json.loads(raw) if raw else None
+        status, result = await handler(query, body)
+        return self._json(status, result)
+
+    @staticmethod
+    def _json(status: int, result: Any) -> tuple[int, bytes, str]:
+        return status, json.dumps(result, indent=1).encode() + b"\n", "application/json"
+
+    async def _status(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        return 200, self.edge.status()
+
+    async def _reload(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        ok = self.edge.reload()
+        return (200 if ok else 422), {"applied": ok}
+
+    def _drain(self, pool: str, drain: bool, query: dict[str, list[str]]) -> tuple[int, Any]:
+        server = (query.get("server") or [""])[0]
+        if not self.edge.set_drain(pool, server, drain):
+            return 404, {"error": f"no server {server!r} in pool {pool!r}"}
+        return 200, {"pool": pool, "server": server, "drain": drain}
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 422: "Unprocessable Entity"}

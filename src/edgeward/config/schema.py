@@ -1,0 +1,170 @@
+"""The config schema: the one description of every option, its default, unit and help.
+
+`edgeward schema` prints it as JSON Schema; docs/config.md shows it in use.
+Models forbid unknown keys so that a typo is an error with a location, not a
+silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .units import CIDR, Duration, Size, parse_bind, parse_target
+
+ProxyProtocol = Literal["off", "v1", "v2"]
+Protocol = Literal["tls", "http", "xmpp", "ssh", "unknown"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EdgeSettings(_Strict):
+    """Process-wide settings."""
+
+    admin: str = Field(
+        "127.0.0.1:9901",
+        description="Admin API address: \"unix:/path\" or host:port. Loopback or a Unix socket "
+        "unless admin_token is set.",
+    )
+    admin_token: str | None = Field(
+        None, description="Bearer token the admin API requires; mandatory for a non-loopback admin address."
+    )
+    state_dir: str = Field("/var/lib/edgeward", description="Where bans and log positions are kept.")
+    max_connections: int = Field(20000, ge=1, description="Global limit of concurrent TCP connections.")
+    max_connections_per_client: int = Field(
+        512, ge=0, description="Concurrent TCP connections one client address may hold (0 = no limit)."
+    )
+    drain_timeout: Duration = Field(30.0, description="On SIGTERM, how long established connections may finish.")
+    nofile: int | Literal["max"] = Field(
+        "max", description="Open-files soft limit to set at start (\"max\" = the hard limit)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    splice: bool = Field(True, description="Relay with splice() (zero-copy) where the OS has it.")
+
+
+class ListenerSettings(_Strict):
+    """A named listener: addresses shared by services, with socket and sniffing options."""
+
+    bind: list[str] = Field(..., min_length=1, description="Addresses: \"[::]:443\", \"0.0.0.0:10000-10100\".")
+    sniff_timeout: Duration = Field(5.0, description="Longest wait for the first bytes to decide a route.")
+    sniff_bytes: Size = Field(16384, ge=64, le=65536, description="Most bytes looked at to decide a route.")
+    server_first_wait: Duration = Field(
+        0.0,
+        description="If > 0, a client that sends nothing for this long goes to the default route "
+        "(server-speaks-first protocols such as SMTP); 0 waits the whole sniff_timeout.",
+    )
+    trusted_proxies: list[CIDR] = Field(
+        default_factory=list,
+        description="Senders whose PROXY v1/v2 header is accepted; from anyone else a PROXY header is an error.",
+    )
+    max_connections: int | None = Field(None, ge=1, description="Concurrent connections on this listener.")
+    backlog: int = Field(1024, ge=1, description="Accept queue length.")
+    reuseport: bool = Field(False, description="Set SO_REUSEPORT (several processes on one port).")
+    idle_timeout: Duration = Field(3600.0, description="Close a relayed connection idle for this long.")
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_bind(item)
+        return v
+
+
+class HealthCheck(_Strict):
+    """Active health check of every server of a pool."""
+
+    http: str | None = Field(None, description="Path for an HTTP GET check, e.g. \"/about/health\"; unset = TCP connect.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port to check (default: the server's port).")
+    host: str | None = Field(None, description="Host header of the HTTP check (default: the server address).")
+    expect: int = Field(200, ge=100, le=599, description="HTTP status that means healthy.")
+    interval: Duration = Field(2.0, gt=0, description="Time between checks.")
+    timeout: Duration = Field(1.0, gt=0, description="A check slower than this fails.")
+    rise: int = Field(1, ge=1, description="Consecutive successes that mark a down server up.")
+    fall: int = Field(1, ge=1, description="Consecutive failures that mark an up server down.")
+
+
+class PassiveHealth(_Strict):
+    """Marking servers down from failures of real connections."""
+
+    failures: int = Field(3, ge=1, description="Consecutive connect failures that mark a server down.")
+    down_for: Duration = Field(10.0, gt=0, description="How long such a server stays down.")
+
+
+class ServerSettings(_Strict):
+    address: str = Field(..., description="host:port, host (client's port) or unix:/path.")
+    weight: int = Field(1, ge=0, le=1000, description="Share of new clients; 0 = backup-free drain.")
+    drain: bool = Field(False, description="Take no new connections; established ones finish.")
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        parse_target(v)
+        return v
+
+
+class PoolSettings(_Strict):
+    """A set of servers that share the load."""
+
+    servers: list[str | ServerSettings] = Field(..., min_length=1, description="Servers: \"host:port\" or tables.")
+    balance: Literal["round-robin", "least-connections", "source-hash"] = Field(
+        "round-robin", description="How a server is picked; source-hash keeps a client on one server."
+    )
+    connect_timeout: Duration = Field(3.0, gt=0, description="Connect attempt limit per server.")
+    retries: int = Field(2, ge=0, le=16, description="Other servers tried after a failed connect.")
+    proxy_protocol: ProxyProtocol = Field("off", description="Send a PROXY header to the servers.")
+    health: HealthCheck | None = Field(None, description="Active health check; unset = none.")
+    passive: PassiveHealth = Field(default_factory=PassiveHealth, description="Passive health.")
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, v: list[str | ServerSettings]) -> list[str | ServerSettings]:
+        for item in v:
+            if isinstance(item, str):
+                parse_target(item)
+        return v
+
+
+class ServiceSettings(_Strict):
+    """Where clients arrive, which of them this service takes, and where they go."""
+
+    listen: list[str] = Field(..., min_length=1, description="Listener names or addresses.")
+    names: list[str] = Field(
+        default_factory=list,
+        description="Names matched against SNI, HTTP Host or XMPP to=: exact or \"*.example.org\".",
+    )
+    protocol: Protocol | None = Field(None, description="Only clients speaking this protocol.")
+    alpn: list[str] = Field(default_factory=list, description="Only TLS clients offering one of these ALPN ids.")
+    source: list[CIDR] = Field(default_factory=list, description="Only clients from these networks.")
+    to: str = Field(..., description="An address (\"10.0.0.2:443\", \"10.0.0.2\" = same port), unix:/path, or a pool name.")
+    proxy_protocol: ProxyProtocol | None = Field(None, description="Send a PROXY header (default: the pool's).")
+    connect_timeout: Duration | None = Field(None, description="Default 3s, or the pool's.")
+
+    @field_validator("names")
+    @classmethod
+    def _check_names(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            n = name.strip().lower().rstrip(".")
+            if not n or " " in n or (n.count("*") and not (n.startswith("*.") and n.count("*") == 1)):
+                raise ValueError(f"{name!r} is not a name (write \"example.org\" or \"*.example.org\")")
+            out.append(n)
+        return out
+
+
+class Config(_Strict):
+    """The whole file."""
+
+    edge: EdgeSettings = Field(default_factory=EdgeSettings)  # type: ignore[arg-type]
+    listeners: dict[str, ListenerSettings] = Field(default_factory=dict)
+    pools: dict[str, PoolSettings] = Field(default_factory=dict)
+    services: dict[str, ServiceSettings] = Field(default_factory=dict)
+
+
+def json_schema() -> dict[str, object]:
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "edgeward configuration"
+    return schema

@@ -1,0 +1,209 @@
+"""Parsing of the config's units: durations, sizes, addresses, CIDRs.
+
+Each parser accepts the human form (``"5m"``, ``"64KiB"``, ``"[::]:443"``) and
+raises ``ValueError`` with a message that says what a good value looks like;
+pydantic turns that into a located config error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3, "k": 1024, "K": 1024, "M": 1024**2, "G": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"250ms" "5s" "5m" "1h" "1d"``, a number, or ``-1`` (forever)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"5s\" or \"5m\", not a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            inner = parse_duration(text[1:])
+            return -inner
+        m = _DURATION_RE.match(text)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"cannot read {value!r} as a duration (write e.g. \"250ms\", \"5s\", \"5m\", \"1h\", \"1d\")")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``"64KiB" "1MiB" "16k"`` or a plain number."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like \"64KiB\", not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError(f"cannot read {value!r} as a size (write e.g. \"16KiB\", \"1MiB\" or a number of bytes)")
+
+
+def _format_duration(v: float) -> str:
+    return f"{v:g}s"
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(_format_duration, return_type=str),
+    WithJsonSchema({"type": ["string", "number"], "pattern": r"^-?\d+(\.\d+)?(ms|s|m|h|d)?$",
+                    "description": "a duration: \"250ms\", \"5s\", \"5m\", \"1h\", \"1d\" or seconds"}),
+]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"type": ["string", "integer"], "pattern": r"^\d+(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?$",
+                    "description": "a size: \"64KiB\", \"1MiB\" or bytes"}),
+]
+
+
+def parse_cidr(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an address or CIDR string like \"10.0.0.0/8\", got {value!r}")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR (write e.g. \"192.0.2.7\", \"10.0.0.0/8\", \"2001:db8::/32\")") from None
+
+
+CIDR = Annotated[str, BeforeValidator(parse_cidr)]
+
+Transport = Literal["tcp", "udp"]
+
+
+@dataclass(frozen=True, slots=True)
+class BindSpec:
+    """One listen address: transport, host and an inclusive port range."""
+
+    transport: Transport
+    host: str
+    first_port: int
+    last_port: int
+
+    def ports(self) -> range:
+        return range(self.first_port, self.last_port + 1)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        ports = str(self.first_port) if self.first_port == self.last_port else f"{self.first_port}-{self.last_port}"
+        prefix = "udp/" if self.transport == "udp" else ""
+        return f"{prefix}{host}:{ports}"
+
+
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    """``"[::1]:443" -> ("::1", "443")``, ``"10.0.0.2" -> ("10.0.0.2", None)``."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after an IPv6 address (write e.g. \"[::1]:443\")")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':port' after ']'")
+        return host, rest[1:]
+    if text.count(":") > 1:
+        # A bare IPv6 literal has no port; asking for brackets avoids guessing.
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an address (IPv6 with a port needs brackets: \"[2001:db8::1]:443\")") from None
+        return text, None
+    if ":" in text:
+        host, port = text.rsplit(":", 1)
+        return host, port
+    return text, None
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{whole!r}: port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def parse_bind(value: str) -> BindSpec:
+    """``"[::]:443"``, ``"udp/0.0.0.0:3478"``, ``"127.0.0.1:10000-10100"``."""
+    text = value.strip()
+    transport: Transport = "tcp"
+    for prefix in ("tcp/", "udp/"):
+        if text.startswith(prefix):
+            transport = "udp" if prefix == "udp/" else "tcp"
+            text = text[len(prefix) :]
+    host, port = _split_host_port(text)
+    if port is None:
+        raise ValueError(f"{value!r}: a listen address needs a port (write e.g. \"[::]:443\" or \"0.0.0.0:10000-10100\")")
+    if not host:
+        raise ValueError(f"{value!r}: empty host (write \"0.0.0.0:PORT\" for all IPv4 or \"[::]:PORT\" for all addresses)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: listen on an IP address, not the name {host!r}") from None
+    if "-" in port:
+        first_s, last_s = port.split("-", 1)
+        first, last = _port(first_s, value), _port(last_s, value)
+        if last < first:
+            raise ValueError(f"{value!r}: port range ends before it starts")
+        if last - first >= 4096:
+            raise ValueError(f"{value!r}: port range of {last - first + 1} ports is larger than 4096")
+    else:
+        first = last = _port(port, value)
+    return BindSpec(transport, host, first, last)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a service's clients go: a host and port (None = the port they came to), or a Unix socket."""
+
+    host: str | None
+    port: int | None
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else str(self.host)
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def looks_like_address(text: str) -> bool:
+    """True for what can only be an address (IP literal, dotted name, unix:), not a pool name."""
+    if text.startswith("unix:") or text.startswith("["):
+        return True
+    host, port = _split_host_port(text) if text.count(":") <= 1 or text.startswith("[") else (text, None)
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return "." in host or port is not None or host == "localhost"
+
+
+def parse_target(value: str) -> Target:
+    text = value.strip()
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/") and not path.startswith("@"):
+            raise ValueError(f"{value!r}: a unix socket path must be absolute (\"unix:/run/app.sock\")")
+        return Target(None, None, path)
+    host, port = _split_host_port(text)
+    if not host:
+        raise ValueError(f"{value!r}: empty host")
+    return Target(host, None if port is None else _port(port, value))

@@ -1,0 +1,88 @@
+"""Active health checks: TCP connect or HTTP GET, per server, on an interval.
+
+Runs in the control plane (asyncio streams are fine here); the data plane only
+reads `Server.healthy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ..config.schema import HealthCheck
+from .pool import Pool, Server
+
+log = logging.getLogger("edgeward.health")
+
+
+async def check_once(server: Server, hc: HealthCheck) -> bool:
+    t = server.target
+    port = hc.port or t.port
+    try:
+        async with asyncio.timeout(hc.timeout):
+            if t.unix_path is not None:
+                reader, writer = await asyncio.open_unix_connection(t.unix_path)
+            else:
+                assert t.host is not None and port is not None
+                reader, writer = await asyncio.open_connection(t.host, port)
+            try:
+                if hc.http is None:
+                    return True
+                host = hc.host or (t.host if t.host and ":" not in t.host else f"[{t.host}]")
+                writer.write(f"GET {hc.http} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: edgeward-health\r\n"
+                             f"Connection: close\r\n\r\n".encode())
+                await writer.drain()
+                status_line = await reader.readline()
+                parts = status_line.split(None, 2)
+                return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1] == str(hc.expect).encode()
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+        return False
+
+
+class HealthChecker:
+    """One task per checked pool; marks servers up/down after rise/fall results."""
+
+    def __init__(self, pools: list[Pool]) -> None:
+        self.pools = [p for p in pools if isinstance(p.health, HealthCheck)]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._streak: dict[int, int] = {}
+
+    def start(self) -> None:
+        for p in self.pools:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._run(p)))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+
+    async def _run(self, pool: Pool) -> None:
+        hc = pool.health
+        assert isinstance(hc, HealthCheck)
+        while True:
+            results = await asyncio.gather(*(check_once(s, hc) for s in pool.servers))
+            for s, ok in zip(pool.servers, results, strict=True):
+                self._apply(pool, s, ok, hc)
+            await asyncio.sleep(hc.interval)
+
+    def _apply(self, pool: Pool, s: Server, ok: bool, hc: HealthCheck) -> None:
+        # streak > 0 counts successes while down, < 0 counts failures while up.
+        k = id(s)
+        streak = self._streak.get(k, 0)
+        if ok == s.healthy:
+            self._streak[k] = 0
+            return
+        streak = streak + 1 if ok else streak - 1
+        if (ok and streak >= hc.rise) or (not ok and -streak >= hc.fall):
+            s.healthy = ok
+            streak = 0
+            log.warning("pool %s server %s is now %s", pool.name, s.name, "UP" if ok else "DOWN")
+        self._streak[k] = streak

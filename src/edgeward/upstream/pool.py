@@ -1,0 +1,107 @@
+"""Pools of upstream servers: picking, passive health, draining.
+
+Balancing:
+- round-robin: smooth weighted round-robin (nginx's), so weights interleave.
+- least-connections: fewest active connections relative to weight.
+- source-hash: weighted rendezvous (HRW) hashing of the client address, so a
+  client stays on one server while it is healthy and adding or removing a
+  server moves only the clients that must move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+from ..config.units import Target
+
+
+@dataclass(slots=True, eq=False)
+class Server:
+    target: Target
+    weight: int = 1
+    drain: bool = False
+    healthy: bool = True  # from active checks
+    down_until: float = 0.0  # from passive health
+    failures: int = 0
+    active: int = 0
+    total: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    # smooth weighted round-robin state
+    current_weight: int = 0
+
+    @property
+    def name(self) -> str:
+        return str(self.target)
+
+    def available(self, now: float) -> bool:
+        return self.healthy and not self.drain and self.weight > 0 and now >= self.down_until
+
+    def hash_key(self) -> bytes:
+        return self.name.encode()
+
+
+class Pool:
+    __slots__ = ("balance", "connect_timeout", "down_for", "failures_to_down", "health", "name",
+                 "proxy_protocol", "retries", "servers")
+
+    def __init__(self, name: str, servers: list[Server], *, balance: str = "round-robin",
+                 connect_timeout: float = 3.0, retries: int = 2, proxy_protocol: str = "off",
+                 failures_to_down: int = 3, down_for: float = 10.0, health: object | None = None) -> None:
+        self.name = name
+        self.servers = servers
+        self.balance = balance
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.proxy_protocol = proxy_protocol
+        self.failures_to_down = failures_to_down
+        self.down_for = down_for
+        self.health = health
+
+    def pick(self, client: bytes, exclude: tuple[Server, ...] = (), now: float | None = None) -> Server | None:
+        """The server for a new connection from `client` (packed address), or None if none is available."""
+        t = time.monotonic() if now is None else now
+        if len(self.servers) == 1:
+            s = self.servers[0]
+            return s if s not in exclude and s.available(t) else None
+        cands = [s for s in self.servers if s not in exclude and s.available(t)]
+        if not cands:
+            return None
+        if self.balance == "source-hash":
+            return max(cands, key=lambda s: _hrw_score(client, s))
+        if self.balance == "least-connections":
+            return min(cands, key=lambda s: (s.active + 1) / s.weight)
+        total = 0
+        best = cands[0]
+        for s in cands:
+            s.current_weight += s.weight
+            total += s.weight
+            if s.current_weight > best.current_weight:
+                best = s
+        best.current_weight -= total
+        return best
+
+    def connect_failed(self, server: Server, now: float | None = None) -> None:
+        server.failures += 1
+        if server.failures >= self.failures_to_down:
+            server.down_until = (time.monotonic() if now is None else now) + self.down_for
+            server.failures = 0
+
+    def connect_succeeded(self, server: Server) -> None:
+        server.failures = 0
+
+    def find(self, name: str) -> Server | None:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        return None
+
+
+def _hrw_score(client: bytes, server: Server) -> float:
+    h = int.from_bytes(hashlib.blake2b(client + b"|" + server.hash_key(), digest_size=8).digest(), "big")
+    # Map to (0, 1] and weight it: score = -w / ln(u) (weighted rendezvous hashing).
+    u = (h + 1) / 2.0**64
+    return -server.weight / math.log(u) if u < 1.0 else math.inf
