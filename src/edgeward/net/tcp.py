@@ -131,7 +131,7 @@ class TcpConn:
         self.peeked = 0
         self.lowat = False
         self.last = edge.now
-        self.t0 = edge.now
+        self.t0 = edge.loop.time()  # same clock as the sniff timers
 
     # ------------------------------------------------------------------ sniff
     def start(self) -> None:
@@ -258,17 +258,9 @@ class TcpConn:
         if elapsed + 0.001 < s.sniff_timeout:
             self.sniff_timer = self.edge.loop.call_later(s.sniff_timeout - elapsed, self._on_sniff_timer)
             return
-        try:
-            data = self.client.recv(s.sniff_bytes, socket.MSG_PEEK)
-        except BlockingIOError:
-            data = b""
-        except OSError:
-            self._fail("client_error")
-            return
-        if not data:
-            self._fail("sniff_timeout")
-            return
-        self._sniff(data, final=True)
+        # Bytes are queued but never completed a message (a complete or unrecognisable one would
+        # have been routed already): a stalled client, closed rather than sent to a default route.
+        self._fail("sniff_timeout")
 
     # ------------------------------------------------------------------ route + connect
     def _route(self, protocol: str | None, name: str | None, alpn: tuple[str, ...]) -> None:

@@ -1,0 +1,226 @@
+"""Test support: the edge as a real subprocess, small real upstreams, Debian peers.
+
+Everything binds 127.0.0.0/8 high ports; every process is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EDGEWARD = [sys.executable, "-m", "edgeward.cli"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
+
+
+def require(program: str) -> str:
+    """Path of a Debian peer; skip the test locally when missing, fail under CI."""
+    import pytest
+    path = shutil.which(program) or (f"/usr/sbin/{program}" if os.path.exists(f"/usr/sbin/{program}") else None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed (scripts/install-peers.sh installs it)")
+        pytest.skip(f"{program} not installed")
+    return path
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class EdgeProcess:
+    """`edgeward run CONFIG` in a subprocess, with its admin API on a loopback port."""
+
+    def __init__(self, tmp: Path, config: str, *, admin_port: int | None = None, wait: list[tuple[str, int]] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.tmp = tmp
+        self.admin_port = admin_port or free_port()
+        if "[edge]" not in config:
+            config = f"[edge]\nadmin = \"127.0.0.1:{self.admin_port}\"\nstate_dir = \"{tmp / 'state'}\"\n" + config
+        self.config_path = tmp / "edge.toml"
+        self.config_path.write_text(config)
+        self.log_path = tmp / "edge.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([*EDGEWARD, "run", str(self.config_path), *extra_args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=str(tmp))
+        try:
+            wait_port("127.0.0.1", self.admin_port, 15)
+            for h, p in wait or []:
+                wait_port(h, p, 5)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def api(self, method: str, path: str, body: object = None) -> tuple[int, object]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw.decode()
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def status(self) -> dict[str, object]:
+        code, data = self.api("GET", "/status")
+        assert code == 200, data
+        assert isinstance(data, dict)
+        return data
+
+    def counter(self, *key: str) -> int:
+        for c in self.status()["counters"]:  # type: ignore[union-attr]
+            if tuple(c["key"]) == key:  # type: ignore[index]
+                return int(c["value"])  # type: ignore[index]
+        return 0
+
+    def write_config(self, config: str) -> None:
+        if "[edge]" not in config:
+            config = f"[edge]\nadmin = \"127.0.0.1:{self.admin_port}\"\nstate_dir = \"{self.tmp / 'state'}\"\n" + config
+        self.config_path.write_text(config)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+class ThreadServer:
+    """A small threaded TCP server on loopback; `handler(conn)` runs per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", port: int = 0,
+                 family: int = socket.AF_INET) -> None:
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(512)
+        self.port = int(self.sock.getsockname()[1])
+        self.host = host
+        self.handler = handler
+        self.accepted = 0
+        self.peers: list[tuple[str, int]] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                c, addr = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.accepted += 1
+            self.peers.append(addr[:2])
+            c.settimeout(None)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self.handler(c)
+        with contextlib.suppress(OSError):
+            c.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._t.join(2)
+        self.sock.close()
+
+
+def echo_handler(tag: bytes = b"") -> Callable[[socket.socket], None]:
+    """Echo; with a tag, first sends the tag so tests can tell upstreams apart."""
+    def handle(c: socket.socket) -> None:
+        if tag:
+            c.sendall(tag)
+        while data := c.recv(65536):
+            c.sendall(data)
+    return handle
+
+
+def tls_server_handler(ctx: ssl.SSLContext, tag: bytes) -> Callable[[socket.socket], None]:
+    """A TLS upstream: completes the handshake with its own certificate, says its tag and the SNI it saw."""
+    def handle(c: socket.socket) -> None:
+        seen: list[str | None] = [None]
+
+        def sni_cb(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            seen[0] = name
+        local = ctx
+        local.sni_callback = sni_cb  # type: ignore[assignment]
+        with local.wrap_socket(c, server_side=True) as s:
+            s.sendall(tag + b" sni=" + (seen[0] or "-").encode() + b" alpn=" +
+                      (s.selected_alpn_protocol() or "-").encode() + b"\n")
+            with contextlib.suppress(OSError):
+                while data := s.recv(65536):
+                    s.sendall(data)
+    return handle
+
+
+def recv_line(s: socket.socket, timeout: float = 5.0) -> bytes:
+    s.settimeout(timeout)
+    buf = b""
+    while not buf.endswith(b"\n"):
+        d = s.recv(1)  # byte by byte: what follows the line stays for the caller
+        if not d:
+            break
+        buf += d
+    return buf
+
+
+@contextlib.contextmanager
+def proc(args: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen(args, **kw)  # type: ignore[call-overload]
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)

@@ -1,0 +1,158 @@
+"""Config: units, schema, located errors, cross-checks, every example file."""
+
+from pathlib import Path
+
+import pytest
+
+from edgeward.config.loader import ConfigError, loads
+from edgeward.config.schema import json_schema
+from edgeward.config.units import parse_bind, parse_duration, parse_size, parse_target
+from edgeward.server import build_runtime
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("5s", 5), ("5m", 300), ("1h", 3600), ("1d", 86400),
+                                               (7, 7.0), ("-1", -1.0), ("1.5s", 1.5)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["5 minutes", "", "s", True, "5x", None])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+def test_sizes() -> None:
+    assert parse_size("64KiB") == 65536
+    assert parse_size("1MiB") == 1 << 20
+    assert parse_size(100) == 100
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_binds() -> None:
+    b = parse_bind("[::]:443")
+    assert (b.transport, b.host, b.first_port, b.last_port) == ("tcp", "::", 443, 443)
+    r = parse_bind("udp/0.0.0.0:10000-10100")
+    assert r.transport == "udp" and len(r.ports()) == 101
+    for bad in ["443", "example.org:443", "[::1:443", "0.0.0.0:70000", "0.0.0.0:10-5", "0.0.0.0:1-9000"]:
+        with pytest.raises(ValueError):
+            parse_bind(bad)
+
+
+def test_targets() -> None:
+    assert parse_target("10.0.0.2:5222").port == 5222
+    assert parse_target("10.0.0.2").port is None
+    assert parse_target("[2001:db8::1]:443").host == "2001:db8::1"
+    assert parse_target("unix:/run/x.sock").unix_path == "/run/x.sock"
+    with pytest.raises(ValueError):
+        parse_target("unix:relative.sock")
+
+
+GOOD = """
+[edge]
+admin = "unix:/tmp/x/admin.sock"
+
+[listeners.public]
+bind = ["127.0.0.1:8443"]
+trusted_proxies = ["127.0.0.1"]
+
+[pools.web]
+servers = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 2 }]
+balance = "source-hash"
+health = { http = "/about/health", interval = "2s" }
+
+[services.a]
+listen = ["public"]
+names = ["A.example.org."]
+to = "web"
+
+[services.b]
+listen = ["public", "127.0.0.1:5222"]
+to = "127.0.0.1"
+"""
+
+
+def test_good_config_builds_runtime() -> None:
+    cfg = loads(GOOD, "good.toml")
+    assert cfg.services["a"].names == ["a.example.org"]
+    rt = build_runtime(cfg)
+    assert {k[2] for k in rt.listeners} == {8443, 5222}
+    assert rt.listeners[("tcp", "127.0.0.1", 8443)].table.needs_sniff
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        loads(text, "edge.toml")
+    return [str(p) for p in ei.value.problems]
+
+
+def test_unknown_pool_did_you_mean_with_location() -> None:
+    text = GOOD.replace('to = "web"', 'to = "wbe"')
+    (p,) = problems(text)
+    line = text.splitlines().index('to = "wbe"') + 1
+    assert p.startswith(f"edge.toml:{line}:1: to: no pool named 'wbe'")
+    assert "did you mean 'web'?" in p
+
+
+def test_bad_duration_is_located() -> None:
+    text = GOOD.replace('interval = "2s"', 'interval = "two seconds"')
+    (p,) = problems(text)
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "two seconds" in ln)
+    assert p.startswith(f"edge.toml:{line}:") and "duration" in p
+
+
+def test_port_given_twice() -> None:
+    text = GOOD + '\n[listeners.again]\nbind = ["127.0.0.1:8443"]\n'
+    ps = problems(text)
+    assert any("given twice" in p for p in ps)
+
+
+def test_inline_address_owned_by_named_listener() -> None:
+    ps = problems(GOOD.replace('listen = ["public", "127.0.0.1:5222"]', 'listen = ["127.0.0.1:8443"]'))
+    assert any("already bound" in p for p in ps)
+
+
+def test_unknown_key_and_typo_in_listener_name() -> None:
+    ps = problems(GOOD.replace("balance =", "balnce =").replace('listen = ["public"]', 'listen = ["pubic"]'))
+    assert any("balnce" in p and "Extra inputs" in p for p in ps)
+
+
+def test_listener_name_typo_is_reported_after_schema_passes() -> None:
+    ps = problems(GOOD.replace('listen = ["public"]', 'listen = ["pubic"]'))
+    assert any("did you mean 'public'" in p for p in ps)
+
+
+def test_two_defaults_on_one_listener_are_ambiguous() -> None:
+    ps = problems(GOOD + '\n[services.c]\nlisten = ["public"]\nto = "127.0.0.1:9"\n')
+    assert any("both take" in p for p in ps)
+
+
+def test_admin_must_be_loopback_without_token() -> None:
+    ps = problems(GOOD.replace('admin = "unix:/tmp/x/admin.sock"', 'admin = "0.0.0.0:9901"'))
+    assert any("admin_token" in p for p in ps)
+    loads(GOOD.replace('admin = "unix:/tmp/x/admin.sock"', 'admin = "0.0.0.0:9901"\nadmin_token = "s3cret"'))
+
+
+def test_toml_syntax_error_is_located() -> None:
+    (p,) = problems("[edge\nadmin = 1\n")
+    assert p.startswith("edge.toml:1:") and "TOML syntax" in p
+
+
+def test_udp_is_refused_clearly_for_now() -> None:
+    ps = problems(GOOD.replace('"127.0.0.1:5222"', '"udp/127.0.0.1:3478"'))
+    assert any("UDP" in p for p in ps)
+
+
+def test_json_schema_describes_every_section() -> None:
+    s = json_schema()
+    assert {"edge", "listeners", "pools", "services"} <= set(s["properties"])  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_examples_are_valid(path: Path) -> None:
+    from edgeward.config.loader import load
+    cfg = load(path)
+    build_runtime(cfg)
