@@ -440,6 +440,7 @@ class Edge:
             "version": _version(), "uptime": round(time.time() - self.started_at, 1),
             "connections": len(self.conns), "clients": len(self.by_ip), "reloads": self.reloads,
             "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]}, "splice": self.splice,
+            "pipes": {"pooled": len(self.pipes.free), "in_use": self.pipes.created - len(self.pipes.free)},
             "listeners": [{"address": f"{k[1]}:{k[2]}", "name": lst.name, "active": lst.active}
                           for k, lst in sorted(self.listeners.items())],
             "services": services, "pools": pools,

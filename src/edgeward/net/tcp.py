@@ -136,7 +136,9 @@ class TcpConn:
     # ------------------------------------------------------------------ sniff
     def start(self) -> None:
         rt = self.rt
-        if not rt.table.needs_sniff and not rt.trusts(self.client_ip):
+        # A listener that expects PROXY headers peeks every client, so that a header forged by an
+        # untrusted client is refused rather than passed to an upstream that might believe it.
+        if not rt.table.needs_sniff and not rt.trusted:
             self._route(None, None, ())
             return
         self.edge.loop.add_reader(self.client.fileno(), self._on_sniff_readable)
@@ -186,6 +188,10 @@ class TcpConn:
                 return
             assert isinstance(hdr, codec.ProxyHeader)
             self._consume_proxy(hdr)
+            return
+        if not self.rt.table.needs_sniff:
+            self._stop_sniffing()
+            self._route(None, None, ())
             return
         try:
             res = codec.sniff(data, final=final or len(data) >= self.rt.settings.sniff_bytes)
@@ -242,7 +248,8 @@ class TcpConn:
         self.sniff_timer = None
         s = self.rt.settings
         elapsed = self.edge.loop.time() - self.t0
-        if self.peeked == 0 and 0 < s.server_first_wait <= elapsed + 0.001 and elapsed < s.sniff_timeout:
+        server_first = 0 < s.server_first_wait <= elapsed + 0.001 or not self.rt.table.needs_sniff
+        if self.peeked == 0 and server_first:
             # A silent client on a server-speaks-first listener: route it by its listener's default.
             try:
                 data = self.client.recv(s.sniff_bytes, socket.MSG_PEEK)
