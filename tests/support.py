@@ -57,14 +57,14 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def fds_besides_pipe_pool(edge: "EdgeProcess") -> int:
+def fds_besides_pipe_pool(edge: EdgeProcess) -> int:
     """Open descriptors of the edge, not counting the idle pipes it keeps pooled for splice()."""
     pooled = edge.status()["pipes"]["pooled"]  # type: ignore[index]
     time.sleep(0.1)  # let the edge close the admin connection that asked
     return open_fds(edge.pid) - 2 * int(pooled)
 
 
-def settles_to(edge: "EdgeProcess", base: int, timeout: float = 5.0) -> int:
+def settles_to(edge: EdgeProcess, base: int, timeout: float = 5.0) -> int:
     """Poll the edge's descriptor count until it is back at `base` (or time runs out); returns the last."""
     deadline = time.monotonic() + timeout
     n = fds_besides_pipe_pool(edge)

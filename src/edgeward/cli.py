@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -81,7 +82,7 @@ def run(config: ConfigArg,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
-        runner = uvloop.run
+        runner: Callable[..., Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
         runner = asyncio.run
     try:
@@ -207,9 +208,10 @@ def _print_status(st: dict[str, Any]) -> None:
     con.print(t)
     if st.get("guard"):
         g = st["guard"]
-        t = Table("jail", "failing addresses", "bans", title="jails")
-        for jname, j in g.get("jails", {}).items():
-            t.add_row(jname, str(len(j.get("failures", {}))), str(len(j.get("bans", []))))
+        t = Table("jail", "lines", "failing addresses", "bans", "refused", title="jails")
+        for j in g.get("jails", []):
+            t.add_row(j["name"], str(j["counters"]["lines"]), str(len(j.get("failures", {}))),
+                      str(len(j.get("bans", []))), str(j["counters"]["refused"]))
         con.print(t)
     if st["counters"]:
         t = Table("event", "count", title="counters")
@@ -219,9 +221,18 @@ def _print_status(st: dict[str, Any]) -> None:
 
 
 @app.command()
-def status(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
+def status(jail: Annotated[str | None, typer.Argument(help="Show only this jail (failures and bans).")] = None,
+           admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Show live connections, clients, services, servers and counters of the running edge."""
+    """Show live connections, clients, services, servers, jails and counters of the running edge."""
+    if jail is not None:
+        from urllib.parse import quote
+        code, data = admin_request("GET", f"/guard?jail={quote(jail)}", admin, config, token)
+        if code != 200:
+            typer.echo(f"edgeward: {data.get('error') if isinstance(data, dict) else data}", err=True)
+            raise typer.Exit(EXIT_RUNTIME)
+        typer.echo(json.dumps(data, indent=1))
+        return
     code, data = admin_request("GET", "/status", admin, config, token)
     if code != 200:
         typer.echo(f"edgeward: admin API answered {code}: {data}", err=True)
@@ -235,7 +246,7 @@ def status(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None
 @app.command()
 def reload(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None) -> None:
     """Ask the running edge to re-read its config (like SIGHUP)."""
-    code, data = admin_request("POST", "/reload", admin, config, token)
+    code, _data = admin_request("POST", "/reload", admin, config, token)
     if code != 200:
         typer.echo("edgeward: reload rejected; the running config stays (see the edge's log)", err=True)
         raise typer.Exit(EXIT_CONFIG)
@@ -253,6 +264,60 @@ def drain(pool: str, server: str, admin: AdminOpt = None, config: CfgOpt = None,
         typer.echo(f"edgeward: {data.get('error') if isinstance(data, dict) else data}", err=True)
         raise typer.Exit(EXIT_RUNTIME)
     typer.echo(f"{pool}/{server}: {'draining' if not undo else 'taking connections'}")
+
+
+@app.command()
+def bans(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List current bans with their reasons (jail, matched lines, times)."""
+    code, data = admin_request("GET", "/bans", admin, config, token)
+    if code != 200:
+        typer.echo(f"edgeward: admin API answered {code}: {data}", err=True)
+        raise typer.Exit(EXIT_RUNTIME)
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    t = Table("address", "jail", "since", "until", "reason", title=f"{len(data)} ban(s)")
+    import time as _t
+    for b in data:
+        until = "forever" if b.get("end") is None else _t.strftime("%F %T", _t.localtime(b["end"]))
+        t.add_row(b["address"], b["jail"], _t.strftime("%F %T", _t.localtime(b["start"])), until,
+                  str(b.get("reason", ""))[:80])
+    Console().print(t)
+
+
+@app.command()
+def ban(jail: str, addr: str, admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
+        bantime: Annotated[str | None, typer.Option(help="Ban length, e.g. 1h (default: the jail's).")] = None,
+        reason: Annotated[str, typer.Option(help="Why (kept with the ban).")] = "manual ban") -> None:
+    """Ban ADDR in JAIL now (jail "manual" bans forever unless --bantime)."""
+    from .config.units import parse_duration
+    body: dict[str, Any] = {"jail": jail, "addr": addr, "reason": reason}
+    if bantime is not None:
+        body["bantime"] = parse_duration(bantime)
+    code, data = admin_request("POST", "/ban", admin, config, token, body)
+    if code != 200:
+        typer.echo(f"edgeward: {data.get('error') if isinstance(data, dict) else data}", err=True)
+        raise typer.Exit(EXIT_RUNTIME)
+    typer.echo(f"banned {addr} in {jail}")
+
+
+@app.command()
+def unban(addr: Annotated[str | None, typer.Argument(help="The address to unban.")] = None,
+          all_: Annotated[bool, typer.Option("--all", help="Lift every ban.")] = False,
+          jail: Annotated[str | None, typer.Option(help="Only this jail's ban.")] = None,
+          admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None) -> None:
+    """Lift the ban of ADDR (or every ban with --all) at once."""
+    if (addr is None) == (not all_):
+        typer.echo("edgeward: give an address or --all", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    code, data = admin_request("POST", "/unban", admin, config, token, {"addr": addr, "all": all_, "jail": jail})
+    if code != 200:
+        typer.echo(f"edgeward: {data.get('error') if isinstance(data, dict) else data}", err=True)
+        raise typer.Exit(EXIT_RUNTIME)
+    typer.echo(f"unbanned: {', '.join(data['unbanned']) or 'nothing was banned'}")
 
 
 def main() -> None:

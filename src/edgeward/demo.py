@@ -6,6 +6,7 @@ They let a newcomer see traffic flow through the edge with nothing else installe
 from __future__ import annotations
 
 import asyncio
+import functools
 
 DEMO_APPS = {18081: "app A", 18082: "app B"}
 DEMO_ECHO = 18007
@@ -36,9 +37,9 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def start_demo_upstreams() -> list[asyncio.AbstractServer]:
-    servers = []
+    servers: list[asyncio.AbstractServer] = []
     for port, name in DEMO_APPS.items():
-        servers.append(await asyncio.start_server(lambda r, w, n=name: _web(n, r, w), "127.0.0.1", port))
+        servers.append(await asyncio.start_server(functools.partial(_web, name), "127.0.0.1", port))
     servers.append(await asyncio.start_server(_echo, "127.0.0.1", DEMO_ECHO))
     print(f"demo upstreams: web apps on 127.0.0.1:{', '.join(map(str, DEMO_APPS))}, echo on 127.0.0.1:{DEMO_ECHO}")
     print("try:  curl -H 'Host: a.localhost' http://127.0.0.1:8080/   curl http://b.localhost:8080/ "

@@ -112,7 +112,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
             settings = cfg.listeners.get(item)
             for spec in resolve_listen(cfg, item):
                 for port in spec.ports():
-                    key = (spec.transport, spec.host, port)
+                    key: ListenerKey = (spec.transport, spec.host, port)
                     listener_routes[key].append(route)
                     if key not in listener_settings:
                         lname = item if settings is not None else str(spec)
@@ -187,6 +187,9 @@ class Edge:
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.admin: object | None = None
+        # Parts plugged in at start (the guard) add their own sections to `status()`.
+        self.extra_status: dict[str, Callable[[], object]] = {}
+        self.report_connections = False  # set when a jail counts every connection (edge:conn)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -204,7 +207,7 @@ class Edge:
         opened: dict[ListenerKey, TcpListener] = {}
         try:
             for key, lrt in rt.listeners.items():
-                transport, host, port = key
+                _transport, host, port = key
                 cur = self.listeners.get(key)
                 if cur is not None and (cur.rt.settings.backlog, cur.rt.settings.reuseport) == (
                         lrt.settings.backlog, lrt.settings.reuseport):
@@ -321,6 +324,8 @@ class Edge:
             sock.close()
             return
         sock.setblocking(False)
+        if self.report_connections and self.events is not None:
+            self.events.report(ip, "conn", listener.name)
         conn = TcpConn(self, listener, sock, ip, port)
         self._register(conn)
         conn.start()
@@ -394,7 +399,9 @@ class Edge:
         """An edge-observed failure of this client (garbage, bad PROXY header, ...)."""
         self.count("protocol_errors", conn.listener.name, kind)
         if self.events is not None:
-            self.events.report(conn.client_ip, kind, conn.listener.name)
+            # Jails subscribe to broad kinds ("edge:proto", "edge:sniff"); the detail says which.
+            broad = "sniff" if kind == "sniff_timeout" else "proto"
+            self.events.report(conn.client_ip, broad, f"{conn.listener.name} {kind}")
 
     def count(self, *key: str) -> None:
         self.counters[key] += 1
@@ -445,6 +452,7 @@ class Edge:
                           for k, lst in sorted(self.listeners.items())],
             "services": services, "pools": pools,
             "counters": [{"key": list(k), "value": v} for k, v in sorted(self.counters.items())],
+            **{name: fn() for name, fn in self.extra_status.items()},
         }
 
     def set_drain(self, pool: str, server: str, drain: bool) -> bool:

@@ -4,6 +4,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from peers import haproxy, nginx, wait_for_text
 from support import EdgeProcess, ThreadServer, echo_handler, free_port
 

@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
-from support import EdgeProcess, ThreadServer, echo_handler, fds_besides_pipe_pool, free_port, settles_to
+
+from support import (
+    EdgeProcess,
+    ThreadServer,
+    echo_handler,
+    fds_besides_pipe_pool,
+    free_port,
+    settles_to,
+)
 
 pytestmark = pytest.mark.parametrize("splice", [True, False], ids=["splice", "buffered"])
 

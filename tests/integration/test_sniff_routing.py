@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 import trustme
-from support import EdgeProcess, ThreadServer, echo_handler, free_port, recv_line, require, tls_server_handler
 
 from edgeward.codec.testing import build_client_hello
+from support import (
+    EdgeProcess,
+    ThreadServer,
+    echo_handler,
+    free_port,
+    recv_line,
+    require,
+    tls_server_handler,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,7 @@ def tls_hello_line(port: int, ca: trustme.CA, sni: str | None, alpn: list[str] |
 
 
 def test_sni_routes_to_upstreams_with_their_own_certificates(tls_edge: tuple[EdgeProcess, int, trustme.CA]) -> None:
-    edge, port, ca = tls_edge
+    _edge, port, ca = tls_edge
     line, san = tls_hello_line(port, ca, "a.example.org")
     assert line.startswith(b"A sni=a.example.org") and san == "a.example.org"
     line, san = tls_hello_line(port, ca, "b.example.org")
@@ -94,7 +102,7 @@ def test_sni_routes_to_upstreams_with_their_own_certificates(tls_edge: tuple[Edg
 
 
 def test_alpn_selects_a_more_specific_route(tls_edge: tuple[EdgeProcess, int, trustme.CA]) -> None:
-    edge, port, ca = tls_edge
+    _edge, port, ca = tls_edge
     line, _ = tls_hello_line(port, ca, "a.example.org", ["xmpp-client"])
     assert line.startswith(b"X ") and b"alpn=xmpp-client" in line
     line, _ = tls_hello_line(port, ca, "a.example.org", ["h2"])
@@ -102,7 +110,7 @@ def test_alpn_selects_a_more_specific_route(tls_edge: tuple[EdgeProcess, int, tr
 
 
 def test_openssl_s_client_and_curl(tls_edge: tuple[EdgeProcess, int, trustme.CA], tmp_path: Path) -> None:
-    edge, port, ca = tls_edge
+    _edge, port, ca = tls_edge
     openssl = require("openssl")
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))

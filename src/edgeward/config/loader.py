@@ -219,7 +219,7 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
     # Two services that would take exactly the same clients on one listener are ambiguous.
     seen: dict[tuple[object, ...], str] = {}
     for sname, svc in cfg.services.items():
-        keys = [svc.names or [None]]
+        names: list[str | None] = list(svc.names) or [None]
         for item in svc.listen:
             try:
                 specs = resolve_listen(cfg, item)
@@ -227,16 +227,40 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
                 continue
             for spec in specs:
                 for port in spec.ports():
-                    for n in keys[0]:
-                        key = (spec.transport, spec.host, port, n, svc.protocol, tuple(sorted(svc.alpn)), tuple(sorted(svc.source)))
-                        if key in seen and seen[key] != sname:
+                    for n in names:
+                        rkey = (spec.transport, spec.host, port, n, svc.protocol, tuple(sorted(svc.alpn)), tuple(sorted(svc.source)))
+                        if rkey in seen and seen[rkey] != sname:
                             what = f"name {n!r}" if n else "no match fields (both are the default)"
-                            yield at(("services", sname), f"services {seen[key]!r} and {sname!r} both take {spec.host}:{port} with {what}",
+                            yield at(("services", sname), f"services {seen[rkey]!r} and {sname!r} both take {spec.host}:{port} with {what}",
                                      "give one of them names, protocol, alpn or source to tell them apart")
-                        seen.setdefault(key, sname)
+                        seen.setdefault(rkey, sname)
 
     for pname, pool in cfg.pools.items():
         yield from _check_pool(pname, pool, at)
+
+    known_listeners = set(cfg.listeners) | {str(spec) for svc in cfg.services.values() for item in svc.listen
+                                            if item not in cfg.listeners for spec in _safe_binds(item)}
+    for jname, jail in cfg.jails.items():
+        for i, lname in enumerate(jail.listeners or []):
+            if lname not in known_listeners:
+                yield at(("jails", jname, "listeners", i), f"jail {jname!r} protects unknown listener {lname!r}",
+                         _did_you_mean(lname, known_listeners) or "name a [listeners.X] table or a service's listen address")
+    if cfg.jails:
+        # The guard knows what its filters support; ask it, and place each problem at its jail.
+        from ..guard.integration import guard_config
+        from ..guard.service import validate_config
+        for msg in validate_config(guard_config(cfg)):
+            jname = msg.split(":", 1)[0].removeprefix("jail ").strip()
+            if "may backtrack" in msg:
+                continue
+            yield at(("jails", jname), msg, "see `edgeward check` docs in docs/config.md")
+
+
+def _safe_binds(item: str) -> list[BindSpec]:
+    try:
+        return [parse_bind(item)]
+    except ValueError:
+        return []
 
 
 def _check_pool(pname: str, pool: PoolSettings, at: object) -> Iterable[Problem]:

@@ -116,7 +116,7 @@ class PoolSettings(_Strict):
     retries: int = Field(2, ge=0, le=16, description="Other servers tried after a failed connect.")
     proxy_protocol: ProxyProtocol = Field("off", description="Send a PROXY header to the servers.")
     health: HealthCheck | None = Field(None, description="Active health check; unset = none.")
-    passive: PassiveHealth = Field(default_factory=PassiveHealth, description="Passive health.")
+    passive: PassiveHealth = Field(default_factory=lambda: PassiveHealth.model_validate({}), description="Passive health.")
 
     @field_validator("servers")
     @classmethod
@@ -154,6 +154,63 @@ class ServiceSettings(_Strict):
         return out
 
 
+class BanIncrementSettings(_Strict):
+    """Growing bans, like fail2ban's bantime.increment / bantime.* options."""
+
+    enabled: bool = Field(True, description="Grow the bans of addresses banned before.")
+    factor: float = Field(1.0, gt=0, description="bantime.factor: multiplies the formula or multipliers.")
+    formula: str | None = Field(None, description="bantime.formula (default: ban.Time * 2**min(ban.Count, 20) * banFactor).")
+    multipliers: list[float] = Field(default_factory=list, description="bantime.multipliers, e.g. [1, 2, 4, 8, 16].")
+    maxtime: Duration | None = Field(None, description="bantime.maxtime: the longest ban.")
+    rndtime: Duration = Field(0.0, ge=0, description="bantime.rndtime: random seconds added to each ban.")
+    overalljails: bool = Field(False, description="bantime.overalljails: count earlier bans in every jail.")
+
+
+class JailSettings(_Strict):
+    """A jail: sources + filter + thresholds + the listeners a ban protects."""
+
+    enabled: bool = Field(True, description="Run this jail.")
+    logpath: list[str] = Field(default_factory=list, description="Log files to follow (tail -F: rotation-safe).")
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Other sources: \"edge:proto\" (protocol errors the edge sees), \"edge:sniff\", "
+        "\"edge:conn\" (every connection: floods), \"journal\".",
+    )
+    filter: str | None = Field(None, description="fail2ban filter by name (\"sshd\", \"sshd[mode=aggressive]\") or path.")
+    failregex: list[str] = Field(default_factory=list, description="Inline failregex lines with <HOST>.")
+    ignoreregex: list[str] = Field(default_factory=list, description="Inline ignoreregex lines.")
+    datepattern: str | None = Field(None, description="Date pattern for inline regexes (default: auto-detect).")
+    maxlines: int = Field(1, ge=1, le=100, description="Lines matched together (multi-line failregex).")
+    maxretry: int = Field(5, ge=1, description="Failures within findtime that ban.")
+    findtime: Duration = Field(600.0, gt=0, description="The window failures are counted in.")
+    bantime: Duration = Field(600.0, description="Ban length; negative (-1) = forever.")
+    increment: BanIncrementSettings | None = Field(None, description="Growing bans; unset = fixed bantime.")
+    ignoreip: list[CIDR] = Field(default_factory=list, description="Addresses and networks never banned by this jail.")
+    listeners: list[str] | None = Field(None, description="Listeners (names or addresses) the ban protects; default all.")
+
+
+class NftSettings(_Strict):
+    """Mirror bans into an nftables set, so the kernel drops banned sources first."""
+
+    enabled: bool = Field(False, description="Keep an nftables table of banned addresses.")
+    table: str = Field("edgeward", description="Table name (family inet).")
+    hook: Literal["prerouting", "input"] = Field("prerouting", description="Where banned sources are dropped.")
+
+
+class GuardSettings(_Strict):
+    """Settings shared by all jails."""
+
+    ignoreip: list[CIDR] = Field(default_factory=list, description="Addresses and networks no jail bans.")
+    filter_dirs: list[str] = Field(
+        default_factory=lambda: ["/etc/fail2ban/filter.d"],
+        description="Where filters named without a path are searched (edgeward's own filters are always searched).",
+    )
+    db_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL", description="SQLite durability: NORMAL survives kill -9, FULL also power loss."
+    )
+    nft: NftSettings = Field(default_factory=lambda: NftSettings.model_validate({}), description="nftables mirror of bans.")
+
+
 class Config(_Strict):
     """The whole file."""
 
@@ -161,6 +218,8 @@ class Config(_Strict):
     listeners: dict[str, ListenerSettings] = Field(default_factory=dict)
     pools: dict[str, PoolSettings] = Field(default_factory=dict)
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
+    guard: GuardSettings = Field(default_factory=lambda: GuardSettings.model_validate({}), description="Shared jail settings.")
+    jails: dict[str, JailSettings] = Field(default_factory=dict, description="Jails that ban at the edge.")
 
 
 def json_schema() -> dict[str, object]:

@@ -21,17 +21,36 @@ non-address (``<F-ID>`` = user name, ...) is counted in :attr:`Filter.stats`
 and not returned (set ``raw_hosts`` to get fail2ban's raw ids, as the
 compatibility suite does).
 
-Fast path: before the date is even looked for, a line must contain at least
-one literal that some failregex cannot match without (extracted from the
-parsed regexes).  Plain ``str.__contains__`` on a handful of literals was the
-fastest of the choices measured by ``bench/jail_lines.py`` (see there), and it
-keeps ``re`` semantics for everything that does match.
+Fast path (all exact, checked against every shipped filter and sample log by
+tests/unit/guard/test_filter_prefilter.py):
+
+* pre-screen: the words each failregex cannot match without are taken from
+  the parsed regexes; a line that lacks the words of every failregex is
+  dropped before its date is even searched.  Plain ``str.__contains__`` beat
+  one ``re`` alternation, google-re2 and Hyperscan here (a Python call into
+  re2/Hyperscan per line costs more than a few ``in`` tests; measured by
+  bench/jail_lines.py, which keeps all four selectable via
+  :meth:`Filter.set_prefilter`).  :meth:`Filter.process_text` applies it
+  to a whole block with ``str.find``, so skipped lines never become strings;
+* per regex: all its literal runs must be in the text and its leading
+  literal must start it, else the regex is not run; regexes are dispatched
+  on the first characters of the text;
+* dates: the last working template is tried first and parsed dates are
+  cached per second.
+Matching itself is Python's ``re``: fail2ban filters rely on its semantics
+(back-references, look-arounds, conditionals, ``$`` before the final "\n").
 
 Safety: lines longer than ``max_line_bytes`` (default 64 KiB) are cut there
-and counted; matching only ever sees the cut line.  Python's ``re`` cannot be
-interrupted, so a filter with a catastrophically backtracking regex is bounded
-by that cut; callers run :meth:`Filter.process` in a worker (it holds its own
-lock), and a process pool is the only way to *kill* a runaway match.
+and counted in ``stats["truncated"]``; matching only ever sees the cut line,
+so nothing past the cut can match and a backtracking regex has a bounded
+input.  64 KiB is above any real log line (journald's default line max is
+48 KiB) and keeps the worst case of a bad regex in milliseconds for sane
+patterns.  Python's ``re`` cannot be interrupted and does not release the
+GIL, so a catastrophic pattern would still stall the thread running it:
+``process`` takes the filter's own lock so callers can run it in a worker
+thread off the event loop; a process pool is the only way to *kill* a
+runaway match, and filters with nested repetition are flagged in
+:attr:`Filter.unsupported`.
 """
 
 from __future__ import annotations
@@ -726,8 +745,16 @@ def _find_filter_file(name: str, search_dirs: Sequence[str]) -> str:
 
 def load_filter(name_or_path: str, *, search_dirs: Sequence[str] = DEFAULT_SEARCH_DIRS,
                 params: Mapping[str, str] | None = None,
-                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Filter:
-    """Read a fail2ban filter (``sshd``, ``sshd[mode=aggressive]`` or a path)."""
+                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                default_tz: str | None = None) -> Filter:
+    """Read a fail2ban filter (``sshd``, ``sshd[mode=aggressive]`` or a path).
+
+    ``params`` override ``[Init]`` values like a jail's ``filter = name[k=v]``;
+    ``default_tz`` ("UTC", "+0200", ...) is fail2ban's jail ``logtimezone``:
+    the zone of dates that carry none (default: the process' local zone).
+    Raises :class:`FilterError` (with file and line where known) for anything
+    it cannot use.
+    """
     name, inline_params = _parse_name_params(name_or_path)
     merged = {**inline_params, **(params or {})}
     path = _find_filter_file(name, search_dirs)
@@ -807,6 +834,7 @@ def load_filter(name_or_path: str, *, search_dirs: Sequence[str] = DEFAULT_SEARC
         max_line_bytes=max_line_bytes,
         name=name,
         path=path,
+        default_tz=default_tz,
     )
     flt.journalmatch = journalmatch
     flt.options = final
@@ -854,7 +882,13 @@ class _MlfidCache:
 
 
 class Filter:
-    """A compiled filter.  Not shared between threads without its lock (held in process)."""
+    """A compiled filter: feed it log lines, get :class:`FailMatch` values.
+
+    Stateful (multi-line buffers, <F-MLFID> connections, last date seen), so
+    use one instance per log stream.  Thread-safe: :meth:`process` and
+    :meth:`process_text` hold the filter's own lock.  Build one with
+    :func:`load_filter` or :meth:`from_inline`.
+    """
 
     def __init__(
         self,
@@ -871,6 +905,8 @@ class Filter:
         path: str | None = None,
         default_tz: str | None = None,
     ) -> None:
+        if max_line_bytes <= 0:
+            raise FilterError(f"max_line_bytes must be positive, not {max_line_bytes}", path)
         self.name = name
         self.path = path
         self.maxlines = maxlines
@@ -948,7 +984,8 @@ class Filter:
     def from_inline(cls, failregex: Sequence[str], ignoreregex: Sequence[str] = (),
                     datepattern: str | None = None, maxlines: int = 1, *,
                     prefregex: str | None = None,
-                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Filter:
+                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                    default_tz: str | None = None) -> Filter:
         """A filter from a jail's inline ``failregex`` (errors name the regex index)."""
         if isinstance(failregex, str):
             failregex = [r for r in failregex.split("\n") if r.strip()]
@@ -966,6 +1003,7 @@ class Filter:
             datepattern_origin=_Origin("<inline datepattern>", 1),
             maxlines=maxlines,
             max_line_bytes=max_line_bytes,
+            default_tz=default_tz,
         )
 
     def _check_regexes(self) -> None:
@@ -1206,7 +1244,7 @@ class Filter:
         else:
             self._buffer = [tuple_line]
         org = self._buffer
-        first_buf = _tuple_buf(org)
+        first_buf = _tuple_buf(org) if len(org) > 1 else tuple_line[0] + tuple_line[2] + "\n"
         buf: str | None = first_buf
         pre: dict[str, Any] = {}
         if self._pref is not None:

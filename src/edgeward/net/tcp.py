@@ -107,9 +107,28 @@ class TcpListener:
 class TcpConn:
     """One client connection and, once routed, its upstream connection."""
 
-    __slots__ = ("client", "client_ip", "client_port", "flows", "last", "listener", "local", "peeked",
-                 "proxy_in", "route", "rt", "server", "sniff_timer", "sniffed", "state", "tried", "up",
-                 "lowat", "edge", "t0")
+    __slots__ = (
+        "client",
+        "client_ip",
+        "client_port",
+        "edge",
+        "flows",
+        "last",
+        "listener",
+        "local",
+        "lowat",
+        "peeked",
+        "proxy_in",
+        "route",
+        "rt",
+        "server",
+        "sniff_timer",
+        "sniffed",
+        "state",
+        "t0",
+        "tried",
+        "up",
+    )
 
     def __init__(self, edge: Edge, listener: TcpListener, sock: socket.socket, ip: str, port: int) -> None:
         self.edge = edge
@@ -267,6 +286,7 @@ class TcpConn:
             return
         # Bytes are queued but never completed a message (a complete or unrecognisable one would
         # have been routed already): a stalled client, closed rather than sent to a default route.
+        self.edge.report(self, "sniff_timeout")
         self._fail("sniff_timeout")
 
     # ------------------------------------------------------------------ route + connect

@@ -276,3 +276,83 @@ def test_filter_agreement(compat: dict[str, Tally], name: str) -> None:
     t = compat[name]
     floor = 100.0 if name in REQUIRED_FULL else FLOORS.get(name, 100.0)
     assert t.pct >= floor, f"{name}: {t.pct:.2f}% < {floor}%:\n" + "\n".join(t.failures[:20])
+
+
+# --- line by line against fail2ban's own engine --------------------------------
+
+
+def _fail2ban_filter(name: str) -> Any:
+    """fail2ban's Filter, set up like its production jails (first matching regex wins)."""
+    from fail2ban.client.filterreader import FilterReader
+    from fail2ban.server.filter import Filter as F2BFilter
+
+    flt = F2BFilter(None)
+    flt.returnRawHost = True
+    flt.checkFindTime = False
+    flt.active = True
+    reader = FilterReader(name, "jail", {}, basedir=str(SYSTEM_FILTERS.parent))
+    reader.read()
+    reader.getOptions({})
+    for opt in reader.convert():
+        for value in opt[3] if opt[0] == "multi-set" else [opt[3]]:
+            key = opt[2]
+            if key == "prefregex":
+                flt.prefRegex = value
+            elif key == "addfailregex":
+                flt.addFailRegex(value)
+            elif key == "addignoreregex":
+                flt.addIgnoreRegex(value)
+            elif key == "maxlines":
+                flt.setMaxLines(value)
+            elif key == "datepattern":
+                flt.setDatePattern(value)
+    return flt
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_every_sample_line_like_fail2ban_engine() -> None:
+    """Not only annotated lines: every line of every sample log, in order, through
+    both engines (state included); failures, hosts and times must be the same."""
+    import logging
+    import sys
+
+    if str(F2B.parent) not in sys.path and F2B.is_dir():
+        sys.path.append(str(F2B.parent))  # Debian's package, behind the venv's own
+    try:
+        from fail2ban.server.mytime import MyTime
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's fail2ban is not installed (apt-get install fail2ban)")
+        pytest.skip("fail2ban's python package is not installed")
+    logging.getLogger("fail2ban").setLevel(logging.CRITICAL)
+    old_tz = os.environ.get("TZ")
+    os.environ["TZ"] = TEST_TZ
+    time.tzset()
+    MyTime.setTime(TEST_NOW)
+    differences: list[str] = []
+    lines_run = 0
+    try:
+        for name, basedir, log in _filters():
+            if basedir != SYSTEM_FILTERS:
+                continue
+            theirs = _fail2ban_filter(name)
+            ours = load_filter(name, search_dirs=(str(SYSTEM_FILTERS),))
+            ours.raw_hosts, ours.clamp_future = True, False
+            text = log.read_text(encoding="utf-8", errors="replace")
+            for line in (ln for ln in text.split("\n") if ln and not ln.startswith("#")):
+                lines_run += 1
+                want = [(str(fid), TEST_NOW if t is None else t)
+                        for _i, fid, t, fail in theirs.processLine(line)
+                        if fid is not None and not fail.get("nofail")]
+                got = [(m.host, m.time) for m in ours.process(line, now=TEST_NOW)]
+                if got != want:
+                    differences.append(f"{name}: {line[:120]!r}: fail2ban {want} edgeward {got}")
+    finally:
+        MyTime.setTime(None)
+        if old_tz is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old_tz
+        time.tzset()
+    assert lines_run > 800
+    assert not differences, "\n".join(differences[:30])

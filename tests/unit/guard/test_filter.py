@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgeward.guard.filter import EDGEWARD_FILTER_DIR, Filter, FilterError, load_filter
 from edgeward.guard.types import FailMatch
@@ -311,7 +313,7 @@ def test_megabyte_line_is_cut_and_counted() -> None:
 
 
 def test_backtracking_regex_is_bounded_by_the_cut() -> None:
-    flt = Filter.from_inline([r"^(a+)+b <HOST>$"], datepattern="{NONE}", max_line_bytes=24)
+    flt = Filter.from_inline([r"^(a+)+b <HOST>$"], datepattern="{NONE}", max_line_bytes=20)
     assert any("nested repetition" in u for u in flt.unsupported)
     t0 = time.perf_counter()
     assert flt.process("a" * 100_000, now=NOW) == []
@@ -377,3 +379,41 @@ def test_unbounded_date_between_letters_disables_word_screen() -> None:
     assert m.host == "192.0.2.1"
     bounded = Filter.from_inline([r"^abcdef <HOST>$"], datepattern="%H:%M:%S")
     assert bounded.prefilter_literals == (("abcdef",),)
+
+
+def test_default_tz_for_dates_without_zone() -> None:
+    flt = Filter.from_inline([r"fail <HOST>$"], default_tz="UTC")
+    [m] = flt.process("2023-11-14 22:13:20 fail 192.0.2.1", now=NOW + 60)
+    assert m.time == NOW
+    with pytest.raises(FilterError):
+        Filter.from_inline([r"fail <HOST>$"], default_tz="Mars/Olympus")
+
+
+# --- properties ---------------------------------------------------------------
+
+_PIECES = st.sampled_from([
+    "Nov 14 21:00:00 ", "2023-11-14T21:00:00Z ", "1700000000 ", "@4000000065540380000000aa ",
+    "c2s1\tinfo\t", "Failed authentication attempt ", "(not-authorized) ", "for user ",
+    "a@b ", "from IP: ", "192.0.2.1", "2001:db8::1", "?", " ", "\t", "[", "]", ":", "\x00",
+    "\udcff", "é", "Dec 31 23:59:59 ", "9999-12-31 23:59:59 ", "0000-00-00 00:00:00 ",
+])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_PIECES, max_size=12).map("".join) | st.text(max_size=300))
+def test_random_lines_never_crash_and_never_invent_a_failure(line: str) -> None:
+    flt = prosody()
+    for m in flt.process(line, now=NOW) + flt.process_text(line + "\n", now=NOW):
+        # a failure is only reported for a line that really has the phrase and the address
+        assert "Failed authentication attempt (" in line
+        assert m.host in line or m.host.replace("::ffff:", "") in line
+        assert line.rstrip().endswith(m.host) or "::ffff:" in line or ":" in m.host
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=120))
+def test_default_dates_never_crash(text: str) -> None:
+    flt = Filter.from_inline([r"zzq <ADDR>$"])
+    for m in flt.process(text + " zzq 192.0.2.1", now=NOW):
+        assert m.host == "192.0.2.1"
+        assert m.time <= NOW
