@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/edgeward run examples/demo.toml --demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy
 
 # Every test, against real peers. Under CI (CI=true) a missing peer fails instead of skipping.

@@ -1,0 +1,471 @@
+"""The measurements. Each case runs every contestant once per round, in the
+same order every round (A B C D, A B C D, ...), so slow drift of the machine
+(thermal, noisy neighbours) hits every contestant alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.contestants import Contestant
+from bench.hello import client_hello
+from bench.iperf import IperfError, parse_iperf_json
+from bench.procs import Proc, ProcessGroup, cpu_seconds, memory_kb, wait_port
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    unit: str
+    better: str  # "higher" | "lower"
+
+
+# Every metric a case can report; the report renders them in this order.
+METRICS: dict[str, Metric] = {
+    "gbit_s_p1": Metric("TCP bulk, 1 stream (iperf3)", "Gbit/s", "higher"),
+    "gbit_s_p8": Metric("TCP bulk, 8 streams (iperf3)", "Gbit/s", "higher"),
+    "cpu_s_per_gb_p1": Metric("CPU per GB relayed, 1 stream", "CPU s/GB", "lower"),
+    "cpu_s_per_gb_p8": Metric("CPU per GB relayed, 8 streams", "CPU s/GB", "lower"),
+    "conn_per_s": Metric("Short connections/s, SNI-routed, c=50", "conn/s", "higher"),
+    "cpu_s_per_1k_conn": Metric("CPU per 1k short connections", "CPU s/1k", "lower"),
+    "rss_start_kb": Metric("RSS at start", "KiB", "lower"),
+    "kb_per_conn": Metric("Memory per idle relayed connection (RSS)", "KiB/conn", "lower"),
+    "pss_kb_per_conn": Metric("Memory per idle relayed connection (PSS)", "KiB/conn", "lower"),
+}
+
+
+@dataclass
+class Context:
+    group: ProcessGroup
+    contestants: list[Contestant]
+    ports: dict[str, int]
+    workdir: Path
+    rounds: int
+    quick: bool
+    # CPU sets for the clients, the upstream servers and the proxies; None = unpinned.
+    client_cpus: set[int] | None = None
+    upstream_cpus: set[int] | None = None
+    proxy_cpus: set[int] | None = None
+    idle_connections: int = 9000
+    # C helpers from bench/tools/ (see bench/ctools.py); empty: the Python ones.
+    tools: dict[str, Path] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def record(
+        self,
+        case: str,
+        contestant: str,
+        rnd: int,
+        metrics: dict[str, float],
+        raw: dict[str, Any],
+        error: str | None = None,
+    ) -> None:
+        run: dict[str, Any] = {
+            "contestant": contestant,
+            "round": rnd,
+            "metrics": metrics,
+            "raw": raw,
+            "at": time.time(),
+        }
+        if error:
+            run["error"] = error
+        self.runs.setdefault(case, []).append(run)
+        # jail_lines reports dozens of numbers; the console shows only its rates.
+        shown = ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in metrics.items()
+            if case != "jail_lines" or k.endswith(("lines_per_s", "ratio"))
+        )
+        self.log(
+            f"  [{case} r{rnd + 1}] {contestant:9s} {shown}{'  ERROR ' + error if error else ''}"
+        )
+
+
+def python() -> str:
+    return sys.executable
+
+
+def bench_env() -> dict[str, str]:
+    """Environment for our helper scripts: `bench` importable from any cwd."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+def _settle(seconds: float = 0.5) -> None:
+    """A pause between runs so one run's teardown (TIME_WAIT, freed buffers) is not
+    charged to the next contestant."""
+    time.sleep(seconds)
+
+
+# --- tcp_bulk -----------------------------------------------------------------
+
+
+def tcp_bulk(ctx: Context) -> None:
+    seconds = 2 if ctx.quick else 5
+    server = ctx.group.start(
+        "iperf3-server",
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(ctx.ports["iperf"])],
+        cpus=ctx.upstream_cpus,
+    )
+    try:
+        wait_port(ctx.ports["iperf"], proc=server)
+        for rnd in range(ctx.rounds):
+            for streams in (1, 8):
+                for c in ctx.contestants:
+                    _one_iperf(ctx, c, rnd, streams, seconds)
+                    _settle()
+    finally:
+        ctx.group.stop(server)
+
+
+def _one_iperf(ctx: Context, c: Contestant, rnd: int, streams: int, seconds: int) -> None:
+    argv = [
+        "iperf3",
+        "-c",
+        "127.0.0.1",
+        "-p",
+        str(c.port("bulk")),
+        "-t",
+        str(seconds),
+        "-P",
+        str(streams),
+        "-J",
+    ]
+    pids = c.pids()
+    raw: dict[str, Any] = {"argv": argv}
+    for attempt in range(2):
+        cpu0 = cpu_seconds(pids)
+        try:
+            out = _run_pinned(argv, ctx.client_cpus, timeout=seconds + 20)
+            result = parse_iperf_json(out.stdout)
+        except (IperfError, subprocess.TimeoutExpired) as e:
+            # "the server is busy" right after the previous test: one retry.
+            if attempt == 0 and "busy" in str(e):
+                time.sleep(1)
+                continue
+            ctx.record("tcp_bulk", c.name, rnd, {}, raw, error=str(e))
+            return
+        cpu = cpu_seconds(pids) - cpu0
+        break
+    metrics = {f"gbit_s_p{streams}": result.gbit_per_s}
+    raw.update(
+        bytes=result.bytes_received,
+        seconds=result.seconds,
+        retransmits=result.retransmits,
+        streams=streams,
+    )
+    if pids:
+        raw["proxy_cpu_s"] = cpu
+        metrics[f"cpu_s_per_gb_p{streams}"] = cpu / (result.bytes_received / 1e9)
+    ctx.record("tcp_bulk", c.name, rnd, metrics, raw)
+
+
+def _run_pinned(
+    argv: list[str], cpus: set[int] | None, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=pin,
+        env=env,
+        start_new_session=True,
+    )
+
+
+# --- upstream echo server (conn_rate, idle_memory) ----------------------------------
+
+
+def start_echo(ctx: Context) -> Any:
+    if "tcpecho" in ctx.tools:
+        argv = [str(ctx.tools["tcpecho"]), str(ctx.ports["echo"])]
+    else:
+        argv = [python(), "-m", "bench.echo", "--port", str(ctx.ports["echo"])]
+    echo = ctx.group.start("echo", argv, cpus=ctx.upstream_cpus, env=bench_env())
+    wait_port(ctx.ports["echo"], proc=echo)
+    return echo
+
+
+# --- conn_rate ------------------------------------------------------------------
+
+
+def conn_rate(ctx: Context) -> None:
+    seconds = 2 if ctx.quick else 5
+    echo = start_echo(ctx)
+    try:
+        for rnd in range(ctx.rounds):
+            for c in ctx.contestants:
+                _one_conn_rate(ctx, c, rnd, seconds)
+                _settle(1.0)
+    finally:
+        ctx.group.stop(echo)
+
+
+def conn_rate_argv(ctx: Context, port: int, seconds: int) -> tuple[list[str], str]:
+    """The client command line and which ClientHello builder made its hello."""
+    if "connrate" not in ctx.tools:
+        argv = [
+            python(),
+            "-m",
+            "bench.connrate",
+            "--port",
+            str(port),
+            "--concurrency",
+            "50",
+            "--duration",
+            str(seconds),
+        ]
+        return argv, client_hello("bench.example.org")[1]
+    hello_file = ctx.workdir / "clienthello.bin"
+    hello, builder = client_hello("bench.example.org")
+    hello_file.write_bytes(hello)
+    argv = [
+        str(ctx.tools["connrate"]),
+        "127.0.0.1",
+        str(port),
+        "50",
+        str(seconds),
+        "10000000",
+        str(hello_file),
+    ]
+    return argv, builder
+
+
+def _one_conn_rate(ctx: Context, c: Contestant, rnd: int, seconds: int) -> None:
+    argv, builder = conn_rate_argv(ctx, c.port("rate"), seconds)
+    pids = c.pids()
+    cpu0 = cpu_seconds(pids)
+    try:
+        out = _run_pinned(argv, ctx.client_cpus, timeout=seconds + 30, env=bench_env())
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
+        ctx.record("conn_rate", c.name, rnd, {}, {"argv": argv}, error=f"client: {e}")
+        return
+    cpu = cpu_seconds(pids) - cpu0
+    metrics = {"conn_per_s": float(result["conn_per_s"])}
+    raw = {"argv": argv, "hello_builder": builder, **result}
+    if pids and result["connections"]:
+        raw["proxy_cpu_s"] = cpu
+        metrics["cpu_s_per_1k_conn"] = cpu / (result["connections"] / 1000)
+    error = None
+    # A proxy that refuses part of the load must not look fast: flag it loudly.
+    if result["failed"] > 0.01 * max(1, result["connections"]):
+        error = f"{result['failed']} failed connections: {result['errors']}"
+    ctx.record("conn_rate", c.name, rnd, metrics, raw, error=error)
+
+
+# --- idle_memory ------------------------------------------------------------------
+
+
+def idle_memory(ctx: Context) -> None:
+    echo = start_echo(ctx)
+    try:
+        for rnd in range(ctx.rounds):
+            for c in ctx.contestants:
+                if c.name == "direct":
+                    continue  # no proxy process to weigh
+                _one_idle(ctx, c, rnd)
+                _settle(1.0)
+    finally:
+        ctx.group.stop(echo)
+
+
+def _hold(ctx: Context, port: int, count: int) -> tuple[Proc, dict[str, Any]]:
+    """Start an idlehold client (owned by the run's ProcessGroup, so Ctrl-C stops it
+    too) and wait until its connections are open."""
+    argv = [python(), "-m", "bench.idlehold", "--port", str(port), "--count", str(count)]
+    holder = ctx.group.start(
+        "idlehold",
+        argv,
+        cpus=ctx.client_cpus,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=bench_env(),
+    )
+    ready = _read_line(holder, prefix="READY ", timeout=90)
+    return holder, json.loads(ready[len("READY ") :])
+
+
+def _release(ctx: Context, holder: Proc) -> None:
+    """Tell the holder to close its connections, wait for it, stop it by PID."""
+    stdin = holder.popen.stdin
+    try:
+        assert stdin is not None
+        stdin.write(b"\n")
+        stdin.flush()
+        _read_line(holder, prefix="DONE", timeout=30)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        ctx.group.stop(holder)
+
+
+def _read_line(proc: Proc, prefix: str, timeout: float) -> str:
+    """The first stdout line starting with prefix, read from the raw descriptor so
+    that select() sees every byte (no hidden buffering)."""
+    stdout = proc.popen.stdout
+    assert stdout is not None
+    fd = stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise TimeoutError(
+                f"{proc.name} exited ({proc.popen.poll()}) before {prefix!r}:\n{proc.log_tail()}"
+            )
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            text = line.decode(errors="replace")
+            if text.startswith(prefix):
+                return text.strip()
+    raise TimeoutError(f"no {prefix!r} from {proc.name} within {timeout}s")
+
+
+def _one_idle(ctx: Context, c: Contestant, rnd: int) -> None:
+    # A fresh proxy per measurement: its "at start" memory is really at start and
+    # nothing left over from the other cases (pools, caches) hides per-connection cost.
+    c.stop(ctx.group)
+    c.start(ctx.group, ctx.ports, ctx.workdir, ctx.proxy_cpus)
+    pids = c.pids()
+    time.sleep(0.5)
+    start = memory_kb(pids)
+    # Warm-up: the first connections pay one-off costs (lazy imports, pools); charge
+    # them to the baseline, not to the 9,000.
+    holder, _ = _hold(ctx, c.port("idle"), 100)
+    _release(ctx, holder)
+    time.sleep(0.5)
+    idle = memory_kb(pids)
+    raw: dict[str, Any] = {"mem_start": start, "mem_idle": idle}
+    holder, opened = _hold(ctx, c.port("idle"), ctx.idle_connections)
+    try:
+        time.sleep(1.0)  # let the proxy finish whatever it does after the last echo
+        pids = c.pids()
+        with_conns = memory_kb(pids)
+        raw.update(mem_with=with_conns, hold=opened)
+    finally:
+        _release(ctx, holder)
+    time.sleep(0.5)
+    raw["mem_after_close"] = memory_kb(c.pids())
+    n = opened["open"]
+    metrics: dict[str, float] = {"rss_start_kb": float(start["rss_kb"])}
+    error = None
+    if n:
+        metrics["kb_per_conn"] = (with_conns["rss_kb"] - idle["rss_kb"]) / n
+        metrics["pss_kb_per_conn"] = (with_conns["pss_kb"] - idle["pss_kb"]) / n
+    if n < ctx.idle_connections:
+        error = (
+            f"only {n} of {ctx.idle_connections} connections relayed ({opened['failed']} failed)"
+        )
+    ctx.record("idle_memory", c.name, rnd, metrics, raw, error=error)
+
+
+# --- jail_lines (bench/jail_lines.py, written separately) -----------------------------
+
+
+def jail_lines_available() -> bool:
+    return (BENCH_DIR / "jail_lines.py").exists()
+
+
+def jail_lines(ctx: Context) -> None:
+    """Run bench/jail_lines.py once per round; it compares edgeward's jail with
+    fail2ban-regex itself and prints one JSON line at the end."""
+    script = BENCH_DIR / "jail_lines.py"
+    argv = [python(), str(script), *jail_lines_args(script.read_text(errors="replace"), ctx.quick)]
+    for rnd in range(ctx.rounds):
+        try:
+            out = _run_pinned(argv, None, timeout=300 if ctx.quick else 900, env=bench_env())
+        except subprocess.TimeoutExpired as e:
+            ctx.record("jail_lines", "jail_lines", rnd, {}, {"argv": argv}, error=str(e))
+            continue
+        result = _last_json_line(out.stdout)
+        if result is None:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+            ctx.record(
+                "jail_lines",
+                "jail_lines",
+                rnd,
+                {},
+                {"argv": argv},
+                error=f"exit {out.returncode}, no JSON line: {' | '.join(tail)}",
+            )
+            continue
+        metrics = {
+            k: float(v)
+            for k, v in _flatten(result).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        ctx.record("jail_lines", "jail_lines", rnd, metrics, {"argv": argv, "result": result})
+
+
+def jail_lines_args(source: str, quick: bool) -> list[str]:
+    """Options for bench/jail_lines.py, passed only if its source offers them (it is
+    written separately and may change).
+
+    Its default (a million lines, every pre-screening strategy) takes ~5 minutes per
+    round on 2 CPUs; lines/s needs far fewer lines, and the strategy comparison is the
+    script's own tuning tool, not part of this side-by-side table.
+    """
+    args: list[str] = []
+    if "--lines" in source:
+        args += ["--lines", "200000" if quick else "500000"]
+    if "--strategies" in source:
+        args += ["--strategies="]
+    if quick and "--quick" in source:
+        args.append("--quick")
+    return args
+
+
+def _last_json_line(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(doc, dict):
+                return doc
+    return None
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+CASES: dict[str, Callable[[Context], None]] = {
+    "tcp_bulk": tcp_bulk,
+    "conn_rate": conn_rate,
+    "idle_memory": idle_memory,
+    "jail_lines": jail_lines,
+}

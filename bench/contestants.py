@@ -1,0 +1,201 @@
+"""The contestants: a direct connection and three proxies doing the same work.
+
+Each proxy gets three listeners (one per case) in front of the shared
+upstreams (iperf3 server, echo server); `direct` points the client straight
+at the upstream. Configs come from bench/configs/*.tmpl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import Proc, ProcessGroup, tree, wait_port
+from bench.templating import render_file
+
+EDGEWARD_SNI = "bench.example.org"
+# Listeners every proxy opens, one per case.
+LISTENERS = ("bulk", "rate", "idle")
+NGINX_STREAM_MODULES = (
+    Path("/usr/lib/nginx/modules/ngx_stream_module.so"),
+    Path("/usr/share/nginx/modules/ngx_stream_module.so"),
+)
+
+
+def edgeward_bin() -> Path | None:
+    """The edgeward console script of this venv (or on PATH)."""
+    import sys
+
+    here = Path(sys.executable).parent / "edgeward"
+    if here.exists():
+        return here
+    found = shutil.which("edgeward")
+    return Path(found) if found else None
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else f"exit {out.returncode}"
+
+
+def nginx_stream_module_line() -> str:
+    """`load_module ...;` when nginx builds stream as a dynamic module (Debian)."""
+    try:
+        built = subprocess.run(["nginx", "-V"], capture_output=True, text=True, timeout=10).stderr
+    except OSError:
+        return ""
+    if "--with-stream=dynamic" not in built and "--with-stream " in built + " ":
+        return ""
+    for path in NGINX_STREAM_MODULES:
+        if path.exists():
+            return f"load_module {path};"
+    raise RuntimeError(
+        "nginx has the stream module only as a dynamic module and it is not installed: "
+        "apt-get install libnginx-mod-stream"
+    )
+
+
+@dataclass
+class Contestant:
+    """One way of getting from the client to the upstream."""
+
+    name: str
+    # Starts the proxy from its rendered config and waits for its listeners;
+    # returns its process (None for direct, which has none).
+    launch: Callable[[ProcessGroup, dict[str, int], Path], Proc | None]
+    version: Callable[[], str]
+    available: Callable[[], str | None] = field(default=lambda: None)  # None = usable
+    proc: Proc | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def start(
+        self,
+        group: ProcessGroup,
+        ports: dict[str, int],
+        workdir: Path,
+        cpus: set[int] | None = None,
+    ) -> None:
+        self.proc = self.launch(group, ports, workdir)
+        self.ports = contestant_ports(self.name, ports)
+        if cpus:
+            # After start (not in a preexec hook) so forked workers are pinned too.
+            for pid in self.pids():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(pid, cpus)
+
+    def stop(self, group: ProcessGroup) -> None:
+        if self.proc is not None:
+            group.stop(self.proc)
+            self.proc = None
+
+    def pids(self) -> list[int]:
+        """The proxy's processes (master and workers), empty for direct."""
+        return tree(self.proc.pid) if self.proc is not None else []
+
+    def port(self, case: str) -> int:
+        return self.ports[case]
+
+
+def contestant_ports(name: str, all_ports: dict[str, int]) -> dict[str, int]:
+    """Which port the client uses per case; direct goes straight to the upstreams."""
+    if name == "direct":
+        return {"bulk": all_ports["iperf"], "rate": all_ports["echo"], "idle": all_ports["echo"]}
+    return {case: all_ports[f"{name}_{case}"] for case in LISTENERS}
+
+
+def template_values(name: str, all_ports: dict[str, int], workdir: Path) -> dict[str, object]:
+    values: dict[str, object] = {
+        "workdir": workdir,
+        "iperf_port": all_ports["iperf"],
+        "echo_port": all_ports["echo"],
+        **{f"{case}_port": all_ports[f"{name}_{case}"] for case in LISTENERS},
+    }
+    if name == "edgeward":
+        values["admin_port"] = all_ports["edgeward_admin"]
+    if name == "nginx":
+        values["nginx_stream_module"] = nginx_stream_module_line()
+    return values
+
+
+def port_names() -> list[str]:
+    """Every port a run needs, named for allocate_ports()."""
+    names = ["iperf", "echo", "edgeward_admin"]
+    for proxy in ("haproxy", "nginx", "edgeward"):
+        names += [f"{proxy}_{case}" for case in LISTENERS]
+    return names
+
+
+def _wait_listeners(proc: Proc, ports: dict[str, int], timeout: float = 15.0) -> None:
+    for case in LISTENERS:
+        wait_port(ports[case], timeout=timeout, proc=proc)
+
+
+def _launch_haproxy(group: ProcessGroup, all_ports: dict[str, int], workdir: Path) -> Proc:
+    cfg = render_file("haproxy.cfg", template_values("haproxy", all_ports, workdir), workdir)
+    # -db: stay in the foreground, no daemon, no master-worker: one process, one PID.
+    proc = group.start("haproxy", ["haproxy", "-db", "-f", str(cfg)])
+    _wait_listeners(proc, contestant_ports("haproxy", all_ports))
+    return proc
+
+
+def _launch_nginx(group: ProcessGroup, all_ports: dict[str, int], workdir: Path) -> Proc:
+    cfg = render_file("nginx.conf", template_values("nginx", all_ports, workdir), workdir)
+    # -e: the default error log path (/var/log/nginx) may not be writable.
+    proc = group.start("nginx", ["nginx", "-p", str(workdir), "-e", "stderr", "-c", str(cfg)])
+    _wait_listeners(proc, contestant_ports("nginx", all_ports))
+    return proc
+
+
+def _launch_edgeward(group: ProcessGroup, all_ports: dict[str, int], workdir: Path) -> Proc:
+    cfg = render_file("edgeward.toml", template_values("edgeward", all_ports, workdir), workdir)
+    (workdir / "edgeward-state").mkdir(exist_ok=True)
+    exe = edgeward_bin()
+    assert exe is not None
+    proc = group.start("edgeward", [str(exe), "run", str(cfg)])
+    _wait_listeners(proc, contestant_ports("edgeward", all_ports), timeout=30.0)
+    return proc
+
+
+def _edgeward_available() -> str | None:
+    exe = edgeward_bin()
+    if exe is None:
+        return "no edgeward executable"
+    try:
+        out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"edgeward --version failed: {e}"
+    if out.returncode != 0:
+        return "edgeward --version failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def _which(program: str) -> Callable[[], str | None]:
+    return lambda: None if shutil.which(program) else f"{program} not installed"
+
+
+def all_contestants() -> list[Contestant]:
+    return [
+        Contestant("direct", lambda g, p, w: None, lambda: "-"),
+        Contestant(
+            "haproxy",
+            _launch_haproxy,
+            lambda: _first_line(["haproxy", "-v"]),
+            _which("haproxy"),
+        ),
+        Contestant("nginx", _launch_nginx, lambda: _first_line(["nginx", "-v"]), _which("nginx")),
+        Contestant(
+            "edgeward",
+            _launch_edgeward,
+            lambda: _first_line([str(edgeward_bin() or "edgeward"), "--version"]),
+            _edgeward_available,
+        ),
+    ]

@@ -1,0 +1,262 @@
+"""Turning a results document into the README table and ratio charts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.cases import METRICS
+from bench.stats import Summary, ratio, ratios_of, summarize_runs
+
+CONTESTANTS = ("direct", "haproxy", "nginx", "edgeward")
+PEERS = ("direct", "haproxy", "nginx")
+# En dash for ranges in the table (an escape, so the source stays ASCII-unambiguous).
+DASH = "\u2013"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target from the issues, checked against the medians of this run."""
+
+    metric: str
+    text: str
+    versus: str | None  # peer for a ratio goal, None for an absolute edgeward value
+    at_least: float | None = None
+    at_most: float | None = None
+
+    def check(self, case: Mapping[str, Any]) -> tuple[float | None, bool | None]:
+        if self.versus is None:
+            s = case.get("summary", {}).get("edgeward", {}).get(self.metric)
+            value = float(s["median"]) if s else None
+        else:
+            value = case.get("ratios", {}).get(self.metric, {}).get(f"edgeward/{self.versus}")
+        if value is None:
+            return None, None
+        ok = (self.at_least is None or value >= self.at_least) and (
+            self.at_most is None or value <= self.at_most
+        )
+        return value, ok
+
+
+# Issue 2's benchmark goals.
+GOALS = (
+    Goal("gbit_s_p1", "TCP bulk 1 stream >= 0.85 of direct", "direct", at_least=0.85),
+    Goal("gbit_s_p8", "TCP bulk 8 streams >= 0.85 of direct", "direct", at_least=0.85),
+    Goal("conn_per_s", "short connections/s >= 0.8 of HAProxy", "haproxy", at_least=0.8),
+    Goal("kb_per_conn", "memory per idle relayed connection <= 3 KB", None, at_most=3.0),
+)
+
+
+def goal_lines(doc: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for goal in GOALS:
+        case = next((c for c in doc["cases"].values() if goal.metric in c.get("ratios", {})), None)
+        if case is None:
+            continue
+        value, ok = goal.check(case)
+        if value is None:
+            continue
+        out.append(f"- {goal.text}: {value:.2f} — {'met' if ok else 'NOT met'}")
+    return out
+
+
+def summarize_results(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Add per-case summaries and ratios to a results document (in place) and return it."""
+    for case in doc["cases"].values():
+        summaries = summarize_runs(case["runs"])
+        case["summary"] = {
+            c: {m: s.as_dict() for m, s in per.items()} for c, per in summaries.items()
+        }
+        case["ratios"] = ratios_of(summaries, "edgeward", PEERS)
+    return dict(doc)
+
+
+def _num(v: float) -> str:
+    """Three significant digits, no scientific notation for the usual ranges."""
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def cell(s: Mapping[str, float] | None) -> str:
+    """`median (min-max)` (an en dash in the output), or the median alone when there was one run."""
+    if not s:
+        return "—"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return _num(s["median"])
+    return f"{_num(s['median'])} ({_num(s['min'])}{DASH}{_num(s['max'])})"
+
+
+def ratio_cell(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}"
+
+
+def metric_label(name: str) -> str:
+    m = METRICS.get(name)
+    if m is None:
+        return name
+    arrow = "↑" if m.better == "higher" else "↓"
+    return f"{m.label} [{m.unit}] {arrow}"
+
+
+def ordered_metrics(names: set[str]) -> list[str]:
+    known = [m for m in METRICS if m in names]
+    return known + sorted(names - set(known))
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """The README table: medians (min-max) per contestant, then edgeward's ratios."""
+    meta = doc["meta"]
+    env = meta["environment"]
+    lines = [
+        f"Benchmark of {meta['started']} (`{meta['command']}`, {meta['rounds']} round(s), "
+        f"medians with min{DASH}max; ↑ higher is better, ↓ lower is better).",
+        "",
+        f"Machine: {env['cpu_model']}, {env['cpus']} CPUs, Linux {env['kernel']}, "
+        f"Python {env['python']}. "
+        + ", ".join(f"{k}: {v}" for k, v in env.get("versions", {}).items())
+        + f", {env.get('iperf3', '')}.",
+        "",
+    ]
+    if meta.get("pinning"):
+        lines += [f"CPU pinning: {meta['pinning']}.", ""]
+    if meta.get("load_tools"):
+        lines += [f"Echo upstream and short-connection client: {meta['load_tools']}.", ""]
+    header = ["Metric", *CONTESTANTS, *(f"edgeward / {p}" for p in PEERS)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    contestant_cases = [(n, c) for n, c in doc["cases"].items() if n != "jail_lines"]
+    for _, case in contestant_cases:
+        summary = case.get("summary", {})
+        names = {m for per in summary.values() for m in per}
+        for metric in ordered_metrics(names):
+            row = [metric_label(metric)]
+            row += [cell(summary.get(c, {}).get(metric)) for c in CONTESTANTS]
+            ratios = case.get("ratios", {}).get(metric, {})
+            row += [ratio_cell(ratios.get(f"edgeward/{p}")) for p in PEERS]
+            lines.append("| " + " | ".join(row) + " |")
+    jail = doc["cases"].get("jail_lines")
+    if jail and jail.get("summary"):
+        lines += ["", *jail_table(jail["summary"].get("jail_lines", {}))]
+    goals = goal_lines(doc)
+    if goals:
+        lines += ["", "Goals (issue 2), from the medians above:", "", *goals]
+    notes = [f"- {n}" for n in meta.get("notes", [])]
+    errors = [
+        f"- {name} round {r['round'] + 1}, {r['contestant']}: {r['error']}"
+        for name, case in doc["cases"].items()
+        for r in case["runs"]
+        if r.get("error")
+    ]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    if errors:
+        lines += ["", "Errors (runs without metrics are left out of the medians):", "", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def jail_table(summary: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """bench/jail_lines.py's JSON, flattened to `<log>.edgeward.lines_per_s` and
+    `<log>.fail2ban_regex.lines_per_s`: one row per log it measured."""
+    logs = sorted(
+        k.removesuffix(".edgeward.lines_per_s")
+        for k in summary
+        if k.endswith(".edgeward.lines_per_s")
+    )
+    if not logs:
+        return []
+    out = [
+        "Jail filter speed (bench/jail_lines.py: edgeward's filter vs fail2ban-regex, "
+        "same filter file and log):",
+        "",
+        "| Log | edgeward [lines/s] ↑ | fail2ban-regex [lines/s] ↑ | edgeward / fail2ban-regex |",
+        "|---|---|---|---|",
+    ]
+    for log in logs:
+        mine = summary.get(f"{log}.edgeward.lines_per_s")
+        theirs = summary.get(f"{log}.fail2ban_regex.lines_per_s")
+        r = ratio(mine["median"] if mine else None, theirs["median"] if theirs else None)
+        out.append(f"| {log} | {cell(mine)} | {cell(theirs)} | {ratio_cell(r)} |")
+    return out
+
+
+def _summary_median(s: Mapping[str, float] | Summary | None) -> float | None:
+    if s is None:
+        return None
+    return s.median if isinstance(s, Summary) else float(s["median"])
+
+
+def chart(doc: Mapping[str, Any], out: Path, peers: Sequence[str] = PEERS) -> Path | None:
+    """Grouped horizontal bars of edgeward/peer per metric, with 1.0 marked.
+
+    Lower-is-better metrics are drawn inverted (peer/edgeward) so that for every
+    bar "longer than 1" means edgeward does better; the labels say so.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers and in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows: list[tuple[str, list[float | None]]] = []
+    for name, case in doc["cases"].items():
+        if name == "jail_lines":
+            continue
+        case_ratios = case.get("ratios", {})
+        for metric in ordered_metrics(set(case_ratios)):
+            ratios = case_ratios[metric]
+            values: list[float | None] = []
+            for peer in peers:
+                r = ratios.get(f"edgeward/{peer}")
+                if r is not None and METRICS.get(metric) and METRICS[metric].better == "lower":
+                    r = 1 / r if r else None
+                values.append(r)
+            if any(v is not None for v in values):
+                label = METRICS[metric].label if metric in METRICS else metric
+                if METRICS.get(metric) and METRICS[metric].better == "lower":
+                    label += " (shown as peer / edgeward)"
+                rows.append((label, values))
+    if not rows:
+        return None
+    height = 0.8 / len(peers)
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) * len(peers) / 2 + 1.8))
+    for i, peer in enumerate(peers):
+        ys = [j + i * height for j in range(len(rows))]
+        xs = [v if v is not None else 0 for _, v_list in rows for v in [v_list[i]]]
+        bars = ax.barh(ys, xs, height=height, label=f"edgeward vs {peer}")
+        for bar, (_, v_list) in zip(bars, rows, strict=True):
+            v = v_list[i]
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                " n/a" if v is None else f" {v:.2f}",
+                va="center",
+                fontsize=7,
+            )
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    top = max((v for _, vs in rows for v in vs if v is not None), default=1.0)
+    ax.set_xlim(0, max(1.2, top * 1.15))  # room for the value labels
+    ax.set_yticks([j + height * (len(peers) - 1) / 2 for j in range(len(rows))])
+    ax.set_yticklabels([label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(
+        "ratio, > 1: edgeward better (lower-is-better metrics shown inverted)", fontsize=8
+    )
+    ax.set_title(f"edgeward relative to peers — {doc['meta']['started']}", fontsize=10, pad=22)
+    # Above the axes: inside, it covers the longest bars.
+    ax.legend(
+        fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(peers), frameon=False
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,121 @@
+"""Config templating and the configs every contestant gets."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+
+import pytest
+from bench import contestants
+from bench.contestants import contestant_ports, port_names, template_values
+from bench.templating import (
+    CONFIG_DIR,
+    PORT_RANGE,
+    TemplateError,
+    allocate_ports,
+    holes,
+    render,
+    render_file,
+)
+
+
+def test_render_fills_holes_and_leaves_nginx_variables_alone() -> None:
+    text = "listen {{port}}; map $ssl_preread_server_name $x { {{ name }} y; }"
+    out = render(text, {"port": 21000, "name": "a.example"})
+    assert out == "listen 21000; map $ssl_preread_server_name $x { a.example y; }"
+
+
+def test_render_refuses_missing_values() -> None:
+    with pytest.raises(TemplateError, match="echo_port"):
+        render("to {{echo_port}} and {{iperf_port}}", {"iperf_port": 1})
+
+
+def test_holes() -> None:
+    assert holes("{{a}} {{ b }} {c} $d") == {"a", "b"}
+
+
+@pytest.fixture
+def ports() -> dict[str, int]:
+    # Fixed numbers: rendering must not depend on what is free on this machine.
+    return {name: 22000 + i for i, name in enumerate(port_names())}
+
+
+@pytest.fixture(autouse=True)
+def no_nginx_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rendering is tested without running `nginx -V`.
+    monkeypatch.setattr(
+        contestants, "nginx_stream_module_line", lambda: "load_module /x/ngx_stream_module.so;"
+    )
+
+
+def test_every_template_renders_completely(ports: dict[str, int], tmp_path: Path) -> None:
+    names = {p.name.removesuffix(".tmpl") for p in CONFIG_DIR.glob("*.tmpl")}
+    assert names == {"haproxy.cfg", "nginx.conf", "edgeward.toml"}
+    for proxy, name in (
+        ("haproxy", "haproxy.cfg"),
+        ("nginx", "nginx.conf"),
+        ("edgeward", "edgeward.toml"),
+    ):
+        out = render_file(name, template_values(proxy, ports, tmp_path), tmp_path).read_text()
+        assert holes(out) == set()
+        for case in ("bulk", "rate", "idle"):
+            assert f"127.0.0.1:{ports[f'{proxy}_{case}']}" in out
+        assert f"127.0.0.1:{ports['echo']}" in out
+        assert f"127.0.0.1:{ports['iperf']}" in out
+
+
+def test_edgeward_config_sniffs_sni_for_the_rate_case(
+    ports: dict[str, int], tmp_path: Path
+) -> None:
+    path = render_file("edgeward.toml", template_values("edgeward", ports, tmp_path), tmp_path)
+    doc = tomllib.loads(path.read_text())
+    services = doc["services"]
+    assert services["rate"]["names"] == ["bench.example.org"]
+    assert services["rate"]["to"] == f"127.0.0.1:{ports['echo']}"
+    assert services["bulk"]["to"] == f"127.0.0.1:{ports['iperf']}"
+    assert "names" not in services["idle"]
+    # 9,000 connections from one client address must not hit the per-client cap.
+    assert doc["edge"]["max_connections_per_client"] >= 9000
+
+
+def test_peer_configs_are_tuned_fairly(ports: dict[str, int], tmp_path: Path) -> None:
+    haproxy = render_file("haproxy.cfg", template_values("haproxy", ports, tmp_path), tmp_path)
+    nginx = render_file("nginx.conf", template_values("nginx", ports, tmp_path), tmp_path)
+    h, n = haproxy.read_text(), nginx.read_text()
+    # One thread / one worker, like edgeward's single default process.
+    assert "nbthread 1" in h
+    assert "worker_processes 1;" in n
+    # Tuned buffers, with the defaults said next to them.
+    assert "tune.bufsize 65536" in h and "16384" in h
+    assert "proxy_buffer_size 64k;" in n and "16k" in n
+    # Same SNI work as edgeward.
+    assert "req.ssl_sni -i bench.example.org" in h
+    assert "ssl_preread on;" in n
+    assert n.startswith("#") and "load_module /x/ngx_stream_module.so;" in n
+
+
+def test_contestant_ports_direct_goes_to_upstreams(ports: dict[str, int]) -> None:
+    assert contestant_ports("direct", ports) == {
+        "bulk": ports["iperf"],
+        "rate": ports["echo"],
+        "idle": ports["echo"],
+    }
+    assert contestant_ports("nginx", ports)["rate"] == ports["nginx_rate"]
+
+
+def test_allocate_ports_skips_busy_ports() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        start = taken if taken in PORT_RANGE else None
+        got = allocate_ports(["a", "b", "c"], start=start or 29000)
+    assert len(set(got.values())) == 3
+    assert all(p in PORT_RANGE for p in got.values())
+    if start is not None:
+        assert taken not in got.values()
+
+
+def test_allocate_ports_rejects_duplicate_names() -> None:
+    with pytest.raises(ValueError):
+        allocate_ports(["a", "a"])
