@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
 _SIZE_UNITS = {
     None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
@@ -63,7 +63,7 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(_format_duration, return_type=str),
-    WithJsonSchema({"type": ["string", "number"], "pattern": r"^-?\d+(\.\d+)?(ms|s|m|h|d)?$",
+    WithJsonSchema({"type": ["string", "number"], "pattern": r"^-?\d+(\.\d+)?(ms|s|m|h|d|w)?$",
                     "description": "a duration: \"250ms\", \"5s\", \"5m\", \"1h\", \"1d\" or seconds"}),
 ]
 Size = Annotated[
