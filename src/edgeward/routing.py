@@ -33,7 +33,7 @@ class Facts:
     protocol: str | None  # tls/http/xmpp/ssh/unknown, None when the listener did not sniff
     name: str | None
     alpn: tuple[str, ...]
-    client: IPAddress
+    client: IPAddress | None  # None when no route of the listener looks at the source
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,9 @@ class Route:
             return False
         if self.alpn and not self.alpn.intersection(f.alpn):
             return False
-        return not (self.sources and not any(f.client in net for net in self.sources))
+        if self.sources:
+            return f.client is not None and any(f.client in net for net in self.sources)
+        return True
 
 
 def specificity(names: list[str], protocol: str | None, alpn: list[str], sources: list[IPNetwork]) -> tuple[int, ...]:
@@ -91,12 +93,13 @@ def make_route(service: str, pool: Pool, proxy_protocol: str, connect_timeout: f
 class RouteTable:
     """The routes of one listener, most specific first."""
 
-    __slots__ = ("needs_sniff", "routes")
+    __slots__ = ("needs_sniff", "routes", "uses_source")
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = tuple(sorted(routes, key=lambda r: r.order, reverse=True))
         # A listener whose routes look only at the client address never waits for bytes.
         self.needs_sniff = any(r.needs_sniff for r in self.routes)
+        self.uses_source = any(r.sources for r in self.routes)
 
     def lookup(self, facts: Facts) -> Route | None:
         for r in self.routes:

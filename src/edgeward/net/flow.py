@@ -144,6 +144,8 @@ class SpliceFlow(Flow):
                 self.pending = n - m
                 self._blocked()
                 return
+            if n < cap:
+                break  # a short read drained the socket: skip the call that would only say EAGAIN
         # Empty pipe: give it back so an idle connection holds none.
         self.pipes.put(pipe)
         self.pipe = None
@@ -216,6 +218,8 @@ class BufferedFlow(Flow):
                 self.pending = n - m
                 self._blocked()
                 return
+            if n < BUF_SIZE:
+                break  # drained: skip the call that would only say EAGAIN
         # Drop the buffer while idle: idle connections cost no 64 KiB each.
         self._release()
         if self.eof:

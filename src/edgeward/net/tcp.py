@@ -108,6 +108,7 @@ class TcpConn:
     """One client connection and, once routed, its upstream connection."""
 
     __slots__ = (
+        "armed",
         "client",
         "client_ip",
         "client_port",
@@ -149,6 +150,7 @@ class TcpConn:
         self.flows: tuple[Flow, Flow] | None = None
         self.peeked = 0
         self.lowat = False
+        self.armed = False
         self.last = edge.now
         self.t0 = edge.loop.time()  # same clock as the sniff timers
 
@@ -160,13 +162,35 @@ class TcpConn:
         if not rt.table.needs_sniff and not rt.trusted:
             self._route(None, None, ())
             return
+        # Clients that speak first have usually sent their hello by the time the handshake is
+        # accepted: try it now and skip registering a reader and a timer at all.
+        try:
+            data = self.client.recv(rt.settings.sniff_bytes, socket.MSG_PEEK)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            self._fail("client_error")
+            return
+        if data == b"":
+            self._fail("closed_during_sniff")
+            return
+        if data is None:
+            self._arm()
+        else:
+            self._sniff(data, final=False)
+
+    def _arm(self) -> None:
+        """Wait for (more) first bytes: a reader on the client and the sniff deadline."""
+        self.armed = True
         self.edge.loop.add_reader(self.client.fileno(), self._on_sniff_readable)
-        s = rt.settings
+        s = self.rt.settings
         first = s.server_first_wait if 0 < s.server_first_wait < s.sniff_timeout else s.sniff_timeout
         self.sniff_timer = self.edge.loop.call_later(first, self._on_sniff_timer)
 
     def _stop_sniffing(self) -> None:
-        self.edge.loop.remove_reader(self.client.fileno())
+        if self.armed:
+            self.armed = False
+            self.edge.loop.remove_reader(self.client.fileno())
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
             self.sniff_timer = None
@@ -233,6 +257,8 @@ class TcpConn:
             return
         # Readable again only once more than `have` bytes are queued.
         self.peeked = have
+        if not self.armed:
+            self._arm()
         try:
             self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, have + 1)
             self.lowat = True
@@ -262,6 +288,8 @@ class TcpConn:
         if not self.rt.table.needs_sniff:
             self._stop_sniffing()
             self._route(None, None, ())
+        elif not self.armed:
+            self._arm()  # level-triggered: fires at once if the hello is already queued
 
     def _on_sniff_timer(self) -> None:
         self.sniff_timer = None
@@ -292,10 +320,12 @@ class TcpConn:
     # ------------------------------------------------------------------ route + connect
     def _route(self, protocol: str | None, name: str | None, alpn: tuple[str, ...]) -> None:
         self.state = CONNECTING
-        try:
-            ip = ipaddress.ip_address(self.client_ip)
-        except ValueError:
-            ip = ipaddress.ip_address("0.0.0.0")
+        ip = None
+        if self.rt.table.uses_source:  # parsing the address costs; only source routes need it
+            try:
+                ip = ipaddress.ip_address(self.client_ip)
+            except ValueError:
+                ip = ipaddress.ip_address("0.0.0.0")
         route = self.rt.table.lookup(Facts(protocol, name, alpn, ip))
         if route is None:
             self._fail("no_route")
@@ -444,17 +474,15 @@ class TcpConn:
             self.sniff_timer.cancel()
             self.sniff_timer = None
         if self.flows is not None:
+            # The flows own every registration of both sockets while relaying.
             for f in self.flows:
                 f.stop()
-        cfd = self.client.fileno()
-        if cfd >= 0:
-            loop.remove_reader(cfd)
-            loop.remove_writer(cfd)
+        else:
+            if self.armed:
+                loop.remove_reader(self.client.fileno())
+            if self.up is not None:
+                loop.remove_writer(self.up.fileno())
         if self.up is not None:
-            ufd = self.up.fileno()
-            if ufd >= 0:
-                loop.remove_reader(ufd)
-                loop.remove_writer(ufd)
             self.up.close()
         self.client.close()
         if was == RELAYING and self.server is not None:
