@@ -417,3 +417,13 @@ def test_default_dates_never_crash(text: str) -> None:
     for m in flt.process(text + " zzq 192.0.2.1", now=NOW):
         assert m.host == "192.0.2.1"
         assert m.time <= NOW
+
+
+def test_process_lines_equals_line_by_line() -> None:
+    lines = [PROSODY_FAIL, "Nov 14 21:00:01 c2s1\tinfo\tClient connected\n",
+             PROSODY_FAIL.replace("198.51.100.7", "2001:db8::5") + "\r\n"]
+    a = prosody()
+    by_line = [m for ln in lines for m in a.process(ln, now=NOW)]
+    b = prosody()
+    assert b.process_lines(lines, now=NOW) == by_line and len(by_line) == 2
+    assert b.stats == a.stats
