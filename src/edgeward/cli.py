@@ -195,16 +195,18 @@ def _print_status(st: dict[str, Any]) -> None:
     from rich.table import Table
     con = Console()
     con.print(f"edgeward {st['version']}  up {st['uptime']}s  connections {st['connections']}  "
-              f"clients {st['clients']}  open-files limit {st['nofile']['soft']}  splice {st['splice']}")
-    t = Table("service", "pool", "active", "total", "bytes in", "bytes out", title="services")
+              f"udp sessions {st.get('udp_sessions', 0)}  clients {st['clients']}  open-files limit {st['nofile']['soft']}  splice {st['splice']}")
+    t = Table("service", "pool", "active", "total", "udp sessions", "bytes in", "bytes out", title="services")
     for name, s in st["services"].items():
-        t.add_row(name, s["pool"], str(s["active"]), str(s["total"]), str(s["bytes_in"]), str(s["bytes_out"]))
+        t.add_row(name, s["pool"], str(s["active"]), str(s["total"]), str(s.get("udp_sessions", 0)),
+                  str(s["bytes_in"]), str(s["bytes_out"]))
     con.print(t)
-    t = Table("pool", "server", "state", "active", "total", "bytes in", "bytes out", title="servers")
+    t = Table("pool", "server", "state", "active", "udp sessions", "total", "bytes in", "bytes out", title="servers")
     for pname, p in st["pools"].items():
         for s in p["servers"]:
             state = "drain" if s["drain"] else ("up" if s["available"] else "DOWN")
-            t.add_row(pname, s["server"], state, str(s["active"]), str(s["total"]), str(s["bytes_in"]), str(s["bytes_out"]))
+            t.add_row(pname, s["server"], state, str(s["active"]), str(s.get("udp_sessions", 0)), str(s["total"]),
+                      str(s["bytes_in"]), str(s["bytes_out"]))
     con.print(t)
     if st.get("guard"):
         g = st["guard"]

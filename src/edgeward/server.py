@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import resource
@@ -28,6 +29,7 @@ from .config.schema import Config, ListenerSettings, PoolSettings
 from .config.units import parse_target
 from .net.pipes import HAS_SPLICE, PipePool
 from .net.tcp import TcpConn, TcpListener, make_listen_socket
+from .net.udp import UdpListener, UdpSession, make_udp_socket
 from .routing import Route, RouteTable, make_route
 from .upstream.health import HealthChecker
 from .upstream.pool import Pool, Server
@@ -137,8 +139,12 @@ class EventSink(Protocol):
 class ServiceStats:
     active: int = 0
     total: int = 0
-    bytes_in: int = 0  # client → upstream
+    bytes_in: int = 0  # client → upstream (TCP and UDP payload)
     bytes_out: int = 0  # upstream → client
+    udp_active: int = 0  # live UDP sessions
+    udp_total: int = 0
+    dgrams_in: int = 0
+    dgrams_out: int = 0
 
 
 def raise_nofile(want: int | str) -> tuple[int, int]:
@@ -169,6 +175,9 @@ class Edge:
         self.loop = loop or asyncio.get_event_loop()
         self.runtime = build_runtime(cfg)
         self.listeners: dict[ListenerKey, TcpListener] = {}
+        self.udp_listeners: dict[ListenerKey, UdpListener] = {}
+        self.udp_by_ip: dict[str, set[UdpSession]] = {}
+        self.udp_count = 0
         self.conns: set[TcpConn] = set()
         self.by_ip: dict[str, set[TcpConn]] = {}
         self.counters: dict[tuple[str, ...], int] = defaultdict(int)
@@ -196,18 +205,39 @@ class Edge:
         self.nofile = raise_nofile(self.runtime.config.edge.nofile)
         log.info("open-files limit: soft %d, hard %d", *self.nofile)
         self._open_listeners(self.runtime)
-        for lst in self.listeners.values():
-            lst.resume()
+        self._resume_all()
         self.health.start()
         self._sweeper = self.loop.create_task(self._sweep())
-        log.info("edgeward started: %d listeners, splice=%s", len(self.listeners), self.splice)
+        log.info("edgeward started: %d TCP and %d UDP listeners, splice=%s", len(self.listeners),
+                 len(self.udp_listeners), self.splice)
+
+    def _resume_all(self) -> None:
+        for lst in self.listeners.values():
+            lst.resume()
+        for ulst in self.udp_listeners.values():
+            ulst.resume()
 
     def _open_listeners(self, rt: Runtime) -> None:
         """Bind what is new, keep what is unchanged, close what is gone. All-or-nothing on bind errors."""
         opened: dict[ListenerKey, TcpListener] = {}
+        opened_udp: dict[ListenerKey, UdpListener] = {}
         try:
             for key, lrt in rt.listeners.items():
-                _transport, host, port = key
+                transport, host, port = key
+                if transport == "udp":
+                    ucur = self.udp_listeners.get(key)
+                    if ucur is None:
+                        opened_udp[key] = UdpListener(self, host, port, lrt,
+                                                      make_udp_socket(host, port, lrt.settings.reuseport))
+                    elif ucur.rt.settings.reuseport != lrt.settings.reuseport:
+                        # A new SO_REUSEPORT setting needs a new socket on the same port; sessions stay.
+                        try:
+                            ucur.rebind(functools.partial(make_udp_socket, host, port, lrt.settings.reuseport))
+                        except OSError:
+                            ucur.close()
+                            del self.udp_listeners[key]
+                            raise
+                    continue
                 cur = self.listeners.get(key)
                 if cur is not None and (cur.rt.settings.backlog, cur.rt.settings.reuseport) == (
                         lrt.settings.backlog, lrt.settings.reuseport):
@@ -224,6 +254,8 @@ class Edge:
         except OSError as e:
             for lst in opened.values():
                 lst.close()
+            for ulst in opened_udp.values():
+                ulst.close()
             raise ConfigError([]) from _bind_error(e)
         for key, lst in list(self.listeners.items()):
             if key not in rt.listeners:
@@ -232,7 +264,15 @@ class Edge:
             else:
                 lst.rt = rt.listeners[key]
                 lst.name = lst.rt.name
+        for key, ulst in list(self.udp_listeners.items()):
+            if key not in rt.listeners:
+                ulst.close()  # its sessions end: their replies could not reach the clients any more
+                del self.udp_listeners[key]
+            else:
+                ulst.rt = rt.listeners[key]  # new sessions use the new runtime; live ones keep theirs
+                ulst.name = ulst.rt.name
         self.listeners.update(opened)
+        self.udp_listeners.update(opened_udp)
 
     def reload(self) -> bool:
         """Re-read the config; on any error keep the running one. Returns True if applied."""
@@ -258,15 +298,18 @@ class Edge:
         self.loop.create_task(old_health.stop())
         self.health.start()
         if not self.draining:
-            for lst in self.listeners.values():
-                lst.resume()
+            self._resume_all()
         self.reloads += 1
         self.count("reloads", "applied")
-        log.info("reloaded %s: %d listeners", self.config_path, len(self.listeners))
+        log.info("reloaded %s: %d TCP and %d UDP listeners", self.config_path, len(self.listeners),
+                 len(self.udp_listeners))
         return True
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Stop accepting; let connections finish up to the drain timeout; then close the rest."""
+        """Stop accepting; let connections finish up to the drain timeout; then close the rest.
+
+        UDP listeners stay open while TCP connections drain, forwarding for the sessions they
+        have (`draining` refuses new ones); they close with everything else at the end."""
         self.draining = True
         for lst in self.listeners.values():
             lst.close()
@@ -285,6 +328,9 @@ class Edge:
         for lst in self.listeners.values():
             lst.close()
         self.listeners.clear()
+        for ulst in self.udp_listeners.values():
+            ulst.close("stop")
+        self.udp_listeners.clear()
         for c in list(self.conns):
             c.close("stop")
         await self.health.stop()
@@ -311,6 +357,10 @@ class Edge:
             for c in [c for c in self.conns if now - c.last > c.rt.settings.idle_timeout]:
                 self.count("closed", c.listener.name, "idle_timeout" if c.flows else "sniff_stalled")
                 c.close("idle")
+            if self.udp_count:
+                for ulst in list(self.udp_listeners.values()):
+                    if ulst.sessions:
+                        ulst.sweep(now)
 
     # ------------------------------------------------------------------ data plane hooks
     def admit(self, listener: TcpListener, sock: socket.socket, peer: tuple[str, int] | tuple[str, int, int, int]) -> None:
@@ -395,6 +445,60 @@ class Edge:
                     conn.server.bytes_in += bi
                     conn.server.bytes_out += bo
 
+    # ------------------------------------------------------------------ UDP sessions
+    def udp_refusal(self, listener: UdpListener, ip: str) -> str | None:
+        """Why a datagram from `ip` may not open a session on `listener`, or None."""
+        if self.draining:
+            return "draining"
+        if self.bans is not None and self.bans.is_banned(ip, listener.name):
+            return "banned"
+        edge = self.runtime.config.edge
+        if self.udp_count >= edge.max_udp_sessions:
+            return "udp_global_limit"
+        lmax = listener.rt.settings.max_connections
+        if lmax is not None and len(listener.sessions) >= lmax:
+            return "listener_limit"
+        per = edge.max_udp_sessions_per_client
+        if per:
+            mine = self.udp_by_ip.get(ip)
+            if mine is not None and len(mine) >= per:
+                return "udp_client_limit"
+        return None
+
+    def udp_started(self, s: UdpSession) -> None:
+        self.udp_count += 1
+        mine = self.udp_by_ip.get(s.client_ip)
+        if mine is None:
+            mine = self.udp_by_ip[s.client_ip] = set()
+        mine.add(s)
+        st = self.service_stats[s.route.service]
+        st.udp_active += 1
+        st.udp_total += 1
+        s.server.udp_sessions += 1
+        if self.report_connections and self.events is not None:
+            self.events.report(s.client_ip, "conn", s.listener.name)
+
+    def udp_ended(self, s: UdpSession) -> None:
+        self.udp_count -= 1
+        mine = self.udp_by_ip.get(s.client_ip)
+        if mine is not None:
+            mine.discard(s)
+            if not mine:
+                del self.udp_by_ip[s.client_ip]
+        st = self.service_stats[s.route.service]
+        st.udp_active -= 1
+        st.bytes_in += s.bytes_in
+        st.bytes_out += s.bytes_out
+        st.dgrams_in += s.dgrams_in
+        st.dgrams_out += s.dgrams_out
+        srv = s.server
+        srv.udp_sessions -= 1
+        srv.bytes_in += s.bytes_in
+        srv.bytes_out += s.bytes_out
+
+    def udp_sessions(self) -> list[UdpSession]:
+        return [s for lst in self.udp_listeners.values() for s in lst.sessions.values()]
+
     def report(self, conn: TcpConn, kind: str) -> None:
         """An edge-observed failure of this client (garbage, bad PROXY header, ...)."""
         self.count("protocol_errors", conn.listener.name, kind)
@@ -410,12 +514,17 @@ class Edge:
         return ip.encode()
 
     def close_client(self, ip: str, listeners: frozenset[str] | None = None) -> int:
-        """Close every connection of `ip` (on the given listeners, default all). Returns how many."""
+        """Close every connection and UDP session of `ip` (on the given listeners, default all).
+        Returns how many."""
         victims = [c for c in self.by_ip.get(ip, ()) if listeners is None or c.listener.name in listeners]
         for c in victims:
             self.count("closed", c.listener.name, "banned")
             c.close("banned")
-        return len(victims)
+        sessions = [s for s in self.udp_by_ip.get(ip, ()) if listeners is None or s.listener.name in listeners]
+        for s in sessions:
+            self.count("closed", s.listener.name, "banned")
+            s.close("banned")
+        return len(victims) + len(sessions)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, object]:
@@ -429,31 +538,50 @@ class Edge:
                 if c.server is not None:
                     a, b = live_srv.get(id(c.server), (0, 0))
                     live_srv[id(c.server)] = (a + c.flows[0].nbytes, b + c.flows[1].nbytes)
+        live_dg: dict[str, tuple[int, int]] = {}
+        for u in self.udp_sessions():
+            svc = u.route.service
+            live_in[svc] += u.bytes_in
+            live_out[svc] += u.bytes_out
+            di, do = live_dg.get(svc, (0, 0))
+            live_dg[svc] = (di + u.dgrams_in, do + u.dgrams_out)
+            a, b = live_srv.get(id(u.server), (0, 0))
+            live_srv[id(u.server)] = (a + u.bytes_in, b + u.bytes_out)
         services = {}
         for r in self.runtime.routes:
             st = self.service_stats[r.service]
+            di, do = live_dg.get(r.service, (0, 0))
             services[r.service] = {"active": st.active, "total": st.total, "bytes_in": st.bytes_in + live_in[r.service],
-                                   "bytes_out": st.bytes_out + live_out[r.service], "pool": r.pool.name}
+                                   "bytes_out": st.bytes_out + live_out[r.service], "pool": r.pool.name,
+                                   "udp_sessions": st.udp_active, "udp_sessions_total": st.udp_total,
+                                   "datagrams_in": st.dgrams_in + di, "datagrams_out": st.dgrams_out + do}
         pools = {}
         now = time.monotonic()
         for name, p in self.runtime.pools.items():
             pools[name] = {"balance": p.balance, "servers": [
                 {"server": s.name, "healthy": s.healthy, "available": s.available(now), "drain": s.drain,
-                 "weight": s.weight, "active": s.active, "total": s.total,
+                 "weight": s.weight, "active": s.active, "total": s.total, "udp_sessions": s.udp_sessions,
                  "bytes_in": s.bytes_in + live_srv.get(id(s), (0, 0))[0],
                  "bytes_out": s.bytes_out + live_srv.get(id(s), (0, 0))[1]}
                 for s in p.servers]}
         return {
             "version": _version(), "uptime": round(time.time() - self.started_at, 1),
-            "connections": len(self.conns), "clients": len(self.by_ip), "reloads": self.reloads,
+            "connections": len(self.conns), "udp_sessions": self.udp_count, "clients": self.distinct_clients(),
+            "reloads": self.reloads,
             "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]}, "splice": self.splice,
             "pipes": {"pooled": len(self.pipes.free), "in_use": self.pipes.created - len(self.pipes.free)},
-            "listeners": [{"address": f"{k[1]}:{k[2]}", "name": lst.name, "active": lst.active}
-                          for k, lst in sorted(self.listeners.items())],
+            "listeners": [{"address": f"{k[1]}:{k[2]}", "transport": k[0], "name": name, "active": active}
+                          for k, name, active in sorted([(k, t.name, t.active) for k, t in self.listeners.items()]
+                                                        + [(k, u.name, u.active) for k, u in self.udp_listeners.items()])],
             "services": services, "pools": pools,
             "counters": [{"key": list(k), "value": v} for k, v in sorted(self.counters.items())],
             **{name: fn() for name, fn in self.extra_status.items()},
         }
+
+    def distinct_clients(self) -> int:
+        """Distinct client addresses with an open connection or a live UDP session."""
+        by_ip = self.by_ip
+        return len(by_ip) + sum(1 for ip in self.udp_by_ip if ip not in by_ip)
 
     def set_drain(self, pool: str, server: str, drain: bool) -> bool:
         p = self.runtime.pools.get(pool)

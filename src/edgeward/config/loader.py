@@ -11,7 +11,7 @@ import difflib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,15 +194,13 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
                 hint = _did_you_mean(item, cfg.listeners) or "name a [listeners.X] table or write an address like \"[::]:443\""
                 yield at(("services", sname, "listen", i), f"listen {item!r}: {e}", hint)
                 continue
-            if spec.transport == "udp":
-                yield at(("services", sname, "listen", i), f"listen {item!r}: UDP services are not supported yet",
-                         "forward UDP with `edgeward nft` rules for now")
-                continue
             for port in spec.ports():
                 if (spec.transport, spec.host, port) in listener_bind_keys:
                     yield at(("services", sname, "listen", i), f"{item!r} is already bound by a [listeners] table",
                              "name that listener instead of repeating its address")
                     break
+
+        yield from _check_udp_service(cfg, sname, at)
 
         # `to`: pool name first, else an address.
         if svc.to not in cfg.pools:
@@ -238,6 +236,11 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
     for pname, pool in cfg.pools.items():
         yield from _check_pool(pname, pool, at)
 
+    for lname, lst in cfg.listeners.items():
+        if lst.trusted_proxies and any(spec.transport == "udp" for b in lst.bind for spec in _safe_binds(b)):
+            yield at(("listeners", lname, "trusted_proxies"), f"listener {lname!r} has UDP binds, which never carry PROXY headers",
+                     "keep trusted_proxies on a listener with TCP binds only")
+
     known_listeners = set(cfg.listeners) | {str(spec) for svc in cfg.services.values() for item in svc.listen
                                             if item not in cfg.listeners for spec in _safe_binds(item)}
     for jname, jail in cfg.jails.items():
@@ -254,6 +257,46 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
             if "may backtrack" in msg:
                 continue
             yield at(("jails", jname), msg, "see `edgeward check` docs in docs/config.md")
+
+
+def _check_udp_service(cfg: Config, sname: str, at: Callable[..., Problem]) -> Iterable[Problem]:
+    """A service with UDP binds: routed by source only, no PROXY header, no unix target, no address twice."""
+    svc = cfg.services[sname]
+    udp_item: str | None = None
+    seen: set[tuple[str, str, int]] = set()
+    for i, item in enumerate(svc.listen):
+        try:
+            specs = resolve_listen(cfg, item)
+        except ValueError:
+            continue
+        for spec in specs:
+            if spec.transport == "udp" and udp_item is None:
+                udp_item = item
+            keys = {(spec.transport, spec.host, port) for port in spec.ports()}
+            twice = keys & seen
+            if twice:
+                t, h, p = min(twice)
+                yield at(("services", sname, "listen", i), f"service {sname!r} listens on {t} {h}:{p} twice",
+                         "list each address once")
+            seen |= keys
+    if udp_item is None:
+        return
+    for key in ("names", "protocol", "alpn"):
+        if getattr(svc, key):
+            yield at(("services", sname, key), f"service {sname!r}: {key} cannot select UDP clients ({udp_item!r}); "
+                     "UDP is routed by source address only, never sniffed",
+                     "move the UDP addresses to a service of their own without names, protocol or alpn")
+    pool = cfg.pools.get(svc.to)
+    proxy = svc.proxy_protocol or (pool.proxy_protocol if pool is not None else "off")
+    if proxy != "off":
+        where = ("services", sname, "proxy_protocol") if svc.proxy_protocol else ("pools", svc.to, "proxy_protocol")
+        yield at(where, f"service {sname!r} listens on UDP ({udp_item!r}) but would send PROXY {proxy} headers, "
+                 "which edgeward does not send over UDP",
+                 "set proxy_protocol = \"off\" on this service, or give the UDP addresses a service of their own with it")
+    targets = [svc.to] if pool is None else [s if isinstance(s, str) else s.address for s in pool.servers]
+    if any(t.strip().startswith("unix:") for t in targets):
+        yield at(("services", sname, "to"), f"service {sname!r} listens on UDP ({udp_item!r}) but goes to a unix socket",
+                 "give UDP a host:port, or a host alone for the same port")
 
 
 def _safe_binds(item: str) -> list[BindSpec]:

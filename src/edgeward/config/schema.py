@@ -37,6 +37,10 @@ class EdgeSettings(_Strict):
     max_connections_per_client: int = Field(
         512, ge=0, description="Concurrent TCP connections one client address may hold (0 = no limit)."
     )
+    max_udp_sessions: int = Field(20000, ge=1, description="Global limit of live UDP sessions (one upstream socket each).")
+    max_udp_sessions_per_client: int = Field(
+        512, ge=0, description="Live UDP sessions one client address may hold over all UDP ports (0 = no limit)."
+    )
     drain_timeout: Duration = Field(30.0, description="On SIGTERM, how long established connections may finish.")
     nofile: int | Literal["max"] = Field(
         "max", description="Open-files soft limit to set at start (\"max\" = the hard limit)."
@@ -48,7 +52,7 @@ class EdgeSettings(_Strict):
 class ListenerSettings(_Strict):
     """A named listener: addresses shared by services, with socket and sniffing options."""
 
-    bind: list[str] = Field(..., min_length=1, description="Addresses: \"[::]:443\", \"0.0.0.0:10000-10100\".")
+    bind: list[str] = Field(..., min_length=1, description="Addresses: \"[::]:443\", \"0.0.0.0:10000-10100\", \"udp/[::]:3478\".")
     sniff_timeout: Duration = Field(5.0, description="Longest wait for the first bytes to decide a route.")
     sniff_bytes: Size = Field(16384, ge=64, le=65536, description="Most bytes looked at to decide a route.")
     server_first_wait: Duration = Field(
@@ -60,10 +64,15 @@ class ListenerSettings(_Strict):
         default_factory=list,
         description="Senders whose PROXY v1/v2 header is accepted; from anyone else a PROXY header is an error.",
     )
-    max_connections: int | None = Field(None, ge=1, description="Concurrent connections on this listener.")
+    max_connections: int | None = Field(None, ge=1, description="Concurrent connections (UDP: sessions) per port of this listener.")
     backlog: int = Field(1024, ge=1, description="Accept queue length.")
     reuseport: bool = Field(False, description="Set SO_REUSEPORT (several processes on one port).")
     idle_timeout: Duration = Field(3600.0, description="Close a relayed connection idle for this long.")
+    udp_idle_timeout: Duration = Field(
+        60.0, gt=0,
+        description="UDP binds: end a client's session (and free its upstream socket) after no datagram in "
+        "either direction for this long; checked once a second.",
+    )
 
     @field_validator("bind")
     @classmethod
@@ -130,7 +139,10 @@ class PoolSettings(_Strict):
 class ServiceSettings(_Strict):
     """Where clients arrive, which of them this service takes, and where they go."""
 
-    listen: list[str] = Field(..., min_length=1, description="Listener names or addresses.")
+    listen: list[str] = Field(
+        ..., min_length=1,
+        description="Listener names or addresses; \"udp/[::]:3478\" forwards UDP by session (routed by source only).",
+    )
     names: list[str] = Field(
         default_factory=list,
         description="Names matched against SNI, HTTP Host or XMPP to=: exact or \"*.example.org\".",

@@ -28,6 +28,7 @@ class Server:
     failures: int = 0
     active: int = 0
     total: int = 0
+    udp_sessions: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     # smooth weighted round-robin state
@@ -73,7 +74,7 @@ class Pool:
         if self.balance == "source-hash":
             return max(cands, key=lambda s: _hrw_score(client, s))
         if self.balance == "least-connections":
-            return min(cands, key=lambda s: (s.active + 1) / s.weight)
+            return min(cands, key=lambda s: (s.active + s.udp_sessions + 1) / s.weight)
         total = 0
         best = cands[0]
         for s in cands:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
-from bench.cases import _flatten, _last_json_line, jail_lines_args
+from bench.cases import Context, _flatten, _last_json_line, jail_lines_args
 from bench.cli import cpu_plan, parse_args
 from bench.hello import client_hello, own_client_hello
+from bench.procs import ProcessGroup
 
 
 def test_own_client_hello_is_one_well_formed_record() -> None:
@@ -60,10 +62,30 @@ def test_parse_args_rounds() -> None:
 
 
 def test_cpu_plan() -> None:
-    client, rest, text = cpu_plan("off")
-    assert client is None and rest is None and "off" in text
-    client, rest, _ = cpu_plan("auto")
+    client, rest, cases, text = cpu_plan("off")
+    assert client is None and rest is None and not cases and "off" in text
+    client, rest, cases, _ = cpu_plan("auto")
     if len(os.sched_getaffinity(0)) >= 2:
         assert client and rest and not (client & rest)
+        assert cases == {"conn_rate", "idle_memory"}
+        assert cpu_plan("all")[2] >= {"tcp_bulk", "conn_rate", "idle_memory"}
     else:
-        assert client is None
+        assert client is None and not cases
+
+
+def test_context_cpus_only_for_pinned_cases(tmp_path: Path) -> None:
+    ctx = Context(
+        group=ProcessGroup(tmp_path),
+        contestants=[],
+        ports={},
+        workdir=tmp_path,
+        rounds=1,
+        quick=True,
+        client_cpus={1},
+        upstream_cpus={0},
+        proxy_cpus={0},
+        pinned_cases=frozenset({"conn_rate"}),
+    )
+    assert ctx.cpus("client", "conn_rate") == {1}
+    assert ctx.cpus("proxy", "conn_rate") == {0}
+    assert ctx.cpus("client", "tcp_bulk") is None

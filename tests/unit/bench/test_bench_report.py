@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 from bench import cli
-from bench.report import cell, chart, goal_lines, jail_table, markdown, summarize_results
+from bench.report import (
+    absolute_chart,
+    cell,
+    chart,
+    goal_lines,
+    jail_table,
+    markdown,
+    summarize_results,
+)
 
 
 def _doc() -> dict[str, Any]:
@@ -101,6 +109,15 @@ def test_jail_table() -> None:
     rows = jail_table(s)
     assert rows[-1] == "| sshd | 60,000 | 20,000 | 3.00 |"
     assert jail_table({}) == []
+    one = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+    with_cpu = {
+        **s,
+        "sshd.edgeward.lines_per_cpu_s": {**one, "median": 90000.0},
+        "sshd.fail2ban_regex.lines_per_cpu_s": {**one, "median": 30000.0},
+    }
+    rows = jail_table(with_cpu)
+    assert rows[2].count("|") == rows[3].count("|") == rows[4].count("|") == 8
+    assert rows[-1].endswith("| 90,000 | 30,000 | 3.00 |")
     assert "| sshd | 60,000 | 20,000 | 3.00 |" in markdown(summarize_results(_doc()))
 
 
@@ -123,7 +140,9 @@ def test_goals_are_checked_against_medians() -> None:
     doc = summarize_results(_doc())
     lines = goal_lines(doc)
     # edgeward/direct for 1 stream is 17/21 = 0.81 < 0.85; other goals have no data here.
-    assert lines == ["- TCP bulk 1 stream >= 0.85 of direct: 0.81 — NOT met"]
+    assert lines == [
+        "- TCP bulk 1 stream >= 0.85 of direct: 0.81 — NOT met (same rig: haproxy 0.48 of direct)"
+    ]
     assert "Goals (issue 2)" in markdown(doc)
 
 
@@ -137,4 +156,12 @@ def test_report_rerenders_from_a_results_file(tmp_path: Path) -> None:
     assert cli.main(["--report", str(src), "--out", str(out)]) == 0
     assert "| TCP bulk, 1 stream" in (out / "latest.md").read_text()
     assert (out / "latest-ratios.png").exists()
+    assert (out / "latest-absolute.png").exists()
     assert not list(out.glob("*.json"))
+
+
+def test_absolute_chart_is_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = absolute_chart(summarize_results(_doc()), tmp_path / "absolute.png")
+    assert out is not None
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

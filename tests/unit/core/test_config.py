@@ -141,9 +141,65 @@ def test_toml_syntax_error_is_located() -> None:
     assert p.startswith("edge.toml:1:") and "TOML syntax" in p
 
 
-def test_udp_is_refused_clearly_for_now() -> None:
-    ps = problems(GOOD.replace('"127.0.0.1:5222"', '"udp/127.0.0.1:3478"'))
-    assert any("UDP" in p for p in ps)
+UDP = """
+[edge]
+admin = "unix:/tmp/x/admin.sock"
+
+[listeners.relay]
+bind = ["udp/0.0.0.0:49152-49161"]
+udp_idle_timeout = "30s"
+
+[pools.bridges]
+servers = ["10.0.0.11", "10.0.0.12"]
+balance = "source-hash"
+
+[services.turn]
+listen = ["[::]:3478", "udp/[::]:3478", "relay"]   # TCP and UDP on one port is fine
+to = "10.0.0.2"
+
+[services.media]
+listen = ["udp/0.0.0.0:10000"]
+to = "bridges"
+"""
+
+
+def test_udp_services_build_a_runtime() -> None:
+    rt = build_runtime(loads(UDP, "udp.toml"))
+    assert ("udp", "::", 3478) in rt.listeners and ("tcp", "::", 3478) in rt.listeners
+    relay = rt.listeners[("udp", "0.0.0.0", 49152)]
+    assert relay.name == "relay" and relay.settings.udp_idle_timeout == 30
+    assert rt.listeners[("udp", "0.0.0.0", 10000)].settings.udp_idle_timeout == 60
+    assert len([k for k in rt.listeners if k[0] == "udp"]) == 12
+
+
+def test_udp_cannot_be_routed_by_name_protocol_or_alpn() -> None:
+    for extra in ('names = ["turn.example.org"]', 'protocol = "tls"', 'alpn = ["stun.turn"]'):
+        ps = problems(UDP.replace('to = "bridges"', f'to = "bridges"\n{extra}'))
+        assert len(ps) == 1 and "routed by source address only" in ps[0], ps
+        assert "udp/0.0.0.0:10000" in ps[0]
+    loads(UDP.replace('to = "bridges"', 'to = "bridges"\nsource = ["192.0.2.0/24"]'))  # source is fine
+
+
+def test_udp_sends_no_proxy_headers_nor_goes_to_unix_sockets() -> None:
+    (p,) = problems(UDP.replace('balance = "source-hash"', 'balance = "source-hash"\nproxy_protocol = "v2"'))
+    assert "does not send over UDP" in p
+    loads(UDP.replace('balance = "source-hash"', 'balance = "source-hash"\nproxy_protocol = "v2"')
+          .replace('to = "bridges"', 'to = "bridges"\nproxy_protocol = "off"'))
+    (p,) = problems(UDP.replace('to = "10.0.0.2"', 'to = "unix:/run/turn.sock"'))
+    assert "unix socket" in p
+
+
+def test_udp_bind_given_twice_is_an_error() -> None:
+    ps = problems(UDP.replace('bind = ["udp/0.0.0.0:49152-49161"]', 'bind = ["udp/0.0.0.0:49152-49161", "udp/0.0.0.0:49160"]'))
+    assert any("udp port 0.0.0.0:49160 is given twice" in p for p in ps), ps
+    ps = problems(UDP.replace('listen = ["udp/0.0.0.0:10000"]', 'listen = ["udp/0.0.0.0:10000", "udp/0.0.0.0:9990-10005"]'))
+    assert any("listens on udp 0.0.0.0:10000 twice" in p for p in ps), ps
+    ps = problems(UDP.replace('listen = ["udp/0.0.0.0:10000"]', 'listen = ["udp/0.0.0.0:49155"]'))
+    assert any("already bound by a [listeners] table" in p for p in ps), ps
+    ps = problems(UDP + '[services.again]\nlisten = ["udp/0.0.0.0:10000"]\nto = "10.0.0.3"\n')
+    assert any("both take" in p for p in ps), ps
+    ps = problems(UDP.replace('udp_idle_timeout = "30s"', 'udp_idle_timeout = "30s"\ntrusted_proxies = ["10.0.0.0/8"]'))
+    assert any("never carry PROXY headers" in p for p in ps), ps
 
 
 def test_json_schema_describes_every_section() -> None:
