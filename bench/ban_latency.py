@@ -67,6 +67,7 @@ def echo_server() -> tuple[socket.socket, int]:
             except OSError:
                 return
             threading.Thread(target=serve, args=(c,), daemon=True).start()
+
     threading.Thread(target=loop, daemon=True).start()
     return srv, int(srv.getsockname()[1])
 
@@ -84,7 +85,9 @@ def served(src: str, port: int) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=200, help="addresses banned (default 200)")
     ap.add_argument("--maxretry", type=int, default=3)
     args = ap.parse_args()
@@ -108,8 +111,11 @@ maxretry = {args.maxretry}
 findtime = "5m"
 bantime = -1
 """)
-    edge = subprocess.Popen([sys.executable, "-m", "edgeward.cli", "run", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    edge = subprocess.Popen(
+        [sys.executable, "-m", "edgeward.cli", "run", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latencies: list[float] = []
     missed = 0
     try:
@@ -144,13 +150,25 @@ bantime = -1
     latencies.sort()
 
     def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] if latencies else float("nan")
-    result = {"case": "ban_latency", "rounds": args.rounds, "missed": missed,
-              "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
-              "p90_ms": round(pct(90), 2), "p99_ms": round(pct(99), 2),
-              "max_ms": round(latencies[-1], 2) if latencies else None}
-    print(f"ban latency over {len(latencies)} bans: p50 {result['p50_ms']} ms, p90 {result['p90_ms']} ms, "
-          f"p99 {result['p99_ms']} ms, max {result['max_ms']} ms, missed {missed}")
+        return (
+            latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
+            if latencies
+            else float("nan")
+        )
+
+    result = {
+        "case": "ban_latency",
+        "rounds": args.rounds,
+        "missed": missed,
+        "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
+        "p90_ms": round(pct(90), 2),
+        "p99_ms": round(pct(99), 2),
+        "max_ms": round(latencies[-1], 2) if latencies else None,
+    }
+    print(
+        f"ban latency over {len(latencies)} bans: p50 {result['p50_ms']} ms, p90 {result['p90_ms']} ms, "
+        f"p99 {result['p99_ms']} ms, max {result['max_ms']} ms, missed {missed}"
+    )
     print(json.dumps(result))
 
 

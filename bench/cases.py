@@ -58,11 +58,33 @@ class Context:
     client_cpus: set[int] | None = None
     upstream_cpus: set[int] | None = None
     proxy_cpus: set[int] | None = None
+    # Cases that use the CPU sets above; the others let the scheduler place everything.
+    pinned_cases: frozenset[str] = frozenset()
     idle_connections: int = 9000
     # C helpers from bench/tools/ (see bench/ctools.py); empty: the Python ones.
     tools: dict[str, Path] = field(default_factory=dict)
     log: Callable[[str], None] = print
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def cpus(self, role: str, case: str) -> set[int] | None:
+        """CPU set for "client", "upstream" or "proxy" processes in this case."""
+        if case not in self.pinned_cases:
+            return None
+        return {
+            "client": self.client_cpus,
+            "upstream": self.upstream_cpus,
+            "proxy": self.proxy_cpus,
+        }[role]
+
+    def place_proxies(self, case: str) -> None:
+        """Pin the running proxies for this case, or free them on every CPU."""
+        cpus = self.cpus("proxy", case) or os.sched_getaffinity(0)
+        for c in self.contestants:
+            for pid in c.pids():
+                try:
+                    os.sched_setaffinity(pid, cpus)
+                except OSError:
+                    pass  # a worker that just exited
 
     def record(
         self,
@@ -79,6 +101,8 @@ class Context:
             "metrics": metrics,
             "raw": raw,
             "at": time.time(),
+            # Other work on the machine during this run shows here (explains outliers).
+            "loadavg": os.getloadavg(),
         }
         if error:
             run["error"] = error
@@ -119,8 +143,9 @@ def tcp_bulk(ctx: Context) -> None:
     server = ctx.group.start(
         "iperf3-server",
         ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(ctx.ports["iperf"])],
-        cpus=ctx.upstream_cpus,
+        cpus=ctx.cpus("upstream", "tcp_bulk"),
     )
+    ctx.place_proxies("tcp_bulk")
     try:
         wait_port(ctx.ports["iperf"], proc=server)
         for rnd in range(ctx.rounds):
@@ -150,7 +175,7 @@ def _one_iperf(ctx: Context, c: Contestant, rnd: int, streams: int, seconds: int
     for attempt in range(2):
         cpu0 = cpu_seconds(pids)
         try:
-            out = _run_pinned(argv, ctx.client_cpus, timeout=seconds + 20)
+            out = _run_pinned(argv, ctx.cpus("client", "tcp_bulk"), timeout=seconds + 20)
             result = parse_iperf_json(out.stdout)
         except (IperfError, subprocess.TimeoutExpired) as e:
             # "the server is busy" right after the previous test: one retry.
@@ -195,12 +220,12 @@ def _run_pinned(
 # --- upstream echo server (conn_rate, idle_memory) ----------------------------------
 
 
-def start_echo(ctx: Context) -> Any:
+def start_echo(ctx: Context, case: str) -> Any:
     if "tcpecho" in ctx.tools:
         argv = [str(ctx.tools["tcpecho"]), str(ctx.ports["echo"])]
     else:
         argv = [python(), "-m", "bench.echo", "--port", str(ctx.ports["echo"])]
-    echo = ctx.group.start("echo", argv, cpus=ctx.upstream_cpus, env=bench_env())
+    echo = ctx.group.start("echo", argv, cpus=ctx.cpus("upstream", case), env=bench_env())
     wait_port(ctx.ports["echo"], proc=echo)
     return echo
 
@@ -210,7 +235,8 @@ def start_echo(ctx: Context) -> Any:
 
 def conn_rate(ctx: Context) -> None:
     seconds = 2 if ctx.quick else 5
-    echo = start_echo(ctx)
+    echo = start_echo(ctx, "conn_rate")
+    ctx.place_proxies("conn_rate")
     try:
         for rnd in range(ctx.rounds):
             for c in ctx.contestants:
@@ -255,7 +281,9 @@ def _one_conn_rate(ctx: Context, c: Contestant, rnd: int, seconds: int) -> None:
     pids = c.pids()
     cpu0 = cpu_seconds(pids)
     try:
-        out = _run_pinned(argv, ctx.client_cpus, timeout=seconds + 30, env=bench_env())
+        out = _run_pinned(
+            argv, ctx.cpus("client", "conn_rate"), timeout=seconds + 30, env=bench_env()
+        )
         result = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
         ctx.record("conn_rate", c.name, rnd, {}, {"argv": argv}, error=f"client: {e}")
@@ -277,7 +305,7 @@ def _one_conn_rate(ctx: Context, c: Contestant, rnd: int, seconds: int) -> None:
 
 
 def idle_memory(ctx: Context) -> None:
-    echo = start_echo(ctx)
+    echo = start_echo(ctx, "idle_memory")
     try:
         for rnd in range(ctx.rounds):
             for c in ctx.contestants:
@@ -296,7 +324,7 @@ def _hold(ctx: Context, port: int, count: int) -> tuple[Proc, dict[str, Any]]:
     holder = ctx.group.start(
         "idlehold",
         argv,
-        cpus=ctx.client_cpus,
+        cpus=ctx.cpus("client", "idle_memory"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=bench_env(),
@@ -349,7 +377,7 @@ def _one_idle(ctx: Context, c: Contestant, rnd: int) -> None:
     # A fresh proxy per measurement: its "at start" memory is really at start and
     # nothing left over from the other cases (pools, caches) hides per-connection cost.
     c.stop(ctx.group)
-    c.start(ctx.group, ctx.ports, ctx.workdir, ctx.proxy_cpus)
+    c.start(ctx.group, ctx.ports, ctx.workdir, ctx.cpus("proxy", "idle_memory"))
     pids = c.pids()
     time.sleep(0.5)
     start = memory_kb(pids)
@@ -383,30 +411,36 @@ def _one_idle(ctx: Context, c: Contestant, rnd: int) -> None:
     ctx.record("idle_memory", c.name, rnd, metrics, raw, error=error)
 
 
-# --- jail_lines (bench/jail_lines.py, written separately) -----------------------------
+# --- script cases: bench/jail_lines.py, bench/ban_latency.py (written separately) ------
 
 
-def jail_lines_available() -> bool:
-    return (BENCH_DIR / "jail_lines.py").exists()
+def script_available(name: str) -> bool:
+    return (BENCH_DIR / f"{name}.py").exists()
 
 
-def jail_lines(ctx: Context) -> None:
-    """Run bench/jail_lines.py once per round; it compares edgeward's jail with
-    fail2ban-regex itself and prints one JSON line at the end."""
-    script = BENCH_DIR / "jail_lines.py"
-    argv = [python(), str(script), *jail_lines_args(script.read_text(errors="replace"), ctx.quick)]
+def run_script_case(ctx: Context, name: str, script: Path | None = None) -> None:
+    """Run bench/<name>.py once per round. Such a script measures edgeward against
+    its own reference (fail2ban-regex, ...) and prints one JSON line at the end;
+    every number in it becomes a metric (nested keys joined with dots)."""
+    script = script or BENCH_DIR / f"{name}.py"
+    options = (
+        SCRIPT_ARGS[name](script.read_text(errors="replace"), ctx.quick)
+        if (name in SCRIPT_ARGS)
+        else []
+    )
+    argv = [python(), str(script), *options]
     for rnd in range(ctx.rounds):
         try:
             out = _run_pinned(argv, None, timeout=300 if ctx.quick else 900, env=bench_env())
         except subprocess.TimeoutExpired as e:
-            ctx.record("jail_lines", "jail_lines", rnd, {}, {"argv": argv}, error=str(e))
+            ctx.record(name, name, rnd, {}, {"argv": argv}, error=str(e))
             continue
         result = _last_json_line(out.stdout)
         if result is None:
             tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
             ctx.record(
-                "jail_lines",
-                "jail_lines",
+                name,
+                name,
                 rnd,
                 {},
                 {"argv": argv},
@@ -418,7 +452,21 @@ def jail_lines(ctx: Context) -> None:
             for k, v in _flatten(result).items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
-        ctx.record("jail_lines", "jail_lines", rnd, metrics, {"argv": argv, "result": result})
+        ctx.record(name, name, rnd, metrics, {"argv": argv, "result": result})
+
+
+def jail_lines(ctx: Context) -> None:
+    run_script_case(ctx, "jail_lines")
+
+
+def ban_latency(ctx: Context) -> None:
+    run_script_case(ctx, "ban_latency")
+
+
+def ban_latency_args(source: str, quick: bool) -> list[str]:
+    """Its --rounds is how many addresses it bans (default 200); 50 give a usable
+    p50/p90 in a quick run."""
+    return ["--rounds", "50"] if quick and "--rounds" in source else []
 
 
 def jail_lines_args(source: str, quick: bool) -> list[str]:
@@ -463,9 +511,15 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
+    "jail_lines": jail_lines_args,
+    "ban_latency": ban_latency_args,
+}
+
 CASES: dict[str, Callable[[Context], None]] = {
     "tcp_bulk": tcp_bulk,
     "conn_rate": conn_rate,
     "idle_memory": idle_memory,
     "jail_lines": jail_lines,
+    "ban_latency": ban_latency,
 }

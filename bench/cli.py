@@ -20,11 +20,11 @@ from bench import ctools
 from bench.contestants import Contestant, all_contestants, port_names
 from bench.envinfo import environment
 from bench.procs import ProcessGroup, raise_nofile_limit
-from bench.report import chart, markdown, summarize_results
+from bench.report import absolute_chart, chart, markdown, summarize_results
 from bench.templating import allocate_ports
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_CASES = ("tcp_bulk", "conn_rate", "idle_memory", "jail_lines")
+DEFAULT_CASES = ("tcp_bulk", "conn_rate", "idle_memory", "jail_lines", "ban_latency")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,10 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--idle-connections", type=int, default=9000)
     ap.add_argument(
         "--pin",
-        choices=("auto", "off"),
+        choices=("auto", "all", "off"),
         default="auto",
-        help="auto: on >= 2 CPUs, clients on the last CPU, proxies and upstream "
-        "servers on the others; off: let the scheduler place everything",
+        help="auto (on >= 2 CPUs): in conn_rate and idle_memory the clients run on the last "
+        "CPU, proxies and upstream servers on the others; tcp_bulk unpinned. all: pin every "
+        "case. off: the scheduler places everything",
     )
     ap.add_argument(
         "--tools",
@@ -88,25 +89,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cpu_plan(pin: str) -> tuple[set[int] | None, set[int] | None, str]:
-    """(client CPUs, proxy+upstream CPUs, description).
+# Cases pinned by `--pin auto`. tcp_bulk is not: pinning the two iperf3 ends to
+# different CPUs halves the direct single-stream rate on small VMs, which would
+# flatter every proxy's ratio to direct; in the short-connection and idle cases
+# the client must get the same CPU for every contestant.
+AUTO_PINNED = frozenset({"conn_rate", "idle_memory"})
 
-    Pinning the load generator to its own CPU keeps it from fighting the proxy
-    for the same core differently from one contestant to the next; it is the
-    same CPU for every contestant.
-    """
+
+def cpu_plan(pin: str) -> tuple[set[int] | None, set[int] | None, frozenset[str], str]:
+    """(client CPUs, proxy+upstream CPUs, pinned cases, description)."""
     cpus = sorted(os.sched_getaffinity(0))
     if pin == "off" or len(cpus) < 2:
-        return None, None, "off (scheduler places every process)"
+        return None, None, frozenset(), "off (the scheduler places every process)"
     client = {cpus[-1]}
     rest = set(cpus[:-1])
+    cases = AUTO_PINNED if pin == "auto" else frozenset(case_mod.CASES)
     return (
         client,
         rest,
+        cases,
         (
-            f"load generators (iperf3 client, short-connection and idle clients) "
-            f"on CPU {cpus[-1]}; proxies and upstream servers on CPU(s) "
-            f"{','.join(map(str, sorted(rest)))}"
+            f"in {', '.join(sorted(cases))}: clients on CPU {cpus[-1]}, proxies and upstream "
+            f"servers on CPU(s) {','.join(map(str, sorted(rest)))}; other cases unpinned"
         ),
     )
 
@@ -131,10 +135,10 @@ def select_contestants(names: list[str], log: Any) -> tuple[list[Contestant], li
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report is not None:
-        doc = json.loads(args.report.read_text())
-        summarize_results(doc)
-        started = datetime.strptime(doc["meta"]["started"], "%Y-%m-%d %H:%M:%SZ")
-        write_outputs(doc, args.out, started.replace(tzinfo=UTC), print, write_json=False)
+        old: dict[str, Any] = json.loads(args.report.read_text())
+        summarize_results(old)
+        when = datetime.strptime(old["meta"]["started"], "%Y-%m-%d %H:%M:%SZ")
+        write_outputs(old, args.out, when.replace(tzinfo=UTC), print, write_json=False)
         return 0
 
     def log(msg: str) -> None:
@@ -152,18 +156,49 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     t0 = time.monotonic()
     contestants, notes = select_contestants(args.contestant_list, log)
-    if "jail_lines" in args.case_list and not case_mod.jail_lines_available():
-        args.case_list.remove("jail_lines")
-        if "jail_lines" in args.cases.split(","):
-            notes.append("jail_lines skipped: bench/jail_lines.py does not exist yet")
+    for script in case_mod.SCRIPT_ARGS:
+        # Written separately; a case whose script is not there yet is skipped, not failed.
+        if script in args.case_list and not case_mod.script_available(script):
+            args.case_list.remove(script)
+            notes.append(f"{script} skipped: bench/{script}.py does not exist yet")
     if "tcp_bulk" in args.case_list and shutil.which("iperf3") is None:
         args.case_list.remove("tcp_bulk")
         notes.append("tcp_bulk skipped: iperf3 not installed (make peers)")
-    client_cpus, proxy_cpus, pinning = cpu_plan(args.pin)
+    load1 = os.getloadavg()[0]
+    if load1 > 0.75 * (os.cpu_count() or 1):
+        # Other work on a small shared machine moves wall-clock rates more than the
+        # proxies' own CPU accounting.
+        notes.append(
+            f"1-min load average {load1:.1f} on {os.cpu_count()} CPUs before the run (other "
+            "work, or a previous run still decaying): rates may be noisier than usual; the "
+            "CPU rows are the steadier comparison"
+        )
     needed = 2 * args.idle_connections + 200
     if "idle_memory" in args.case_list and soft < needed:
         notes.append(f"open-files limit {soft} < {needed}: idle_memory may fail")
     workdir = Path(tempfile.mkdtemp(prefix="edgeward-bench-"))
+    try:
+        return _run(args, argv, workdir, started, t0, contestants, notes, soft, log)
+    finally:
+        # Everything the run rendered, built and logged lives here; keep it only on request.
+        if args.keep_workdir:
+            log(f"workdir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    workdir: Path,
+    started: datetime,
+    t0: float,
+    contestants: list[Contestant],
+    notes: list[str],
+    soft: int,
+    log: Any,
+) -> int:
+    client_cpus, proxy_cpus, pinned_cases, pinning = cpu_plan(args.pin)
     ports = allocate_ports(port_names())
     tools: dict[str, Path] = {}
     if args.tools == "auto":
@@ -179,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": started.strftime("%Y-%m-%d %H:%M:%SZ"),
             "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "rounds": args.rounds,
+            "idle_connections": args.idle_connections,
             "quick": args.quick,
             "contestants": [c.name for c in contestants],
             "ports": ports,
@@ -201,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         client_cpus=client_cpus,
         upstream_cpus=proxy_cpus,
         proxy_cpus=proxy_cpus,
+        pinned_cases=pinned_cases,
         idle_connections=args.idle_connections,
         log=log,
         tools=tools,
@@ -210,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         with ctx.group:
             for c in list(contestants):
                 try:
-                    c.start(ctx.group, ports, workdir, proxy_cpus)
+                    # Placed per case by ctx.place_proxies().
+                    c.start(ctx.group, ports, workdir)
                 except (RuntimeError, TimeoutError, OSError) as e:
                     # One peer that cannot start must not cost the others their numbers.
                     contestants.remove(c)
@@ -237,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.case_list:
             if name in ctx.runs and name not in doc["cases"]:
                 doc["cases"][name] = {"runs": ctx.runs[name], "seconds": None}
-    finally:
-        if args.keep_workdir:
-            log(f"workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    doc["meta"]["contestants"] = [c.name for c in contestants]
     doc["meta"]["seconds"] = time.monotonic() - t0
     summarize_results(doc)
     write_outputs(doc, args.out, started, log)
@@ -254,20 +288,32 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     json_path = out / f"{stamp}.json"
+    try:
+        shown = json_path.resolve().relative_to(case_mod.REPO_DIR)
+    except ValueError:
+        shown = json_path
+    doc["meta"].setdefault("results_file", str(shown))
     if write_json:
         # Written whole then renamed: an interrupted write never leaves a torn file.
         tmp = json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         tmp.replace(json_path)
+    png = chart(doc, out / f"{stamp}-ratios.png")
+    if png is None:
+        doc["meta"].setdefault("notes", []).append(
+            "no chart: matplotlib missing (pip install -e '.[bench]') or no edgeward ratios"
+        )
     md = markdown(doc)
     (out / "latest.md").write_text(md)
-    png = chart(doc, out / f"{stamp}-ratios.png")
     if png is not None:
         shutil.copyfile(png, out / "latest-ratios.png")
+    absolute = absolute_chart(doc, out / f"{stamp}-absolute.png")
+    if absolute is not None:
+        shutil.copyfile(absolute, out / "latest-absolute.png")
     log("")
     log(md)
     log(
         ("wrote " + (f"{json_path}, " if write_json else "") + f"{out / 'latest.md'}")
-        + (f", {png}" if png else " (no chart: no edgeward ratios or no matplotlib)")
+        + "".join(f", {p}" for p in (png, absolute) if p is not None)
     )
     log(f"total {doc['meta']['seconds']:.0f}s")

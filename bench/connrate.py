@@ -3,8 +3,9 @@
 `python -m bench.connrate --port P --concurrency 50 --duration 5` runs
 `concurrency` loops, each doing one connection after another, for at most
 `duration` seconds and `max_connections` connections, then prints one JSON line.
-Protocol-based on uvloop so one core of client can push a C proxy hard; the
-harness pins it to the same CPU for every contestant.
+The fallback for bench/tools/connrate.c (same output keys) where no C compiler
+exists; Protocol-based on uvloop to keep its own cost low. The harness pins it
+to the same CPU for every contestant.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import sys
 import time
 from functools import partial
 
-from bench.hello import client_hello
+import uvloop  # an edgeward dependency: always in the venv
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None
+from bench.hello import client_hello
 
 
 class OneShot(asyncio.Protocol):
@@ -114,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-connections", type=int, default=500_000)
     ap.add_argument("--sni", default="bench.example.org")
     args = ap.parse_args(argv)
-    if uvloop is not None:
-        uvloop.install()
+    uvloop.install()
     # Resolve once: a name lookup per connection would measure the resolver.
     host = socket.gethostbyname(args.host)
     result = asyncio.run(

@@ -1,8 +1,9 @@
 """TCP echo server: the upstream of the short-connection and idle cases.
 
 Run as its own process (`python -m bench.echo --port P`) so its CPU and
-descriptors are apart from the proxy's and the client's. Protocol-based on
-uvloop: it must not be the bottleneck in front of a C proxy.
+descriptors are apart from the proxy's and the client's. The fallback for
+bench/tools/tcpecho.c where no C compiler exists; Protocol-based on uvloop to
+keep its own cost low.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import signal
 import socket
 import sys
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is an edgeward dependency
-    uvloop = None
+import uvloop  # an edgeward dependency: always in the venv
 
 
 class Echo(asyncio.Protocol):
@@ -58,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, action="append", required=True)
     ap.add_argument("--backlog", type=int, default=4096)
     args = ap.parse_args(argv)
-    if uvloop is not None:
-        uvloop.install()
+    uvloop.install()
     asyncio.run(serve(args.host, args.port, args.backlog))
     sys.exit(0)
 

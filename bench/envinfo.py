@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import resource
@@ -53,10 +54,8 @@ def _sysctl(name: str) -> str | None:
 
 def environment(contestants: list[Contestant]) -> dict[str, Any]:
     try:
-        import uvloop
-
-        uvloop_version = uvloop.__version__
-    except ImportError:
+        uvloop_version: str | None = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
         uvloop_version = None
     return {
         "cpu_model": _cpu_model(),

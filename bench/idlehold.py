@@ -17,12 +17,9 @@ import sys
 import time
 from functools import partial
 
-from bench.hello import client_hello
+import uvloop  # an edgeward dependency: always in the venv
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None
+from bench.hello import client_hello
 
 
 class Held(asyncio.Protocol):
@@ -95,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, default=200)
     ap.add_argument("--timeout", type=float, default=10.0)
     args = ap.parse_args(argv)
-    if uvloop is not None:
-        uvloop.install()
+    uvloop.install()
     host = socket.gethostbyname(args.host)
     asyncio.run(hold(host, args.port, args.count, args.concurrency, args.timeout))
 

@@ -140,8 +140,13 @@ def run_edgeward_batched(flt_path: Path, log: Path, batch: int = 1024) -> dict[s
             if not lines:
                 break
             matches += len(flt.process_lines(lines, now=NOW))
-    return _rates(flt.stats["lines"], matches, time.perf_counter() - t0,
-                  time.process_time() - c0, mode="process_lines")
+    return _rates(
+        flt.stats["lines"],
+        matches,
+        time.perf_counter() - t0,
+        time.process_time() - c0,
+        mode="process_lines",
+    )
 
 
 def run_edgeward_chunked(flt_path: Path, log: Path, block: int = 1 << 16) -> dict[str, Any]:

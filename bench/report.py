@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cases import METRICS
+from bench.cases import METRICS, SCRIPT_ARGS
 from bench.stats import Summary, ratio, ratios_of, summarize_runs
 
 CONTESTANTS = ("direct", "haproxy", "nginx", "edgeward")
 PEERS = ("direct", "haproxy", "nginx")
+# Cases run by a separate script: their own tables, no contestant columns.
+SCRIPT_CASES = frozenset(SCRIPT_ARGS)
 # En dash for ranges in the table (an escape, so the source stays ASCII-unambiguous).
 DASH = "\u2013"
 
@@ -58,7 +60,20 @@ def goal_lines(doc: Mapping[str, Any]) -> list[str]:
         value, ok = goal.check(case)
         if value is None:
             continue
-        out.append(f"- {goal.text}: {value:.2f} — {'met' if ok else 'NOT met'}")
+        line = f"- {goal.text}: {value:.2f} — {'met' if ok else 'NOT met'}"
+        if goal.versus == "direct":
+            # How far the C proxies get on the same rig tells what the machine allows.
+            summary = case.get("summary", {})
+            base = summary.get("direct", {}).get(goal.metric)
+            peers = []
+            for peer in ("haproxy", "nginx"):
+                s = summary.get(peer, {}).get(goal.metric)
+                r = ratio(s["median"] if s else None, base["median"] if base else None)
+                if r is not None:
+                    peers.append(f"{peer} {r:.2f}")
+            if peers:
+                line += f" (same rig: {', '.join(peers)} of direct)"
+        out.append(line)
     return out
 
 
@@ -129,11 +144,13 @@ def markdown(doc: Mapping[str, Any]) -> str:
     ]
     if meta.get("pinning"):
         lines += [f"CPU pinning: {meta['pinning']}.", ""]
+    if meta.get("results_file"):
+        lines += [f"Raw runs and environment: `{meta['results_file']}`.", ""]
     if meta.get("load_tools"):
         lines += [f"Echo upstream and short-connection client: {meta['load_tools']}.", ""]
     header = ["Metric", *CONTESTANTS, *(f"edgeward / {p}" for p in PEERS)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    contestant_cases = [(n, c) for n, c in doc["cases"].items() if n != "jail_lines"]
+    rows: list[str] = []
+    contestant_cases = [(n, c) for n, c in doc["cases"].items() if n not in SCRIPT_CASES]
     for _, case in contestant_cases:
         summary = case.get("summary", {})
         names = {m for per in summary.values() for m in per}
@@ -142,10 +159,23 @@ def markdown(doc: Mapping[str, Any]) -> str:
             row += [cell(summary.get(c, {}).get(metric)) for c in CONTESTANTS]
             ratios = case.get("ratios", {}).get(metric, {})
             row += [ratio_cell(ratios.get(f"edgeward/{p}")) for p in PEERS]
-            lines.append("| " + " | ".join(row) + " |")
+            rows.append("| " + " | ".join(row) + " |")
+    if rows:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]
+        lines += [
+            "",
+            "`direct`: the client straight to the upstream, same CPU placement, no proxy. "
+            "CPU rows are the proxy's own CPU time (utime+stime), the least noisy comparison "
+            "on a shared machine; memory rows are for "
+            f"{meta.get('idle_connections', 9000):,} idle relayed connections.",
+        ]
     jail = doc["cases"].get("jail_lines")
     if jail and jail.get("summary"):
         lines += ["", *jail_table(jail["summary"].get("jail_lines", {}))]
+    for name in SCRIPT_CASES - {"jail_lines"}:
+        case = doc["cases"].get(name)
+        if case and case.get("summary"):
+            lines += ["", *script_table(name, case["summary"].get(name, {}))]
     goals = goal_lines(doc)
     if goals:
         lines += ["", "Goals (issue 2), from the medians above:", "", *goals]
@@ -173,18 +203,37 @@ def jail_table(summary: Mapping[str, Mapping[str, float]]) -> list[str]:
     )
     if not logs:
         return []
+    cpu = any(k.endswith(".edgeward.lines_per_cpu_s") for k in summary)
+    header = (
+        "| Log | edgeward [lines/s] ↑ | fail2ban-regex [lines/s] ↑ | edgeward / fail2ban-regex |"
+    )
+    if cpu:
+        # Per CPU second is the less noisy view on a shared machine, when the script has it.
+        header += " edgeward [lines/CPU s] ↑ | fail2ban-regex [lines/CPU s] ↑ | ratio per CPU s |"
     out = [
         "Jail filter speed (bench/jail_lines.py: edgeward's filter vs fail2ban-regex, "
         "same filter file and log):",
         "",
-        "| Log | edgeward [lines/s] ↑ | fail2ban-regex [lines/s] ↑ | edgeward / fail2ban-regex |",
-        "|---|---|---|---|",
+        header,
+        "|" + "---|" * header.count(" | ") + "---|",
     ]
     for log in logs:
-        mine = summary.get(f"{log}.edgeward.lines_per_s")
-        theirs = summary.get(f"{log}.fail2ban_regex.lines_per_s")
-        r = ratio(mine["median"] if mine else None, theirs["median"] if theirs else None)
-        out.append(f"| {log} | {cell(mine)} | {cell(theirs)} | {ratio_cell(r)} |")
+        row = [log]
+        for unit in ("lines_per_s", "lines_per_cpu_s") if cpu else ("lines_per_s",):
+            mine = summary.get(f"{log}.edgeward.{unit}")
+            theirs = summary.get(f"{log}.fail2ban_regex.{unit}")
+            r = ratio(mine["median"] if mine else None, theirs["median"] if theirs else None)
+            row += [cell(mine), cell(theirs), ratio_cell(r)]
+        out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def script_table(name: str, summary: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Every number a bench/<name>.py script reported, median (min-max) over rounds."""
+    if not summary:
+        return []
+    out = [f"{name} (bench/{name}.py):", "", f"| Measure | median (min{DASH}max) |", "|---|---|"]
+    out += [f"| {metric} | {cell(s)} |" for metric, s in sorted(summary.items())]
     return out
 
 
@@ -209,7 +258,7 @@ def chart(doc: Mapping[str, Any], out: Path, peers: Sequence[str] = PEERS) -> Pa
         return None
     rows: list[tuple[str, list[float | None]]] = []
     for name, case in doc["cases"].items():
-        if name == "jail_lines":
+        if name in SCRIPT_CASES:
             continue
         case_ratios = case.get("ratios", {})
         for metric in ordered_metrics(set(case_ratios)):
@@ -258,5 +307,52 @@ def chart(doc: Mapping[str, Any], out: Path, peers: Sequence[str] = PEERS) -> Pa
     )
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def absolute_chart(doc: Mapping[str, Any], out: Path) -> Path | None:
+    """One small panel per metric: each contestant's median with its min-max as a
+    whisker, so a reader sees the spread behind every ratio."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels: list[tuple[str, dict[str, Mapping[str, float]]]] = []
+    for name, case in doc["cases"].items():
+        if name in SCRIPT_CASES:
+            continue
+        summary = case.get("summary", {})
+        for metric in ordered_metrics({m for per in summary.values() for m in per}):
+            per = {c: summary[c][metric] for c in CONTESTANTS if metric in summary.get(c, {})}
+            if per:
+                panels.append((metric, per))
+    if not panels:
+        return None
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    colors = {"direct": "#1f77b4", "haproxy": "#ff7f0e", "nginx": "#2ca02c", "edgeward": "#d62728"}
+    for ax, (metric, per) in zip(axes.flat, panels, strict=False):
+        names = list(per)
+        med = [float(per[c]["median"]) for c in names]
+        low = [m - float(per[c]["min"]) for m, c in zip(med, names, strict=True)]
+        high = [float(per[c]["max"]) - m for m, c in zip(med, names, strict=True)]
+        ax.bar(names, med, yerr=[low, high], capsize=3, color=[colors[c] for c in names])
+        m = METRICS.get(metric)
+        title = f"{m.label} [{m.unit}] {'↑' if m.better == 'higher' else '↓'}" if m else metric
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"Medians with min{DASH}max over {doc['meta']['rounds']} round(s) — {doc['meta']['started']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -6,7 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
-from bench.cases import Context, _flatten, _last_json_line, jail_lines_args
+from bench.cases import (
+    Context,
+    _flatten,
+    _last_json_line,
+    ban_latency_args,
+    jail_lines_args,
+    run_script_case,
+)
 from bench.cli import cpu_plan, parse_args
 from bench.hello import client_hello, own_client_hello
 from bench.procs import ProcessGroup
@@ -89,3 +96,31 @@ def test_context_cpus_only_for_pinned_cases(tmp_path: Path) -> None:
     assert ctx.cpus("client", "conn_rate") == {1}
     assert ctx.cpus("proxy", "conn_rate") == {0}
     assert ctx.cpus("client", "tcp_bulk") is None
+
+
+def test_script_case_records_every_number_and_failures(tmp_path: Path) -> None:
+    good = tmp_path / "good.py"
+    good.write_text(
+        "import json\nprint('progress 1/1')\n"
+        "print(json.dumps({'case': 'x', 'p50_ms': 1.5, 'nested': {'n': 2}, 'ok': True}))\n"
+    )
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n")
+    ctx = Context(
+        group=ProcessGroup(tmp_path),
+        contestants=[],
+        ports={},
+        workdir=tmp_path,
+        rounds=2,
+        quick=True,
+        log=lambda _msg: None,
+    )
+    run_script_case(ctx, "good", good)
+    run_script_case(ctx, "bad", bad)
+    assert [r["metrics"] for r in ctx.runs["good"]] == [{"p50_ms": 1.5, "nested.n": 2.0}] * 2
+    assert all("exit 3" in r["error"] and "boom" in r["error"] for r in ctx.runs["bad"])
+
+
+def test_ban_latency_args() -> None:
+    assert ban_latency_args("ap.add_argument('--rounds')", quick=True) == ["--rounds", "50"]
+    assert ban_latency_args("ap.add_argument('--rounds')", quick=False) == []

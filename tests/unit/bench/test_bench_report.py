@@ -15,6 +15,7 @@ from bench.report import (
     goal_lines,
     jail_table,
     markdown,
+    script_table,
     summarize_results,
 )
 
@@ -165,3 +166,11 @@ def test_absolute_chart_is_a_png(tmp_path: Path) -> None:
     out = absolute_chart(summarize_results(_doc()), tmp_path / "absolute.png")
     assert out is not None
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_script_table() -> None:
+    one = {"median": 12.5, "min": 10.0, "max": 15.0, "n": 3}
+    rows = script_table("ban_latency", {"p50_ms": one})
+    assert rows[0] == "ban_latency (bench/ban_latency.py):"
+    assert rows[-1] == "| p50_ms | 12.5 (10.0\u201315.0) |"
+    assert script_table("ban_latency", {}) == []
