@@ -151,3 +151,42 @@ to = "127.0.0.1:{echo.port}"
     finally:
         edge.stop()
         echo.close()
+
+
+def test_proxy_v2_authority_tlv_carries_the_sni_to_haproxy(tmp_path: Path) -> None:
+    from edgeward.codec.testing import build_client_hello
+    echo = ThreadServer(echo_handler())
+    hp_port, edge_port = free_port(), free_port()
+    body = f"""frontend fe
+    bind 127.0.0.1:{hp_port} accept-proxy
+    log-format "client=%ci authority=%[fc_pp_authority]"
+    default_backend be
+backend be
+    server s1 127.0.0.1:{echo.port}
+"""
+    try:
+        with haproxy(tmp_path, body, [hp_port]) as log:
+            edge = EdgeProcess(tmp_path, f"""
+[services.site]
+listen = ["127.0.0.1:{edge_port}"]
+names = ["site.example.org"]
+to = "127.0.0.1:{hp_port}"
+proxy_protocol = "v2"
+""", wait=[("127.0.0.1", edge_port)])
+            try:
+                hello = build_client_hello("site.example.org", ["h2"])
+                with socket.socket() as c:
+                    c.bind(("127.0.0.6", 0))
+                    c.settimeout(5)
+                    c.connect(("127.0.0.1", edge_port))
+                    c.sendall(hello)
+                    got = b""
+                    while len(got) < len(hello):
+                        got += c.recv(65536)
+                    assert got == hello  # the hello reaches the upstream untouched, after the header
+                text = wait_for_text(log, "authority=site.example.org")
+                assert "client=127.0.0.6 authority=site.example.org" in text, text
+            finally:
+                edge.stop()
+    finally:
+        echo.close()
