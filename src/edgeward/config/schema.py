@@ -220,6 +220,23 @@ class GuardSettings(_Strict):
     db_synchronous: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="SQLite durability: NORMAL survives kill -9, FULL also power loss."
     )
+    match_isolation: Literal["process", "thread"] = Field(
+        "process",
+        description=(
+            "Where jail filters run. \"process\": in a matcher process beside the edge, so a regex that "
+            "backtracks catastrophically cannot freeze the data plane, and each batch of lines is bounded by "
+            "match_timeout. \"thread\": on a thread of the edge (no extra process, but Python's re holds the "
+            "interpreter while matching, so a runaway regex stalls the edge, unbounded)."
+        ),
+    )
+    match_timeout: Duration = Field(
+        2.0,
+        gt=0,
+        description=(
+            "Deadline of one batch of log lines in the matcher process (match_isolation = \"process\"). Past it "
+            "the process is killed and restarted, the batch dropped and counted in the jail's filter_timeouts."
+        ),
+    )
     nft: NftSettings = Field(default_factory=lambda: NftSettings.model_validate({}), description="nftables mirror of bans.")
 
 

@@ -52,6 +52,7 @@ def guard_config(cfg: Config) -> GuardConfig:
     return GuardConfig(jails=tuple(jail_config(n, j) for n, j in cfg.jails.items()),
                        db_path=str(Path(cfg.edge.state_dir) / "guard.sqlite"), db_synchronous=g.db_synchronous,
                        filter_dirs=dirs, ignoreip=tuple(g.ignoreip),
+                       match_isolation=g.match_isolation, match_timeout=g.match_timeout,
                        nft=NftConfig(enabled=g.nft.enabled, table=g.nft.table, hook=g.nft.hook))
 
 

@@ -5,9 +5,11 @@ events), the ban store, the in-memory `BanSet` the data plane checks at admit,
 and the optional nftables mirror.
 
 The path of a failure, and why it is fast: inotify wakes the follower, the
-new lines are matched on the matcher thread (so a slow regex holds the
-thread, not the event loop), the jail counts on the loop, a ban is committed
-to SQLite on the store's thread (~0.1 ms under synchronous=NORMAL) and only
+new lines are matched in the matcher process (see matcher.py: `re` holds the
+GIL, so only another process keeps a runaway regex from freezing the event
+loop; each batch has a deadline, past which the process is killed and
+restarted and the batch dropped and counted), the jail counts on the loop,
+a ban is committed to SQLite on the store's thread (~0.1 ms under synchronous=NORMAL) and only
 then added to the `BanSet` - a ban is never reported as enforced before it
 would survive ``kill -9``. Its `on_ban` subscribers (the data plane) close the
 address's connections right there.
@@ -30,6 +32,7 @@ from typing import Any
 from edgeward.guard.banset import BanSet, normalize_addr
 from edgeward.guard.filter import DEFAULT_SEARCH_DIRS, Filter, FilterError, load_filter
 from edgeward.guard.jail import BanDecision, BanHistory, BanIncrement, Jail, JailError
+from edgeward.guard.matcher import MatcherClosed, MatcherError, MatchTimeout, ProcessMatcher
 from edgeward.guard.nft import NftConfig, NftError, NftSync
 from edgeward.guard.sources import EventSource, FileFollower, JournalSource
 from edgeward.guard.store import BanRecord, Position, Store
@@ -38,6 +41,7 @@ from edgeward.guard.types import FailMatch
 log = logging.getLogger(__name__)
 
 MANUAL_JAIL = "manual"
+MATCH_ISOLATION = ("process", "thread", "inline")
 
 
 class GuardError(ValueError):
@@ -109,7 +113,15 @@ class GuardConfig:
     - `max_tracked` (100000): addresses counted per jail before the least
       recently seen is forgotten (bounds memory under a spoofed-source flood).
     - `history_max_age` (7 days): how long past bans count for growing bans.
-    - `match_in_thread` (True): run filters on a matcher thread, off the loop.
+    - `match_isolation` ("process"): where filters run. "process": in one
+      matcher process per guard (see matcher.py), so a regex that backtracks
+      catastrophically cannot stall the event loop, and each batch is bounded
+      by `match_timeout`; "thread": on a matcher thread (no process, but `re`
+      holds the GIL, so a runaway regex stalls the loop, unbounded); "inline":
+      on the loop itself (tests and benchmarks).
+    - `match_timeout` (2 s): deadline of one batch of lines in "process" mode;
+      past it the matcher process is killed and restarted, the batch dropped
+      and counted in the jail's ``filter_timeouts``.
     - `nft` (disabled): mirror bans into an nftables set (see `NftConfig`).
     """
 
@@ -122,7 +134,8 @@ class GuardConfig:
     use_inotify: bool = True
     max_tracked: int = 100_000
     history_max_age: float = 7 * 86400.0
-    match_in_thread: bool = True
+    match_isolation: str = "process"
+    match_timeout: float = 2.0
     nft: NftConfig = field(default_factory=NftConfig)
 
 
@@ -147,6 +160,12 @@ def build_filter(cfg: JailConfig, filter_dirs: tuple[str, ...]) -> Filter | None
 def validate_config(config: GuardConfig) -> list[str]:
     """Every problem of `config` as a message (empty: fine). For ``edgeward check``."""
     problems: list[str] = []
+    if config.match_isolation not in MATCH_ISOLATION:
+        problems.append(
+            f"match_isolation {config.match_isolation!r}: one of {', '.join(MATCH_ISOLATION)}"
+        )
+    if not config.match_timeout > 0:
+        problems.append(f"match_timeout {config.match_timeout!r}: must be positive")
     names: set[str] = set()
     for jc in config.jails:
         if jc.name in names or jc.name == MANUAL_JAIL:
@@ -189,6 +208,8 @@ class _JailRuntime:
     matches: int = 0
     while_banned: int = 0
     filter_errors: int = 0
+    filter_timeouts: int = 0
+    filter_stats: dict[str, int] = field(default_factory=dict)  # process mode: summed deltas
 
 
 class Guard:
@@ -237,11 +258,16 @@ class Guard:
             listeners = None if jc.listeners is None else frozenset(jc.listeners)
             self._jails[jc.name] = _JailRuntime(jc, jail, flt, listeners)
         self._bans: dict[tuple[str, str], BanRecord] = {}
-        self._matcher = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeward-match")
-            if config.match_in_thread
-            else None
-        )
+        self._matcher: ThreadPoolExecutor | None = None
+        self._process: ProcessMatcher | None = None
+        if config.match_isolation == "process":
+            filtered = [rt.cfg for rt in self._jails.values() if rt.filter is not None]
+            if filtered:  # no process for a guard without log jails
+                self._process = ProcessMatcher(
+                    filtered, config.filter_dirs, timeout=config.match_timeout
+                )
+        elif config.match_isolation == "thread":
+            self._matcher = self._thread_matcher()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None
@@ -258,6 +284,37 @@ class Guard:
         """
         if self._started:
             return
+        loop = asyncio.get_running_loop()
+        # the matcher process starts (~0.1 s) while the store opens and bans are restored
+        matcher_ready = (
+            loop.create_task(self._process.start()) if self._process is not None else None
+        )
+        try:
+            await self._restore()
+        except BaseException:
+            if matcher_ready is not None:
+                matcher_ready.cancel()
+                await asyncio.gather(matcher_ready, return_exceptions=True)
+                assert self._process is not None
+                await self._process.close()
+            raise
+        if matcher_ready is not None:
+            try:
+                await matcher_ready
+            except MatcherError as exc:
+                # Bans matter more than isolation: match on a thread rather than not at all.
+                log.error("guard: %s; matching on a thread instead (no deadline)", exc)
+                assert self._process is not None
+                await self._process.close()
+                self._process = None
+                self._matcher = self._thread_matcher()
+        for rt in self._jails.values():
+            self._start_sources(rt)
+        self._started = True
+        self._schedule_expiry()
+
+    async def _restore(self) -> None:
+        """Open the store, restore bans and history, apply the nftables table."""
         loop = asyncio.get_running_loop()
         path = self.config.db_path or ":memory:"
         self.store = await loop.run_in_executor(
@@ -283,10 +340,6 @@ class Guard:
                 log.error(
                     "guard: nftables table not applied: %s (bans still enforced at admit)", exc
                 )
-        for rt in self._jails.values():
-            self._start_sources(rt)
-        self._started = True
-        self._schedule_expiry()
 
     def _start_sources(self, rt: _JailRuntime) -> None:
         cfg = rt.cfg
@@ -348,6 +401,8 @@ class Guard:
             await self.nft.close()
         if self._matcher is not None:
             self._matcher.shutdown(wait=False)
+        if self._process is not None:
+            await self._process.close()
         if self.store is not None:
             store, self.store = self.store, None
             await asyncio.get_running_loop().run_in_executor(None, store.close)
@@ -360,7 +415,9 @@ class Guard:
             return
         rt.lines += len(lines)
         received = time.monotonic()
-        if self._matcher is not None:
+        if self._process is not None:
+            matches = await self._match_in_process(rt, lines)
+        elif self._matcher is not None:
             loop = asyncio.get_running_loop()
             try:
                 matches = await loop.run_in_executor(self._matcher, _match_lines, flt, lines, rt)
@@ -373,6 +430,37 @@ class Guard:
         ]
         for d in decisions:
             await self._commit(d, received)
+
+    async def _match_in_process(self, rt: _JailRuntime, lines: list[str]) -> list[FailMatch]:
+        assert self._process is not None
+        try:
+            res = await self._process.match(rt.cfg.name, lines, time.time())
+        except MatchTimeout as exc:
+            rt.filter_timeouts += 1
+            log.log(
+                logging.ERROR if rt.filter_timeouts == 1 else logging.DEBUG,
+                "%s (longest line %d characters); suspect: %s. Further timeouts of this jail "
+                "are only counted (filter_timeouts)",
+                exc, exc.longest, _suspects(rt.filter),
+            )
+            return []
+        except MatcherClosed:  # we are stopping
+            return []
+        except MatcherError as exc:
+            rt.filter_errors += 1
+            log.error("jail %s: %s; %d line(s) skipped", rt.cfg.name, exc, len(lines))
+            return []
+        for k, v in res.stats.items():
+            rt.filter_stats[k] = rt.filter_stats.get(k, 0) + v
+        broken = res.stats.get("errors", 0)
+        if broken:
+            rt.filter_errors += broken
+            log.error("jail %s: the filter failed on %d line(s); skipped", rt.cfg.name, broken)
+        return res.matches
+
+    @staticmethod
+    def _thread_matcher() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeward-match")
 
     def _on_failure(
         self, rt: _JailRuntime, m: FailMatch, received: float | None, *, spawn: bool = True
@@ -613,6 +701,7 @@ class Guard:
                         "evicted": st.evicted,
                         "while_banned": rt.while_banned,
                         "filter_errors": rt.filter_errors,
+                        "filter_timeouts": rt.filter_timeouts,
                         "bans": st.bans,
                         "refused": self.banset.refused_by_jail.get(name, 0),
                     },
@@ -635,6 +724,13 @@ class Guard:
             out["manual"] = [
                 self._ban_dict(r, now) for (a, j), r in self._bans.items() if j not in self._jails
             ]
+            out["matcher"] = {
+                "isolation": "process" if self._process is not None else (
+                    "thread" if self._matcher is not None else "inline"),
+                "timeout": self.config.match_timeout,
+                "pid": self._process.pid if self._process is not None else None,
+                "restarts": max(0, self._process.starts - 1) if self._process is not None else 0,
+            }
             if self.nft is not None:
                 out["nft"] = {
                     "table": self.config.nft.table,
@@ -659,6 +755,17 @@ def _match_lines(flt: Filter, lines: list[str], rt: _JailRuntime) -> list[FailMa
         rt.filter_errors += broken
         log.error("jail %s: the filter failed on %d line(s); skipped", rt.cfg.name, broken)
     return out
+
+
+def _suspects(flt: Filter | None) -> str:
+    """Which regexes a timeout most likely comes from, for the log."""
+    if flt is None:
+        return "unknown"
+    flagged = [u.split(" may backtrack")[0] for u in flt.unsupported if "may backtrack" in u]
+    if flagged:
+        return "; ".join(flagged)
+    rxs = [f"{rx.origin.path}:{rx.origin.line}: {rx.source!r}" for rx in flt.failregex]
+    return "no regex has nested repetition; one of " + "; ".join(rxs)
 
 
 class _KeyedPositions:
