@@ -24,7 +24,7 @@ from bench.report import absolute_chart, chart, markdown, summarize_results
 from bench.templating import allocate_ports
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_CASES = ("tcp_bulk", "conn_rate", "idle_memory", "jail_lines", "ban_latency")
+DEFAULT_CASES = ("tcp_bulk", "conn_rate", "idle_memory", "udp", "jail_lines", "ban_latency")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "all", "off"),
         default="auto",
         help="auto (on >= 2 CPUs): in conn_rate and idle_memory the clients run on the last "
-        "CPU, proxies and upstream servers on the others; tcp_bulk unpinned. all: pin every "
+        "CPU, proxies and upstream servers on the others; tcp_bulk and udp unpinned. all: pin every "
         "case. off: the scheduler places everything",
     )
     ap.add_argument(
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Cases pinned by `--pin auto`. tcp_bulk is not: pinning the two iperf3 ends to
+# Cases pinned by `--pin auto`. tcp_bulk (and udp, both iperf3) is not: pinning the two iperf3 ends to
 # different CPUs halves the direct single-stream rate on small VMs, which would
 # flatter every proxy's ratio to direct; in the short-connection and idle cases
 # the client must get the same CPU for every contestant.
@@ -161,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if script in args.case_list and not case_mod.script_available(script):
             args.case_list.remove(script)
             notes.append(f"{script} skipped: bench/{script}.py does not exist yet")
-    if "tcp_bulk" in args.case_list and shutil.which("iperf3") is None:
-        args.case_list.remove("tcp_bulk")
-        notes.append("tcp_bulk skipped: iperf3 not installed (make peers)")
+    for name in ("tcp_bulk", "udp"):
+        if name in args.case_list and shutil.which("iperf3") is None:
+            args.case_list.remove(name)
+            notes.append(f"{name} skipped: iperf3 not installed (make peers)")
     load1 = os.getloadavg()[0]
     if load1 > 0.75 * (os.cpu_count() or 1):
         # Other work on a small shared machine moves wall-clock rates more than the

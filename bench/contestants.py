@@ -1,8 +1,10 @@
 """The contestants: a direct connection and three proxies doing the same work.
 
-Each proxy gets three listeners (one per case) in front of the shared
-upstreams (iperf3 server, echo server); `direct` points the client straight
-at the upstream. Configs come from bench/configs/*.tmpl.
+Each proxy gets one listener per case in front of the shared upstreams
+(iperf3 servers, echo server); `direct` points the client straight at the
+upstream. The `udp` listener is TCP and UDP on one port (iperf3's control
+connection is TCP on the port its datagrams go to); HAProxy 2.6 does not proxy
+UDP, so it has no `udp` listener. Configs come from bench/configs/*.tmpl.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from bench.templating import render_file
 
 EDGEWARD_SNI = "bench.example.org"
 # Listeners every proxy opens, one per case.
-LISTENERS = ("bulk", "rate", "idle")
+LISTENERS = ("bulk", "rate", "idle", "udp")
+# Proxies that cannot forward UDP: no `udp` listener, absent from the udp case.
+NO_UDP = frozenset({"haproxy"})
 NGINX_STREAM_MODULES = (
     Path("/usr/lib/nginx/modules/ngx_stream_module.so"),
     Path("/usr/share/nginx/modules/ngx_stream_module.so"),
@@ -105,11 +109,25 @@ class Contestant:
         return self.ports[case]
 
 
+def listeners(name: str) -> tuple[str, ...]:
+    """The listeners this proxy opens (HAProxy has no UDP one)."""
+    return tuple(case for case in LISTENERS if not (case == "udp" and name in NO_UDP))
+
+
+def supports_udp(name: str) -> bool:
+    return name not in NO_UDP
+
+
 def contestant_ports(name: str, all_ports: dict[str, int]) -> dict[str, int]:
     """Which port the client uses per case; direct goes straight to the upstreams."""
     if name == "direct":
-        return {"bulk": all_ports["iperf"], "rate": all_ports["echo"], "idle": all_ports["echo"]}
-    return {case: all_ports[f"{name}_{case}"] for case in LISTENERS}
+        return {
+            "bulk": all_ports["iperf"],
+            "rate": all_ports["echo"],
+            "idle": all_ports["echo"],
+            "udp": all_ports["iperf_udp"],
+        }
+    return {case: all_ports[f"{name}_{case}"] for case in listeners(name)}
 
 
 def template_values(name: str, all_ports: dict[str, int], workdir: Path) -> dict[str, object]:
@@ -117,7 +135,8 @@ def template_values(name: str, all_ports: dict[str, int], workdir: Path) -> dict
         "workdir": workdir,
         "iperf_port": all_ports["iperf"],
         "echo_port": all_ports["echo"],
-        **{f"{case}_port": all_ports[f"{name}_{case}"] for case in LISTENERS},
+        "iperf_udp_port": all_ports["iperf_udp"],
+        **{f"{case}_port": all_ports[f"{name}_{case}"] for case in listeners(name)},
     }
     if name == "edgeward":
         values["admin_port"] = all_ports["edgeward_admin"]
@@ -128,15 +147,16 @@ def template_values(name: str, all_ports: dict[str, int], workdir: Path) -> dict
 
 def port_names() -> list[str]:
     """Every port a run needs, named for allocate_ports()."""
-    names = ["iperf", "echo", "edgeward_admin"]
+    names = ["iperf", "iperf_udp", "echo", "edgeward_admin"]
     for proxy in ("haproxy", "nginx", "edgeward"):
-        names += [f"{proxy}_{case}" for case in LISTENERS]
+        names += [f"{proxy}_{case}" for case in listeners(proxy)]
     return names
 
 
 def _wait_listeners(proc: Proc, ports: dict[str, int], timeout: float = 15.0) -> None:
-    for case in LISTENERS:
-        wait_port(ports[case], timeout=timeout, proc=proc)
+    # The udp listener is waited for by its TCP half (bound from the same config).
+    for port in ports.values():
+        wait_port(port, timeout=timeout, proc=proc)
 
 
 def _launch_haproxy(group: ProcessGroup, all_ports: dict[str, int], workdir: Path) -> Proc:

@@ -50,3 +50,62 @@ def parse_iperf_json(text: str) -> IperfResult:
         bits_per_second=float(received["bits_per_second"]),
         retransmits=sent.get("retransmits"),
     )
+
+
+@dataclass(frozen=True)
+class UdpResult:
+    """The receiving side's (iperf3 server's) view of a UDP test: what crossed the proxy."""
+
+    seconds: float  # the server's test window: ends when TEST_END arrives on the TCP control
+    send_seconds: float  # the client's sending time
+    blksize: int
+    packets: int  # sequence numbers the server accounted for (received + lost)
+    lost_packets: int
+    lost_percent: float
+    bytes_received: int
+    target_bitrate: int  # 0: flat out (-b 0)
+
+    @property
+    def received_packets(self) -> int:
+        return self.packets - self.lost_packets
+
+    @property
+    def packets_per_s(self) -> float:
+        """Datagrams the server received, per second of sending.
+
+        Per second of *sending*, not of the server's window: that window closes when
+        the end-of-test message arrives over the TCP control connection, so a proxy
+        that delays a small TCP segment (Nagle, delayed ACK: ~40 ms) would stretch it
+        and seem to relay fewer datagrams/s although every one arrived.
+        """
+        seconds = self.send_seconds if self.send_seconds > 0 else self.seconds
+        return self.received_packets / seconds if seconds > 0 else 0.0
+
+
+def parse_iperf_udp_json(text: str) -> UdpResult:
+    """From `iperf3 -c ... -u -J`: the server-side summary (`end.sum_received`,
+    which iperf3 3.12 fills from the results the server sends back at the end)."""
+    try:
+        doc: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise IperfError(f"iperf3 output is not JSON: {text[:200]!r}") from e
+    if "error" in doc:
+        raise IperfError(f"iperf3: {doc['error']}")
+    try:
+        test = doc["start"]["test_start"]
+        if test.get("protocol") != "UDP":
+            raise IperfError(f"not a UDP test: protocol {test.get('protocol')!r}")
+        received = doc["end"]["sum_received"]
+        sent = doc["end"].get("sum_sent") or {}
+        return UdpResult(
+            seconds=float(received["seconds"]),
+            send_seconds=float(sent.get("seconds", 0.0)),
+            blksize=int(test["blksize"]),
+            packets=int(received["packets"]),
+            lost_packets=int(received["lost_packets"]),
+            lost_percent=float(received["lost_percent"]),
+            bytes_received=int(received["bytes"]),
+            target_bitrate=int(test.get("target_bitrate", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise IperfError(f"iperf3 UDP JSON lacks {e}") from e

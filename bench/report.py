@@ -14,6 +14,15 @@ CONTESTANTS = ("direct", "haproxy", "nginx", "edgeward")
 PEERS = ("direct", "haproxy", "nginx")
 # Cases run by a separate script: their own tables, no contestant columns.
 SCRIPT_CASES = frozenset(SCRIPT_ARGS)
+# Under the table when the udp case ran.
+UDP_NOTE = (
+    "UDP rows: `iperf3 -u -l 200` through each proxy (TCP control and UDP datagrams on one "
+    "port), flat out (`-b 0`) and paced to 50,000 datagrams/s (`-b 80M`); datagrams "
+    "received (per second of sending) and loss are the iperf3 server's own count (by "
+    "sequence number), so a datagram lost "
+    "anywhere (client socket, proxy, server socket) counts. HAProxy 2.6 does not proxy "
+    "UDP: no haproxy numbers in the UDP rows."
+)
 # En dash for ranges in the table (an escape, so the source stays ASCII-unambiguous).
 DASH = "\u2013"
 
@@ -169,6 +178,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
             "on a shared machine; memory rows are for "
             f"{meta.get('idle_connections', 9000):,} idle relayed connections.",
         ]
+        if "udp" in doc["cases"]:
+            lines += ["", UDP_NOTE]
     jail = doc["cases"].get("jail_lines")
     if jail and jail.get("summary"):
         lines += ["", *jail_table(jail["summary"].get("jail_lines", {}))]

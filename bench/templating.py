@@ -42,11 +42,13 @@ def render_file(name: str, values: Mapping[str, object], out_dir: Path) -> Path:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
+    """Free for TCP and for UDP: the udp case listens on both with one port number."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
     return True
 
 

@@ -96,7 +96,8 @@ class HealthCheck(_Strict):
 
 
 class PassiveHealth(_Strict):
-    """Marking servers down from failures of real connections."""
+    """Marking servers down from failures of real connections (never for a pool of one server:
+    with nowhere else to go, marking it down would only refuse clients)."""
 
     failures: int = Field(3, ge=1, description="Consecutive connect failures that mark a server down.")
     down_for: Duration = Field(10.0, gt=0, description="How long such a server stays down.")

@@ -86,6 +86,11 @@ class Pool:
         return best
 
     def connect_failed(self, server: Server, now: float | None = None) -> None:
+        if len(self.servers) == 1:
+            # Like nginx: a lone server is never marked down by passive health. There is nowhere
+            # else to send clients, so marking it down would only refuse them for `down_for`
+            # (e.g. after one ICMP unreachable from a restarting UDP upstream).
+            return
         server.failures += 1
         if server.failures >= self.failures_to_down:
             server.down_until = (time.monotonic() if now is None else now) + self.down_for

@@ -100,6 +100,7 @@ def test_contestant_ports_direct_goes_to_upstreams(ports: dict[str, int]) -> Non
         "bulk": ports["iperf"],
         "rate": ports["echo"],
         "idle": ports["echo"],
+        "udp": ports["iperf_udp"],
     }
     assert contestant_ports("nginx", ports)["rate"] == ports["nginx_rate"]
 

@@ -81,6 +81,13 @@ def test_passive_health_marks_down_for_a_while() -> None:
     assert s.available(111.0)
 
 
+def test_a_lone_server_is_never_marked_down_passively() -> None:
+    p = pool("p", "127.0.0.1:1")
+    for _ in range(10):
+        p.connect_failed(p.servers[0], now=100.0)
+    assert p.pick(b"c", now=100.0) is p.servers[0]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.ip_addresses(v=4).map(str), min_size=50, max_size=200, unique=True))
 def test_source_hash_is_stable_and_moves_few_clients(clients: list[str]) -> None:
