@@ -147,6 +147,34 @@ class EdgeProcess:
         self._log.close()
 
 
+def connect_from(src: str, port: int) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port from the loopback address `src`."""
+    c = socket.socket()
+    c.bind((src, 0))
+    c.settimeout(3)
+    c.connect(("127.0.0.1", port))
+    return c
+
+
+def served(src: str, port: int) -> bool:
+    """True if `src` gets its bytes echoed through the edge; False if the edge closed on it."""
+    try:
+        with connect_from(src, port) as c:
+            c.sendall(b"ping")
+            return c.recv(4) == b"ping"
+    except OSError:
+        return False
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return bool(pred())
+
+
 class ThreadServer:
     """A small threaded TCP server on loopback; `handler(conn)` runs per connection."""
 

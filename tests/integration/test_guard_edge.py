@@ -2,39 +2,20 @@
 ignoreip never banned, unban at once, bans survive kill -9, edge-observed failures ban too."""
 
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from support import EDGEWARD, EdgeProcess, ThreadServer, echo_handler, free_port
-
-
-def connect_from(src: str, port: int) -> socket.socket:
-    c = socket.socket()
-    c.bind((src, 0))
-    c.settimeout(3)
-    c.connect(("127.0.0.1", port))
-    return c
-
-
-def served(src: str, port: int) -> bool:
-    """True if `src` gets its bytes echoed through the edge; False if the edge closed on it."""
-    try:
-        with connect_from(src, port) as c:
-            c.sendall(b"ping")
-            return c.recv(4) == b"ping"
-    except OSError:
-        return False
-
-
-def wait_until(pred, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return bool(pred())
+from support import (
+    EDGEWARD,
+    EdgeProcess,
+    ThreadServer,
+    connect_from,
+    echo_handler,
+    free_port,
+    served,
+    wait_until,
+)
 
 
 def config(tmp: Path, p1: int, p2: int, up: int, log: Path) -> str:
