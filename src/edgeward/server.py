@@ -21,14 +21,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from .config.loader import ConfigError, load, resolve_listen
 from .config.schema import Config, ListenerSettings, PoolSettings
 from .config.units import parse_target
 from .net.pipes import HAS_SPLICE, PipePool
-from .net.tcp import TcpConn, TcpListener, make_listen_socket
+from .net.tcp import TcpConn, TcpListener, listener_settings_summary, make_listen_socket
 from .net.udp import UdpListener, UdpSession, make_udp_socket
 from .routing import Route, RouteTable, make_route
 from .upstream.health import HealthChecker
@@ -239,17 +238,13 @@ class Edge:
                             raise
                     continue
                 cur = self.listeners.get(key)
-                if cur is not None and (cur.rt.settings.backlog, cur.rt.settings.reuseport) == (
-                        lrt.settings.backlog, lrt.settings.reuseport):
-                    continue
-                sock = make_listen_socket(host, port, lrt.settings.backlog, lrt.settings.reuseport) \
-                    if cur is None else None
-                if sock is None:
+                if cur is not None:
+                    if listener_settings_summary(cur.rt.settings) == listener_settings_summary(lrt.settings):
+                        continue
                     # Options changed: a new socket needs the port, so close and rebind.
-                    assert cur is not None
                     cur.close()
                     del self.listeners[key]
-                    sock = make_listen_socket(host, port, lrt.settings.backlog, lrt.settings.reuseport)
+                sock = make_listen_socket(host, port, lrt.settings.backlog, lrt.settings.reuseport)
                 opened[key] = TcpListener(self, host, port, lrt, sock)
         except OSError as e:
             for lst in opened.values():
@@ -603,7 +598,3 @@ class BindError(Exception):
 
 def _bind_error(e: OSError) -> BindError:
     return BindError(f"cannot bind: {e.strerror or e}")
-
-
-def state_path(cfg: Config, name: str) -> Path:
-    return Path(cfg.edge.state_dir) / name

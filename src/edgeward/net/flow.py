@@ -19,12 +19,8 @@ import asyncio
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .pipes import SPLICE_FLAGS, PipePool
-
-if TYPE_CHECKING:
-    pass
 
 # How many read/write rounds one readiness event may run before yielding to other
 # connections; level-triggered polling brings us back if more is waiting.
