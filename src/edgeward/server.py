@@ -499,7 +499,7 @@ class Edge:
         self.count("protocol_errors", conn.listener.name, kind)
         if self.events is not None:
             # Jails subscribe to broad kinds ("edge:proto", "edge:sniff"); the detail says which.
-            broad = "sniff" if kind == "sniff_timeout" else "proto"
+            broad = "sniff" if kind in ("sniff_timeout", "sniff_half_closed") else "proto"
             self.events.report(conn.client_ip, broad, f"{conn.listener.name} {kind}")
 
     def count(self, *key: str) -> None:

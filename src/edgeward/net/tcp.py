@@ -212,6 +212,13 @@ class TcpConn:
         if not data:
             self._fail("closed_during_sniff")
             return
+        if self.lowat and len(data) <= self.peeked:
+            # Readable with SO_RCVLOWAT above what is queued, yet nothing new: the client sent FIN
+            # (a shut-down socket is readable whatever the low-water mark says). Its prefix can
+            # never complete, and polling again would wake at once, forever: close it now.
+            self.edge.report(self, "sniff_half_closed")
+            self._fail("sniff_half_closed")
+            return
         self._sniff(data, final=False)
 
     def _sniff(self, data: bytes, final: bool) -> None:
