@@ -21,6 +21,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Every test, against real peers. Under CI (CI=true) a missing peer fails instead of skipping.
 test: $(STAMP) peers lint

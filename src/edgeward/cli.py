@@ -9,20 +9,18 @@ Exit codes (also in the README):
 
 from __future__ import annotations
 
-import asyncio
-import http.client
 import json
 import logging
-import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from . import __version__
-from .config.loader import ConfigError, load
+from .admin.client import AdminUnreachable
+from .admin.client import admin_request as _admin_request
+from .config.loader import ConfigError
 from .config.schema import json_schema
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="edgeward: one edge daemon for self-hosters.")
@@ -48,8 +46,9 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version_c
 
 
 def _load_or_exit(path: Path) -> Any:
+    from .app import load_config
     try:
-        return load(path)
+        return load_config(path)
     except ConfigError as e:
         for p in e.problems:
             typer.echo(str(p), err=True)
@@ -61,7 +60,7 @@ def _load_or_exit(path: Path) -> Any:
 def check(config: ConfigArg) -> None:
     """Validate a config without binding anything; print every problem as file:line:col."""
     cfg = _load_or_exit(config)
-    from .server import build_runtime
+    from .app import build_runtime
     rt = build_runtime(cfg)
     typer.echo(f"{config}: OK ({len(cfg.services)} services, {len(rt.listeners)} listening ports, {len(rt.pools)} pools)")
 
@@ -80,114 +79,27 @@ def run(config: ConfigArg,
     cfg = _load_or_exit(config)
     logging.basicConfig(level=(log_level or cfg.edge.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .app import StartError
+    from .app import run as run_edge
     try:
-        import uvloop
-        runner: Callable[..., Any] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
-        runner = asyncio.run
-    try:
-        runner(_serve(str(config), cfg, demo))
-    except _StartError as e:
+        run_edge(str(config), cfg, demo)
+    except StartError as e:
         typer.echo(f"edgeward: {e}", err=True)
         raise typer.Exit(EXIT_RUNTIME) from None
 
 
-class _StartError(Exception):
-    pass
-
-
-async def _serve(path: str, cfg: Any, demo: bool) -> None:
-    from .admin.api import AdminAPI
-    from .server import BindError, Edge
-    demo_servers = []
-    if demo:
-        from .demo import start_demo_upstreams
-        demo_servers = await start_demo_upstreams()
-    edge = Edge(path, cfg, asyncio.get_running_loop())
-    extensions = _load_extensions(edge, cfg)
-    for ext in extensions:
-        await ext.start()
-    try:
-        await edge.start()
-    except ConfigError as e:
-        cause = e.__cause__
-        raise _StartError(str(cause) if isinstance(cause, BindError) else str(e)) from None
-    except OSError as e:
-        raise _StartError(f"cannot start: {e}") from None
-    admin = AdminAPI(edge, cfg.edge.admin, cfg.edge.admin_token)
-    for ext in extensions:
-        ext.register(admin)
-    try:
-        await admin.start()
-    except OSError as e:
-        await edge.stop()
-        raise _StartError(f"cannot open the admin API on {cfg.edge.admin}: {e.strerror or e}") from None
-    edge.admin = admin
-    edge.install_signals()
-    try:
-        await edge.wait_stopped()
-    finally:
-        await admin.stop()
-        for ext in extensions:
-            await ext.stop()
-        for s in demo_servers:
-            s.close()
-
-
-def _load_extensions(edge: Any, cfg: Any) -> list[Any]:
-    """Optional parts that plug into the edge (the guard). Kept apart so the core runs without them."""
-    exts: list[Any] = []
-    try:
-        from .guard.integration import GuardExtension
-    except ImportError:
-        return exts
-    ext = GuardExtension.from_config(edge, cfg)
-    if ext is not None:
-        exts.append(ext)
-    return exts
-
-
-# ---------------------------------------------------------------------- admin client
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
-
-
 def admin_request(method: str, path: str, admin: str | None, config: Path | None, token: str | None,
                   body: Any = None) -> tuple[int, Any]:
+    """A request to the running edge's admin API, found with --admin or from --config."""
     if admin is None and config is not None:
         cfg = _load_or_exit(config)
         admin = cfg.edge.admin
         token = token or cfg.edge.admin_token
-    admin = admin or "127.0.0.1:9901"
-    conn: http.client.HTTPConnection
-    if admin.startswith("unix:"):
-        conn = _UnixHTTPConnection(admin[5:], 10)
-    else:
-        host, _, port = admin.rpartition(":")
-        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=10)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     try:
-        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-    except OSError as e:
-        typer.echo(f"edgeward: cannot reach the admin API at {admin}: {e}", err=True)
+        return _admin_request(method, path, admin, token, body)
+    except AdminUnreachable as e:
+        typer.echo(f"edgeward: {e}", err=True)
         raise typer.Exit(EXIT_ADMIN) from None
-    finally:
-        conn.close()
-    ctype = resp.getheader("Content-Type", "")
-    data = json.loads(raw) if ctype.startswith("application/json") and raw else raw.decode()
-    return resp.status, data
 
 
 def _print_status(st: dict[str, Any]) -> None:

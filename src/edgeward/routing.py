@@ -1,4 +1,9 @@
-"""Route tables: (listener, sniffed facts, client address) → route.
+"""Route tables: (listener, sniffed facts, client address) → route, and what a route does.
+
+A route carries an *action*: what happens to a connection once it is routed.
+Forwarding to a pool (net/forward.py) is one; terminating TLS and serving HTTP,
+or handing the socket to a local server, are others. Each is a module of its own
+that implements `Action`; the route table neither knows nor cares which.
 
 A listener's table is built once per config and never changes (reload builds a
 new one). Routes are kept sorted most-specific first, so lookup is the first
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .upstream.pool import Pool
@@ -36,12 +41,25 @@ class Facts:
     client: IPAddress | None  # None when no route of the listener looks at the source
 
 
+class Action(Protocol):
+    """What a route does with a connection once it is routed.
+
+    `start(conn)` receives the routed connection (a `net.tcp.TcpConn`: routing sits below the
+    network layer, so it is not named here) and owns it from then on. `pool` is the pool the
+    action sends clients to, if it has exactly one (UDP forwarding and `status` use it).
+    """
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def pool(self) -> Pool | None: ...
+    def start(self, conn: Any) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     service: str
-    pool: Pool
-    proxy_protocol: str  # off | v1 | v2
-    connect_timeout: float
+    action: Action
     exact: frozenset[str] = frozenset()
     wildcards: tuple[str, ...] = ()  # stored as ".example.org"
     protocol: str | None = None
@@ -81,13 +99,13 @@ def specificity(names: list[str], protocol: str | None, alpn: list[str], sources
     return (*name_rank, 1 if alpn else 0, 1 if protocol else 0, src)
 
 
-def make_route(service: str, pool: Pool, proxy_protocol: str, connect_timeout: float, names: list[str],
-               protocol: str | None, alpn: list[str], sources: list[str]) -> Route:
+def make_route(service: str, action: Action, names: list[str], protocol: str | None, alpn: list[str],
+               sources: list[str]) -> Route:
     nets = [ipaddress.ip_network(s, strict=False) for s in sources]
     exact = frozenset(n for n in names if not n.startswith("*."))
     wild = tuple(sorted((n[1:] for n in names if n.startswith("*.")), key=len, reverse=True))
-    return Route(service, pool, proxy_protocol, connect_timeout, exact, wild, protocol, frozenset(alpn),
-                 tuple(nets), specificity(names, protocol, alpn, nets))
+    return Route(service, action, exact, wild, protocol, frozenset(alpn), tuple(nets),
+                 specificity(names, protocol, alpn, nets))
 
 
 class RouteTable:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import selectors
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,56 +23,12 @@ import pytest
 from support import (
     EdgeProcess,
     ThreadServer,
+    UdpEcho,
     echo_handler,
     fds_besides_pipe_pool,
     free_port,
     wait_port,
 )
-
-
-class UdpEcho:
-    """A UDP echo on one or more ports of `host`, in a thread.
-
-    With a tag, each reply is ``tag|local_port|peer_port|`` + the datagram, so tests can tell
-    which server and port answered and from which edge socket the datagram came."""
-
-    def __init__(self, host: str = "127.0.0.1", ports: tuple[int, ...] | list[int] = (0,), tag: str | None = None) -> None:
-        self.sel = selectors.DefaultSelector()
-        self.socks: list[socket.socket] = []
-        for p in ports:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind((host, p))
-            s.setblocking(False)
-            self.socks.append(s)
-            self.sel.register(s, selectors.EVENT_READ)
-        self.ports = [int(s.getsockname()[1]) for s in self.socks]
-        self.port = self.ports[0]
-        self.tag = tag
-        self.peers: list[tuple[str, int]] = []
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            for key, _ in self.sel.select(0.1):
-                s: socket.socket = key.fileobj  # type: ignore[assignment]
-                while True:
-                    try:
-                        data, peer = s.recvfrom(65535)
-                    except OSError:
-                        break
-                    self.peers.append(peer)
-                    if self.tag is not None:
-                        data = f"{self.tag}|{s.getsockname()[1]}|{peer[1]}|".encode() + data
-                    with contextlib.suppress(OSError):
-                        s.sendto(data, peer)
-
-    def close(self) -> None:
-        self._stop = True
-        self._t.join(2)
-        for s in self.socks:
-            s.close()
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:

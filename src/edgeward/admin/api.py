@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..status import edge_status
 from .metrics import render_metrics
 
 if TYPE_CHECKING:
-    from ..server import Edge
+    from ..edge import Edge
 
 log = logging.getLogger("edgeward.admin")
 
@@ -109,7 +110,7 @@ class AdminAPI:
         path = unquote(url.path)
         query = parse_qs(url.query)
         if method == "GET" and path == "/metrics":
-            return 200, render_metrics(self.edge).encode(), "text/plain; version=0.0.4"
+            return 200, render_metrics(self.edge), "text/plain; version=0.0.4"
         handler = self.routes.get((method, path))
         if handler is None and method == "POST" and path.startswith("/pools/"):
             parts = path.split("/")
@@ -126,7 +127,7 @@ class AdminAPI:
         return status, json.dumps(result, indent=1).encode() + b"\n", "application/json"
 
     async def _status(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        return 200, self.edge.status()
+        return 200, edge_status(self.edge)
 
     async def _reload(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         ok = self.edge.reload()

@@ -1,81 +1,78 @@
-"""Prometheus text exposition of the edge's counters.
+"""Prometheus exposition of the edge's state, rendered at scrape time.
 
-Rendered from the edge's own plain counters at scrape time rather than kept in
-prometheus_client objects: the data plane then pays one dict increment per
-event and no locks (measured cheaper; the format is simple and stable).
+A `prometheus_client` custom collector reads the edge's plain counters and its
+status when scraped: the library owns the text format, and the data plane pays
+only plain integer increments (no metric objects, no locks).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..server import Edge
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from ..edge import Edge
+from ..stats import FAMILIES
+from ..status import edge_status
+
+_SERVICE_GAUGES = (("active", "Relayed connections open per service."),
+                   ("udp_sessions", "Live UDP sessions per service."))
+_SERVICE_COUNTERS = (("total", "connections", "Relayed connections per service."),
+                     ("bytes_in", "bytes_in", "Bytes from clients per service."),
+                     ("bytes_out", "bytes_out", "Bytes to clients per service."),
+                     ("udp_sessions_total", "udp_sessions", "UDP sessions opened per service."),
+                     ("datagrams_in", "datagrams_in", "UDP datagrams from clients per service."),
+                     ("datagrams_out", "datagrams_out", "UDP datagrams to clients per service."))
 
 
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class EdgeCollector(Collector):
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    def collect(self) -> Iterator[Metric]:
+        st: dict[str, Any] = edge_status(self.edge)
+        yield GaugeMetricFamily("edgeward_connections", "Open TCP connections.", value=st["connections"])
+        yield GaugeMetricFamily("edgeward_udp_sessions", "Live UDP sessions (client address and port → upstream socket).",
+                                value=st["udp_sessions"])
+        yield GaugeMetricFamily("edgeward_clients",
+                                "Distinct client addresses with an open connection or a live UDP session.",
+                                value=st["clients"])
+        services: dict[str, dict[str, int]] = st["services"]
+        for field, help_ in _SERVICE_GAUGES:
+            g = GaugeMetricFamily(f"edgeward_service_{field}", help_, labels=["service"])
+            for name, v in services.items():
+                g.add_metric([name], v[field])
+            yield g
+        for field, metric, help_ in _SERVICE_COUNTERS:
+            c = CounterMetricFamily(f"edgeward_service_{metric}", help_, labels=["service"])
+            for name, v in services.items():
+                c.add_metric([name], v[field])
+            yield c
+        server_rows = [(pname, s) for pname, p in st["pools"].items() for s in p["servers"]]
+        up = GaugeMetricFamily("edgeward_server_up", "1 if the server takes new connections.", labels=["pool", "server"])
+        active = GaugeMetricFamily("edgeward_server_active", "Open connections per server.", labels=["pool", "server"])
+        udp = GaugeMetricFamily("edgeward_server_udp_sessions", "Live UDP sessions per server.", labels=["pool", "server"])
+        bin_ = CounterMetricFamily("edgeward_server_bytes_in", "Bytes from clients per server.", labels=["pool", "server"])
+        bout = CounterMetricFamily("edgeward_server_bytes_out", "Bytes to clients per server.", labels=["pool", "server"])
+        for pname, s in server_rows:
+            lab = [pname, s["server"]]
+            up.add_metric(lab, 1.0 if s["available"] else 0.0)
+            active.add_metric(lab, s["active"])
+            udp.add_metric(lab, s["udp_sessions"])
+            bin_.add_metric(lab, s["bytes_in"])
+            bout.add_metric(lab, s["bytes_out"])
+        yield from (up, active, udp, bin_, bout)
+        for family, (labels, help_) in FAMILIES.items():
+            c = CounterMetricFamily(f"edgeward_{family}", help_, labels=list(labels))
+            for key, n in sorted(self.edge.counters.families[family].items()):
+                c.add_metric(list(key), n)
+            yield c
 
 
-def _labels(**kv: str) -> str:
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
-
-
-def render_metrics(edge: Edge) -> str:
-    st = edge.status()
-    out: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, rows: list[tuple[str, float]]) -> None:
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in rows:
-            out.append(f"{name}{labels} {value:g}")
-
-    metric("edgeward_connections", "gauge", "Open TCP connections.", [("", float(len(edge.conns)))])
-    metric("edgeward_udp_sessions", "gauge", "Live UDP sessions (client address and port → upstream socket).",
-           [("", float(edge.udp_count))])
-    metric("edgeward_clients", "gauge", "Distinct client addresses with an open connection or a live UDP session.",
-           [("", float(edge.distinct_clients()))])
-    services: dict[str, dict[str, object]] = st["services"]  # type: ignore[assignment]
-    for field, kind, help_ in (("active", "gauge", "Relayed connections open per service."),
-                               ("total", "counter", "Relayed connections per service."),
-                               ("bytes_in", "counter", "Bytes from clients per service."),
-                               ("bytes_out", "counter", "Bytes to clients per service."),
-                               ("udp_sessions", "gauge", "Live UDP sessions per service."),
-                               ("datagrams_in", "counter", "UDP datagrams from clients per service."),
-                               ("datagrams_out", "counter", "UDP datagrams to clients per service.")):
-        suffix = "_total" if kind == "counter" else ""
-        metric(f"edgeward_service_{field}{suffix}", kind, help_,
-               [(_labels(service=n), float(v[field])) for n, v in services.items()])  # type: ignore[arg-type]
-    metric("edgeward_service_udp_sessions_total", "counter", "UDP sessions opened per service.",
-           [(_labels(service=n), float(v["udp_sessions_total"])) for n, v in services.items()])  # type: ignore[arg-type]
-    pools: dict[str, dict[str, object]] = st["pools"]  # type: ignore[assignment]
-    rows_up, rows_active, rows_udp, rows_in, rows_out = [], [], [], [], []
-    for pname, p in pools.items():
-        for s in p["servers"]:  # type: ignore[attr-defined]
-            lab = _labels(pool=pname, server=s["server"])
-            rows_up.append((lab, 1.0 if s["available"] else 0.0))
-            rows_active.append((lab, float(s["active"])))
-            rows_udp.append((lab, float(s["udp_sessions"])))
-            rows_in.append((lab, float(s["bytes_in"])))
-            rows_out.append((lab, float(s["bytes_out"])))
-    metric("edgeward_server_up", "gauge", "1 if the server takes new connections.", rows_up)
-    metric("edgeward_server_active", "gauge", "Open connections per server.", rows_active)
-    metric("edgeward_server_udp_sessions", "gauge", "Live UDP sessions per server.", rows_udp)
-    metric("edgeward_server_bytes_in_total", "counter", "Bytes from clients per server.", rows_in)
-    metric("edgeward_server_bytes_out_total", "counter", "Bytes to clients per server.", rows_out)
-    by_name: dict[str, list[tuple[str, float]]] = {}
-    for key, value in edge.counters.items():
-        name = key[0]
-        rest = key[1:]
-        labels = _labels(**{f"l{i}" if i else "where": v for i, v in enumerate(rest)}) if rest else ""
-        if name == "refused" and len(rest) == 2:
-            labels = _labels(listener=rest[0], reason=rest[1])
-        elif name == "protocol_errors" and len(rest) == 2:
-            labels = _labels(listener=rest[0], kind=rest[1])
-        elif name in ("closed", "udp_dropped") and len(rest) == 2:
-            labels = _labels(listener=rest[0], reason=rest[1])
-        by_name.setdefault(name, []).append((labels, float(value)))
-    for name, rows in sorted(by_name.items()):
-        metric(f"edgeward_{name}_total", "counter", f"Count of {name.replace('_', ' ')} events.", rows)
-    return "\n".join(out) + "\n"
+def render_metrics(edge: Edge) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EdgeCollector(edge))
+    return generate_latest(registry)

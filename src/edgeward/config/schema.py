@@ -47,6 +47,15 @@ class EdgeSettings(_Strict):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     splice: bool = Field(True, description="Relay with splice() (zero-copy) where the OS has it.")
+    access_log: str | None = Field(
+        None,
+        description="Write one line per closed TCP connection and ended UDP session (client, service, upstream, "
+        "bytes, duration, end reason) to this file (\"-\" = standard output); unset = no access log. "
+        "Reopened on reload, so logrotate's move + `edgeward reload` works.",
+    )
+    access_log_format: Literal["text", "json"] = Field(
+        "text", description="Access log lines as logfmt text (key=value) or JSON objects."
+    )
 
 
 class ListenerSettings(_Strict):

@@ -34,18 +34,22 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..admission import peer_from_sockaddr
+from ..events import ConnRefused, Peer, UdpSessionEnded, UdpSessionStarted
 from ..routing import Facts, Route
-from ..upstream.pool import Server
+from ..upstream.pool import Pool, Server
+from . import sockets
+from .sockets import IP_PKTINFO, is_wildcard
 
 if TYPE_CHECKING:
-    from ..server import Edge, ListenerRuntime
+    from ..runtime import ListenerRuntime
+    from .plane import DataPlane
 
 log = logging.getLogger("edgeward.udp")
 
 BATCH = 64  # datagrams read per wakeup, per socket: bounded so one busy client cannot starve the loop
 BUF_SIZE = 65536  # larger than any UDP payload (65507 over IPv4, 65527 over IPv6 without jumbograms)
 
-IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11 does not export it
 _ANC_SIZE = socket.CMSG_SPACE(20)  # in6_pktinfo (20 bytes) is larger than in_pktinfo (12)
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -53,34 +57,6 @@ _buf = bytearray(BUF_SIZE)
 _view = memoryview(_buf)
 
 Cmsg = list[tuple[int, int, bytes]]
-
-
-def is_wildcard(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
-
-
-def make_udp_socket(host: str, port: int, reuseport: bool) -> socket.socket:
-    """A bound non-blocking UDP socket. No SO_REUSEADDR: for UDP it would let a second socket
-    (another process, a stale edge) silently share the port and steal datagrams."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if reuseport:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if is_wildcard(host):
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            else:
-                s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        s.bind((host, port))
-        s.setblocking(False)
-    except BaseException:
-        s.close()
-        raise
-    return s
 
 
 def reply_cmsg(anc: list[tuple[int, int, bytes]]) -> Cmsg | None:
@@ -102,23 +78,13 @@ def reply_cmsg(anc: list[tuple[int, int, bytes]]) -> Cmsg | None:
     return None
 
 
-def client_ip(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    """The client's address as bans and limits spell it (IPv4-mapped reduced, zone dropped)."""
-    ip = addr[0]
-    if ip.startswith("::ffff:"):
-        ip = ip[7:]
-    if "%" in ip:
-        ip = ip.split("%", 1)[0]
-    return ip
-
-
 class UdpListener:
     """One bound UDP port and the sessions of the clients that sent to it."""
 
-    __slots__ = ("edge", "host", "key", "name", "paused", "pktinfo", "port", "rt", "sessions", "sock")
+    __slots__ = ("host", "key", "name", "paused", "pktinfo", "plane", "port", "rt", "sessions", "sock")
 
-    def __init__(self, edge: Edge, host: str, port: int, rt: ListenerRuntime, sock: socket.socket) -> None:
-        self.edge = edge
+    def __init__(self, plane: DataPlane, host: str, port: int, rt: ListenerRuntime, sock: socket.socket) -> None:
+        self.plane = plane
         self.host = host
         self.port = port
         self.key = ("udp", host, port)
@@ -136,12 +102,12 @@ class UdpListener:
     def resume(self) -> None:
         if self.paused:
             self.paused = False
-            self.edge.loop.add_reader(self.sock.fileno(), self._on_readable_msg if self.pktinfo else self._on_readable)
+            self.plane.loop.add_reader(self.sock.fileno(), self._on_readable_msg if self.pktinfo else self._on_readable)
 
     def pause(self) -> None:
         if not self.paused:
             self.paused = True
-            self.edge.loop.remove_reader(self.sock.fileno())
+            self.plane.loop.remove_reader(self.sock.fileno())
 
     def close(self, reason: str = "listener_closed") -> None:
         """Close the port and every session on it (replies could no longer reach their clients)."""
@@ -164,8 +130,7 @@ class UdpListener:
         """Close sessions idle longer than their timeout; returns how many."""
         idle = [s for s in self.sessions.values() if now - s.last > s.idle]
         for s in idle:
-            self.edge.count("closed", self.name, "udp_idle")
-            s.close("idle")
+            s.close("udp_idle")
         return len(idle)
 
     # ------------------------------------------------------------------ client → upstream
@@ -173,7 +138,7 @@ class UdpListener:
         sock = self.sock
         view = _view
         sessions = self.sessions
-        now = self.edge.now
+        now = self.plane.now
         for _ in range(BATCH):
             try:
                 n, addr = sock.recvfrom_into(view)
@@ -208,7 +173,7 @@ class UdpListener:
         view = _view
         bufs = (view,)
         sessions = self.sessions
-        now = self.edge.now
+        now = self.plane.now
         for _ in range(BATCH):
             try:
                 n, anc, flags, addr = sock.recvmsg_into(bufs, _ANC_SIZE)
@@ -220,7 +185,7 @@ class UdpListener:
                 self._read_error(e)
                 return
             if flags & socket.MSG_TRUNC:
-                self.edge.count("udp_dropped", self.name, "oversized")
+                self.plane.counters.inc("udp_dropped", self.name, "oversized")
                 continue
             s = sessions.get(addr)
             if s is None:
@@ -242,30 +207,31 @@ class UdpListener:
 
     def _read_error(self, e: OSError) -> None:
         # An unconnected UDP socket reports no ICMP errors on Linux; anything here is unusual.
-        self.edge.count("udp_dropped", self.name, "read_error")
+        self.plane.counters.inc("udp_dropped", self.name, "read_error")
         log.debug("recv on udp %s:%d: %s", self.host, self.port, e)
 
     def _open(self, addr: tuple[str, int] | tuple[str, int, int, int], cmsg: Cmsg | None,
               exclude: tuple[Server, ...] = ()) -> UdpSession | None:
         """A new session for `addr`, or None (the datagram is dropped and the reason counted)."""
-        edge = self.edge
-        ip = client_ip(addr)
-        reason = edge.udp_refusal(self, ip)
+        plane = self.plane
+        peer = peer_from_sockaddr(addr)
+        reason = plane.admission.refusal("udp", self.name, len(self.sessions), self.rt.settings.max_connections,
+                                         peer.ip)
         if reason is not None:
-            edge.count("refused", self.name, reason)
+            plane.bus.publish(ConnRefused(self.name, peer, reason))
             return None
         try:
-            a: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip)
+            a: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(peer.ip)
         except ValueError:
             a = ipaddress.IPv4Address(0)
         rt = self.rt
         route = rt.table.lookup(Facts(None, None, (), a))
-        if route is None:
-            edge.count("refused", self.name, "no_route")
+        pool = route.action.pool if route is not None else None
+        if route is None or pool is None:
+            plane.bus.publish(ConnRefused(self.name, peer, "no_route"))
             return None
-        pool = route.pool
-        now = edge.clock()
-        key = edge.client_key(ip)
+        now = plane.clock()
+        key = peer.ip.encode()
         tried = exclude
         while len(tried) - len(exclude) <= pool.retries:
             server = pool.pick(key, tried, now)
@@ -273,67 +239,55 @@ class UdpListener:
                 break
             tried += (server,)
             try:
-                up = connect_upstream(server, self.port)
+                up = sockets.upstream_udp(server.target, self.port)
             except OSError as e:
                 if e.errno in _OUT_OF_FDS:
-                    edge.count("refused", self.name, "upstream_socket")
+                    plane.bus.publish(ConnRefused(self.name, peer, "upstream_socket"))
                     log.error("cannot open an upstream UDP socket: %s", e)
                     return None
                 pool.connect_failed(server, now)
-                edge.count("connect_failures", pool.name, server.name)
+                plane.counters.inc("connect_failures", pool.name, server.name)
                 continue
-            s = UdpSession(self, addr, ip, route, server, up, cmsg, rt.settings.udp_idle_timeout)
+            s = UdpSession(self, addr, peer, route, pool, server, up, cmsg, rt.settings.udp_idle_timeout)
             self.sessions[addr] = s
-            edge.loop.add_reader(up.fileno(), s.on_reply)
-            edge.udp_started(s)
+            plane.loop.add_reader(up.fileno(), s.on_reply)
+            plane.admission.add_udp(s)
+            server.udp_sessions += 1
+            plane.bus.publish(UdpSessionStarted(self.name, peer, route.service, server.name))
             return s
-        edge.count("refused", self.name, "no_server" if len(tried) == len(exclude) else "upstream_unreachable")
+        plane.bus.publish(ConnRefused(self.name, peer, "no_server" if len(tried) == len(exclude)
+                                      else "upstream_unreachable"))
         return None
 
     def _move(self, s: UdpSession) -> UdpSession | None:
         """The session's server went down: move the client to another one if there is one."""
-        other = s.route.pool.pick(self.edge.client_key(s.client_ip), (s.server,), self.edge.clock())
+        other = s.pool.pick(s.peer.ip.encode(), (s.server,), self.plane.clock())
         if other is None:
             return s  # nowhere better to go: keep trying the old one
         addr, cmsg = s.client, s.cmsg
-        s.close("moved")
-        self.edge.count("closed", self.name, "udp_moved")
+        s.close("udp_moved")
         return self._open(addr, cmsg, (s.server,))
-
-
-def connect_upstream(server: Server, listen_port: int) -> socket.socket:
-    """A non-blocking UDP socket connected to `server` (no port: the port the datagram came to)."""
-    t = server.target
-    if t.host is None:  # unix: targets are refused for UDP by the config check
-        raise OSError(errno.EAFNOSUPPORT, "UDP cannot go to a unix socket")
-    host = t.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    up = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-    try:
-        up.connect((host, t.port or listen_port))
-    except BaseException:
-        up.close()
-        raise
-    return up
 
 
 class UdpSession:
     """One client address on one UDP port, and its connected upstream socket."""
 
-    __slots__ = ("bytes_in", "bytes_out", "client", "client_ip", "closed", "cmsg", "dgrams_in", "dgrams_out",
-                 "idle", "last", "listener", "route", "server", "up")
+    __slots__ = ("bytes_in", "bytes_out", "client", "closed", "cmsg", "dgrams_in", "dgrams_out", "idle", "last",
+                 "listener", "peer", "pool", "route", "server", "t0", "up")
 
-    def __init__(self, listener: UdpListener, client: tuple[str, int] | tuple[str, int, int, int], ip: str,
-                 route: Route, server: Server, up: socket.socket, cmsg: Cmsg | None, idle: float) -> None:
+    def __init__(self, listener: UdpListener, client: tuple[str, int] | tuple[str, int, int, int], peer: Peer,
+                 route: Route, pool: Pool, server: Server, up: socket.socket, cmsg: Cmsg | None, idle: float) -> None:
         self.listener = listener
-        self.client = client
-        self.client_ip = ip
+        self.client = client  # the address as the socket gave it: replies go back to exactly this
+        self.peer = peer
         self.route = route
+        self.pool = pool
         self.server = server
         self.up = up
         self.cmsg = cmsg
         self.idle = idle
-        self.last = listener.edge.now
+        self.last = listener.plane.now
+        self.t0 = listener.plane.loop.time()
         self.bytes_in = 0  # client → upstream
         self.bytes_out = 0  # upstream → client
         self.dgrams_in = 0
@@ -366,40 +320,48 @@ class UdpSession:
                 else:
                     sock.sendmsg((view[:n],), cmsg, 0, addr)
             except OSError as e:
-                lst.edge.count("udp_dropped", lst.name, "client_buffer_full" if isinstance(e, BlockingIOError)
-                               else "client_send_error")
+                lst.plane.counters.inc("udp_dropped", lst.name, "client_buffer_full" if isinstance(e, BlockingIOError)
+                                       else "client_send_error")
                 continue
             got += 1
             nbytes += n
         if got:
             self.dgrams_out += got
             self.bytes_out += nbytes
-            self.last = lst.edge.now
+            self.last = lst.plane.now
 
     def send_error(self, e: OSError) -> None:
         lst = self.listener
         if isinstance(e, BlockingIOError):
-            lst.edge.count("udp_dropped", lst.name, "upstream_buffer_full")
+            lst.plane.counters.inc("udp_dropped", lst.name, "upstream_buffer_full")
         else:
             self.upstream_error(e)
 
     def upstream_error(self, e: OSError) -> None:
-        edge = self.listener.edge
-        pool = self.route.pool
+        plane = self.listener.plane
+        pool = self.pool
         if e.errno == errno.ECONNREFUSED:
             # Nothing listens on the upstream port: passive health, like a refused TCP connect.
-            pool.connect_failed(self.server, edge.clock())
-            edge.count("connect_failures", pool.name, self.server.name)
-        edge.count("udp_dropped", self.listener.name, "upstream_" + (errno.errorcode.get(e.errno or 0, "error").lower()))
+            pool.connect_failed(self.server, plane.clock())
+            plane.counters.inc("connect_failures", pool.name, self.server.name)
+        plane.counters.inc("udp_dropped", self.listener.name,
+                           "upstream_" + (errno.errorcode.get(e.errno or 0, "error").lower()))
 
     def close(self, reason: str = "closed") -> None:
         if self.closed:
             return
         self.closed = True
         lst = self.listener
-        edge = lst.edge
-        edge.loop.remove_reader(self.up.fileno())
+        plane = lst.plane
+        plane.loop.remove_reader(self.up.fileno())
         self.up.close()
         if lst.sessions.get(self.client) is self:
             del lst.sessions[self.client]
-        edge.udp_ended(self)
+        plane.admission.remove_udp(self)
+        srv = self.server
+        srv.udp_sessions -= 1
+        srv.bytes_in += self.bytes_in
+        srv.bytes_out += self.bytes_out
+        plane.bus.publish(UdpSessionEnded(lst.name, self.peer, self.route.service, srv.name, self.bytes_in,
+                                          self.bytes_out, self.dgrams_in, self.dgrams_out,
+                                          plane.loop.time() - self.t0, reason))

@@ -9,23 +9,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from ..config.schema import HealthCheck
+from ..config.units import Target
 from .pool import Pool, Server
+
+HealthListener = Callable[[Pool, Server, bool], None]
+# Opens a stream to a target (net/sockets.py's `open_stream`: the edge passes it in, so that every
+# socket is made in one place while this module stays below the network layer).
+Connector = Callable[[Target, int | None], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def _asyncio_connect(t: Target, port: int | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if t.unix_path is not None:
+        return await asyncio.open_unix_connection(t.unix_path)
+    assert t.host is not None and port is not None
+    return await asyncio.open_connection(t.host, port)
 
 log = logging.getLogger("edgeward.health")
 
 
-async def check_once(server: Server, hc: HealthCheck) -> bool:
+async def check_once(server: Server, hc: HealthCheck, connect: Connector = _asyncio_connect) -> bool:
     t = server.target
     port = hc.port or t.port
     try:
         async with asyncio.timeout(hc.timeout):
-            if t.unix_path is not None:
-                reader, writer = await asyncio.open_unix_connection(t.unix_path)
-            else:
-                assert t.host is not None and port is not None
-                reader, writer = await asyncio.open_connection(t.host, port)
+            reader, writer = await connect(t, port)
             try:
                 if hc.http is None:
                     return True
@@ -45,10 +55,13 @@ async def check_once(server: Server, hc: HealthCheck) -> bool:
 
 
 class HealthChecker:
-    """One task per checked pool; marks servers up/down after rise/fall results."""
+    """One task per checked pool; marks servers up/down after rise/fall results and tells `on_change`."""
 
-    def __init__(self, pools: list[Pool]) -> None:
+    def __init__(self, pools: list[Pool], on_change: HealthListener | None = None,
+                 connect: Connector = _asyncio_connect) -> None:
         self.pools = [p for p in pools if isinstance(p.health, HealthCheck)]
+        self.on_change = on_change
+        self.connect = connect
         self._tasks: list[asyncio.Task[None]] = []
         self._streak: dict[int, int] = {}
 
@@ -68,7 +81,7 @@ class HealthChecker:
         hc = pool.health
         assert isinstance(hc, HealthCheck)
         while True:
-            results = await asyncio.gather(*(check_once(s, hc) for s in pool.servers))
+            results = await asyncio.gather(*(check_once(s, hc, self.connect) for s in pool.servers))
             for s, ok in zip(pool.servers, results, strict=True):
                 self._apply(pool, s, ok, hc)
             await asyncio.sleep(hc.interval)
@@ -85,4 +98,6 @@ class HealthChecker:
             s.healthy = ok
             streak = 0
             log.warning("pool %s server %s is now %s", pool.name, s.name, "UP" if ok else "DOWN")
+            if self.on_change is not None:
+                self.on_change(pool, s, ok)
         self._streak[k] = streak

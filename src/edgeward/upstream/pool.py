@@ -1,4 +1,11 @@
-"""Pools of upstream servers: picking, passive health, draining.
+"""Pools of upstream servers: picking, passive health, draining; their per-process state.
+
+A `Pool` and its `Server`s are this process's live view of a configured pool:
+health, active counts, traffic and balancer position change as it runs, and a
+worker process has its own. `Upstreams` owns them: the runtime built from a
+config (immutable route tables) gets its pools from `Upstreams.pool`, which
+hands back the same `Server` objects for the members a reload keeps, so health
+and counts survive reloads.
 
 Balancing:
 - round-robin: smooth weighted round-robin (nginx's), so weights interleave.
@@ -15,7 +22,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from ..config.units import Target
+from ..config.schema import PoolSettings
+from ..config.units import Target, parse_target
 
 
 @dataclass(slots=True, eq=False)
@@ -111,3 +119,35 @@ def _hrw_score(client: bytes, server: Server) -> float:
     # Map to (0, 1] and weight it: score = -w / ln(u) (weighted rendezvous hashing).
     u = (h + 1) / 2.0**64
     return -server.weight / math.log(u) if u < 1.0 else math.inf
+
+
+class Upstreams:
+    """This process's live pools, by name; the same Server objects across reloads."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, Pool] = {}
+        self._servers: dict[tuple[str, str], Server] = {}
+
+    def pool(self, name: str, ps: PoolSettings) -> Pool:
+        """The live pool for `ps`, reusing the Server of every member it had before."""
+        servers = []
+        for item in ps.servers:
+            address, weight, drain = (item, 1, False) if isinstance(item, str) else (item.address, item.weight, item.drain)
+            t = parse_target(address)
+            s = self._servers.get((name, str(t)))
+            if s is None:
+                s = self._servers[(name, str(t))] = Server(t)
+            s.weight, s.drain = weight, drain
+            servers.append(s)
+        p = Pool(name, servers, balance=ps.balance, connect_timeout=ps.connect_timeout, retries=ps.retries,
+                 proxy_protocol=ps.proxy_protocol, failures_to_down=ps.passive.failures,
+                 down_for=ps.passive.down_for, health=ps.health)
+        self.pools[name] = p
+        return p
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget pools a new runtime no longer has (their live connections keep their objects)."""
+        for name in [n for n in self.pools if n not in names]:
+            del self.pools[name]
+        self._servers = {k: v for k, v in self._servers.items()
+                         if k[0] in self.pools and v in self.pools[k[0]].servers}

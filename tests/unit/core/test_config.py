@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from edgeward.app import build_runtime
 from edgeward.config.loader import ConfigError, loads
 from edgeward.config.schema import json_schema
 from edgeward.config.units import parse_bind, parse_duration, parse_size, parse_target
-from edgeward.server import build_runtime
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -7,12 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeward.config.units import parse_target
+from edgeward.net.forward import Forward
 from edgeward.routing import Facts, RouteTable, make_route
 from edgeward.upstream.pool import Pool, Server
 
 
 def pool(name: str, *addrs: str, balance: str = "round-robin") -> Pool:
     return Pool(name, [Server(parse_target(a)) for a in addrs], balance=balance)
+
+
+def fwd(p: Pool) -> Forward:
+    return Forward(p, "off", 1.0)
 
 
 def facts(name: str | None = None, protocol: str | None = "tls", alpn: tuple[str, ...] = (), ip: str = "192.0.2.1") -> Facts:
@@ -22,13 +27,13 @@ def facts(name: str | None = None, protocol: str | None = "tls", alpn: tuple[str
 def test_most_specific_wins() -> None:
     P = {n: pool(n, "127.0.0.1:1") for n in "abcdefg"}
     table = RouteTable([
-        make_route("default", P["a"], "off", 1, [], None, [], []),
-        make_route("wild", P["b"], "off", 1, ["*.example.org"], None, [], []),
-        make_route("deepwild", P["c"], "off", 1, ["*.dev.example.org"], None, [], []),
-        make_route("exact", P["d"], "off", 1, ["www.example.org"], None, [], []),
-        make_route("xmpp", P["e"], "off", 1, ["www.example.org"], None, ["xmpp-client"], []),
-        make_route("lan", P["f"], "off", 1, [], None, [], ["10.0.0.0/8"]),
-        make_route("ssh", P["g"], "off", 1, [], "ssh", [], []),
+        make_route("default", fwd(P["a"]), [], None, [], []),
+        make_route("wild", fwd(P["b"]), ["*.example.org"], None, [], []),
+        make_route("deepwild", fwd(P["c"]), ["*.dev.example.org"], None, [], []),
+        make_route("exact", fwd(P["d"]), ["www.example.org"], None, [], []),
+        make_route("xmpp", fwd(P["e"]), ["www.example.org"], None, ["xmpp-client"], []),
+        make_route("lan", fwd(P["f"]), [], None, [], ["10.0.0.0/8"]),
+        make_route("ssh", fwd(P["g"]), [], "ssh", [], []),
     ])
     def svc(f: Facts) -> str | None:
         r = table.lookup(f)
@@ -45,7 +50,7 @@ def test_most_specific_wins() -> None:
 
 
 def test_address_only_table_needs_no_sniff() -> None:
-    t = RouteTable([make_route("fwd", pool("p", "127.0.0.1:1"), "off", 1, [], None, [], ["10.0.0.0/8"])])
+    t = RouteTable([make_route("fwd", fwd(pool("p", "127.0.0.1:1")), [], None, [], ["10.0.0.0/8"])])
     assert not t.needs_sniff
 
 

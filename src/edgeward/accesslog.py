@@ -1,0 +1,148 @@
+"""The access log: one line per closed TCP connection and per ended UDP session.
+
+A subscriber of the event bus. The event loop only appends (time, event) to a
+queue; a writer thread formats and writes, so a slow disk never stalls the
+data plane. The queue is bounded: past `MAX_PENDING` unwritten lines new ones
+are dropped and counted (`dropped`), never buffered without limit.
+
+Text lines are logfmt (`key=value`, values quoted only when they need it), so
+they are easy to grep, to parse, and to feed a fail2ban-style filter:
+
+    2026-12-01T12:00:00.123Z tcp client=203.0.113.5:51234 listener=tls service=web upstream=10.0.0.2:443 in=517 out=3120 duration=0.153 end=done
+
+JSON lines carry the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from typing import IO
+
+from .events import ConnClosed, EventBus, UdpSessionEnded
+
+log = logging.getLogger("edgeward.accesslog")
+
+MAX_PENDING = 100_000
+_STOP = object()
+
+
+def _ts(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def fields(ev: ConnClosed | UdpSessionEnded) -> dict[str, object]:
+    """The fields of one line, in order."""
+    out: dict[str, object] = {
+        "client": str(ev.peer), "listener": ev.listener, "service": ev.service or "-",
+        "upstream": ev.upstream or "-", "in": ev.bytes_in, "out": ev.bytes_out,
+    }
+    if isinstance(ev, UdpSessionEnded):
+        out["datagrams_in"] = ev.datagrams_in
+        out["datagrams_out"] = ev.datagrams_out
+    out["duration"] = round(ev.duration, 3)
+    out["end"] = ev.reason
+    if ev.peer.via_proxy:
+        out["via"] = "proxy"  # the client address came from a trusted PROXY header
+    return out
+
+
+def _logfmt_value(v: object) -> str:
+    s = str(v)
+    if s and not any(c in s for c in ' "=\\\n\t'):
+        return s
+    return json.dumps(s)
+
+
+def format_text(t: float, ev: ConnClosed | UdpSessionEnded) -> str:
+    kind = "udp" if isinstance(ev, UdpSessionEnded) else "tcp"
+    return f"{_ts(t)} {kind} " + " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields(ev).items())
+
+
+def format_json(t: float, ev: ConnClosed | UdpSessionEnded) -> str:
+    kind = "udp" if isinstance(ev, UdpSessionEnded) else "tcp"
+    return json.dumps({"time": _ts(t), "kind": kind, **fields(ev)}, separators=(",", ":"))
+
+
+class AccessLog:
+    """Writes access-log lines to a file (appending; reopened on SIGHUP-driven `reopen`) or stdout."""
+
+    def __init__(self, path: str, fmt: str = "text") -> None:
+        self.path = path
+        self.format = format_json if fmt == "json" else format_text
+        self.dropped = 0
+        self.written = 0
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._out: IO[str] = self._open()
+        self._reopen = False
+        self._thread = threading.Thread(target=self._run, name="edgeward-accesslog", daemon=True)
+        self._unsubscribe: list[object] = []
+
+    def _open(self) -> IO[str]:
+        if self.path in ("-", "stdout"):
+            return sys.stdout
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        return os.fdopen(fd, "a", encoding="utf-8", buffering=1 << 16)
+
+    def attach(self, bus: EventBus) -> None:
+        q = self._q
+
+        def put(ev: ConnClosed | UdpSessionEnded) -> None:
+            if q.qsize() >= MAX_PENDING:
+                self.dropped += 1
+                return
+            q.put((time.time(), ev))
+        self._unsubscribe = [bus.subscribe(ConnClosed, put), bus.subscribe(UdpSessionEnded, put)]
+        self._thread.start()
+
+    def reopen(self) -> None:
+        """Reopen the file at its path (after logrotate moved it): done by the writer thread."""
+        self._reopen = True
+
+    def close(self) -> None:
+        for unsub in self._unsubscribe:
+            unsub()  # type: ignore[operator]
+        if self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(5)
+        if self._out is not sys.stdout:
+            self._out.close()
+
+    def _run(self) -> None:
+        q = self._q
+        out = self._out
+        while True:
+            item = q.get()
+            batch = [item]
+            while len(batch) < 4096:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            lines = []
+            for it in batch:
+                if it is _STOP:
+                    stop = True
+                    continue
+                assert isinstance(it, tuple)
+                lines.append(self.format(it[0], it[1]))
+            try:
+                if self._reopen and out is not sys.stdout:
+                    self._reopen = False
+                    out.close()
+                    out = self._out = self._open()
+                if lines:
+                    out.write("\n".join(lines) + "\n")
+                    out.flush()
+                    self.written += len(lines)
+            except (OSError, ValueError) as e:
+                self.dropped += len(lines)
+                log.error("access log %s: %s", self.path, e)
+            if stop:
+                return

@@ -1,0 +1,279 @@
+"""The running edge (one process): its listeners, and their start, reload, drain and stop.
+
+The `Edge` owns the listening sockets and the data plane's context
+(`net.plane.DataPlane`: event bus, counters, admission, live connections); the
+runtime it serves comes from `build` (app.py passes in how a config becomes a
+runtime). A reload builds a new runtime and swaps it into the listeners;
+connections keep the one they started with, and unchanged listening sockets
+stay open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import resource
+import signal
+import time
+from collections.abc import Callable
+
+from .admission import Admission
+from .config.loader import ConfigError
+from .config.schema import Config
+from .events import EventBus, HealthChanged
+from .net import sockets
+from .net.pipes import HAS_SPLICE
+from .net.plane import DataPlane
+from .net.tcp import TcpListener, listener_settings_summary
+from .net.udp import UdpListener
+from .runtime import ListenerKey, Runtime
+from .stats import Counters, Stats
+from .upstream.health import HealthChecker
+from .upstream.pool import Pool, Server, Upstreams
+
+log = logging.getLogger("edgeward")
+
+RuntimeBuilder = Callable[[Config, Upstreams], Runtime]
+ConfigLoader = Callable[[str], Config]
+
+
+def raise_nofile(want: int | str) -> tuple[int, int]:
+    """Raise the open-files soft limit (to the hard limit for "max"); returns (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if want == "max" else int(want)
+    if hard != resource.RLIM_INFINITY and target > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target, target
+        except (ValueError, OSError):
+            log.warning("cannot raise the open-files hard limit from %d to %d (needs root); using %d", hard, target, hard)
+            target = hard
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-files limit to %d: %s", target, e)
+    return soft, hard
+
+
+class BindError(Exception):
+    pass
+
+
+class Edge:
+    """Listeners, the data plane they feed, and the lifecycle around them."""
+
+    def __init__(self, config_path: str | None, cfg: Config, build: RuntimeBuilder, load: ConfigLoader,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.config_path = config_path
+        self.build = build
+        self.load = load
+        self.loop = loop or asyncio.get_event_loop()
+        self.bus = EventBus()
+        self.counters = Counters()
+        self.stats = Stats(self.bus, self.counters)
+        self.upstreams = Upstreams()
+        self.runtime = build(cfg, self.upstreams)
+        self.plane = DataPlane(self.loop, Admission(cfg.edge), self.bus, self.counters, cfg.edge.splice)
+        self.listeners: dict[ListenerKey, TcpListener] = {}
+        self.udp_listeners: dict[ListenerKey, UdpListener] = {}
+        self.health = self._health_checker(self.runtime)
+        self.nofile: tuple[int, int] = (0, 0)
+        self.started_at = time.time()
+        self.reloads = 0
+        self.on_reload: list[Callable[[Runtime], None]] = []  # parts that follow the config (the HTTP layer...)
+        # Parts plugged in at start (the guard) add their own sections to `status`.
+        self.extra_status: dict[str, Callable[[], object]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def admission(self) -> Admission:
+        return self.plane.admission
+
+    def _health_checker(self, rt: Runtime) -> HealthChecker:
+        def changed(pool: Pool, server: Server, healthy: bool) -> None:
+            self.bus.publish(HealthChanged(pool.name, server.name, healthy))
+        return HealthChecker(list(rt.pools.values()), changed, sockets.open_stream)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.nofile = raise_nofile(self.runtime.config.edge.nofile)
+        log.info("open-files limit: soft %d, hard %d", *self.nofile)
+        self._open_listeners(self.runtime)
+        self._resume_all()
+        self.health.start()
+        self._sweeper = self.loop.create_task(self._sweep())
+        log.info("edgeward started: %d TCP and %d UDP listeners, splice=%s", len(self.listeners),
+                 len(self.udp_listeners), self.plane.splice)
+
+    def _resume_all(self) -> None:
+        for lst in self.listeners.values():
+            lst.resume()
+        for ulst in self.udp_listeners.values():
+            ulst.resume()
+
+    def _open_listeners(self, rt: Runtime) -> None:
+        """Bind what is new, keep what is unchanged, close what is gone. All-or-nothing on bind errors."""
+        plane = self.plane
+        opened: dict[ListenerKey, TcpListener] = {}
+        opened_udp: dict[ListenerKey, UdpListener] = {}
+        try:
+            for key, lrt in rt.listeners.items():
+                transport, host, port = key
+                if transport == "udp":
+                    ucur = self.udp_listeners.get(key)
+                    if ucur is None:
+                        opened_udp[key] = UdpListener(plane, host, port, lrt,
+                                                      sockets.bind_udp(host, port, lrt.settings.reuseport))
+                    elif ucur.rt.settings.reuseport != lrt.settings.reuseport:
+                        # A new SO_REUSEPORT setting needs a new socket on the same port; sessions stay.
+                        try:
+                            ucur.rebind(functools.partial(sockets.bind_udp, host, port, lrt.settings.reuseport))
+                        except OSError:
+                            ucur.close()
+                            del self.udp_listeners[key]
+                            raise
+                    continue
+                cur = self.listeners.get(key)
+                if cur is not None:
+                    if listener_settings_summary(cur.rt.settings) == listener_settings_summary(lrt.settings):
+                        continue
+                    # Options changed: a new socket needs the port, so close and rebind.
+                    cur.close()
+                    del self.listeners[key]
+                sock = sockets.listen_tcp(host, port, lrt.settings.backlog, lrt.settings.reuseport)
+                opened[key] = TcpListener(plane, host, port, lrt, sock)
+        except OSError as e:
+            for lst in opened.values():
+                lst.close()
+            for ulst in opened_udp.values():
+                ulst.close()
+            raise ConfigError([]) from BindError(f"cannot bind: {e.strerror or e}")
+        for key, lst in list(self.listeners.items()):
+            if key not in rt.listeners:
+                lst.close()
+                del self.listeners[key]
+            else:
+                lst.rt = rt.listeners[key]
+                lst.name = lst.rt.name
+        for key, ulst in list(self.udp_listeners.items()):
+            if key not in rt.listeners:
+                ulst.close()  # its sessions end: their replies could not reach the clients any more
+                del self.udp_listeners[key]
+            else:
+                ulst.rt = rt.listeners[key]  # new sessions use the new runtime; live ones keep theirs
+                ulst.name = ulst.rt.name
+        self.listeners.update(opened)
+        self.udp_listeners.update(opened_udp)
+
+    def reload(self) -> bool:
+        """Re-read the config; on any error keep the running one. Returns True if applied."""
+        if self.config_path is None:
+            return False
+        try:
+            cfg = self.load(self.config_path)
+            rt = self.build(cfg, self.upstreams)
+            self._open_listeners(rt)
+        except ConfigError as e:
+            log.error("reload rejected, keeping the running config:\n%s", e.__cause__ or e)
+            self.counters.inc("reloads", "rejected")
+            return False
+        except OSError as e:
+            log.error("reload rejected, keeping the running config: %s", e)
+            self.counters.inc("reloads", "rejected")
+            return False
+        old_health = self.health
+        self.runtime = rt
+        self.upstreams.keep_only(set(rt.pools))
+        self.plane.admission.settings = cfg.edge
+        self.plane.splice = HAS_SPLICE and cfg.edge.splice
+        self.health = self._health_checker(rt)
+        self.loop.create_task(old_health.stop())
+        self.health.start()
+        for fn in self.on_reload:
+            fn(rt)
+        if not self.plane.admission.draining:
+            self._resume_all()
+        self.reloads += 1
+        self.counters.inc("reloads", "applied")
+        log.info("reloaded %s: %d TCP and %d UDP listeners", self.config_path, len(self.listeners),
+                 len(self.udp_listeners))
+        return True
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting; let connections finish up to the drain timeout; then close the rest.
+
+        UDP listeners stay open while TCP connections drain, forwarding for the sessions they
+        have (admission refuses new ones); they close with everything else at the end."""
+        self.plane.admission.draining = True
+        for lst in self.listeners.values():
+            lst.close()
+        self.listeners.clear()
+        limit = self.runtime.config.edge.drain_timeout if timeout is None else timeout
+        deadline = self.loop.time() + limit
+        conns = self.plane.conns
+        while conns and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if conns:
+            log.info("drain timeout: closing %d connections", len(conns))
+        for c in list(conns):
+            c.close("drain")
+        await self.stop()
+
+    async def stop(self) -> None:
+        for lst in self.listeners.values():
+            lst.close()
+        self.listeners.clear()
+        for ulst in self.udp_listeners.values():
+            ulst.close("stop")
+        self.udp_listeners.clear()
+        for c in list(self.plane.conns):
+            c.close("stop")
+        await self.health.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self.plane.pipes.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signals(self) -> None:
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.loop.add_signal_handler(signal.SIGTERM, lambda: self.loop.create_task(self.drain()))
+        self.loop.add_signal_handler(signal.SIGINT, lambda: self.loop.create_task(self.drain(0)))
+
+    async def _sweep(self) -> None:
+        """Once a second: refresh the coarse clock connections stamp activity with; close idle ones."""
+        plane = self.plane
+        while True:
+            await asyncio.sleep(1.0)
+            plane.now = now = time.monotonic()
+            for c in [c for c in plane.conns if now - c.last > c.rt.settings.idle_timeout]:
+                if c.flows is not None:
+                    c.close("idle_timeout")
+                else:
+                    c.fail("sniff_stalled")
+            if plane.admission.udp_count:
+                for ulst in list(self.udp_listeners.values()):
+                    if ulst.sessions:
+                        ulst.sweep(now)
+
+    # ------------------------------------------------------------------ admin actions
+    def close_client(self, ip: str, listeners: frozenset[str] | None = None) -> int:
+        """Close every connection and UDP session of `ip` (on the given listeners, default all)."""
+        return self.plane.admission.close_client(ip, listeners)
+
+    def set_drain(self, pool: str, server: str, drain: bool) -> bool:
+        p = self.runtime.pools.get(pool)
+        s = p.find(server) if p is not None else None
+        if s is None:
+            return False
+        s.drain = drain
+        return True

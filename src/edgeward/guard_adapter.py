@@ -1,0 +1,113 @@
+"""The guard wired to the edge: bans at admission, edge events as jail sources, admin routes.
+
+The guard core (guard/) knows nothing of the edge; this adapter is the only
+place the two meet. The guard starts before the first listener accepts (so
+restored bans hold from the first connection); admission asks the guard's ban
+set about every new client; a new ban closes the address's live connections
+and sessions on the listeners it protects; what the edge sees itself (protocol
+errors, sniff timeouts, every connection for flood jails) reaches the jails
+that subscribed to `edge:<kind>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config.schema import Config
+from .events import BanAdded, BanLifted, ConnAccepted, ProtocolError, UdpSessionStarted
+from .guard.integration import guard_config
+from .guard.service import Guard, GuardError
+
+if TYPE_CHECKING:
+    from .admin.api import AdminAPI
+    from .edge import Edge
+
+log = logging.getLogger("edgeward.guard")
+
+# Edge-observed kinds → the broad source a jail subscribes to ("edge:sniff", "edge:proto").
+_SNIFF_KINDS = frozenset({"sniff_timeout", "sniff_half_closed"})
+
+
+class GuardAdapter:
+    def __init__(self, edge: Edge, guard: Guard) -> None:
+        self.edge = edge
+        self.guard = guard
+        self._unsub: list[Callable[[], object]] = []
+
+    @classmethod
+    def from_config(cls, edge: Edge, cfg: Config) -> GuardAdapter:
+        """Always present: even without jails, `edgeward ban` works and bans persist."""
+        Path(cfg.edge.state_dir).mkdir(parents=True, exist_ok=True)
+        return cls(edge, Guard(guard_config(cfg)))
+
+    async def start(self) -> None:
+        guard, edge = self.guard, self.edge
+        await guard.start()
+        edge.admission.bans = guard.banset
+        edge.extra_status["guard"] = guard.status
+        report = guard.events.report
+        bus = edge.bus
+
+        def on_error(ev: ProtocolError) -> None:
+            # Jails subscribe to broad kinds; the detail says which.
+            report(ev.peer.ip, "sniff" if ev.kind in _SNIFF_KINDS else "proto", f"{ev.listener} {ev.kind}")
+
+        self._unsub.append(bus.subscribe(ProtocolError, on_error))
+        if any("edge:conn" in j.sources for j in guard.config.jails):
+            def on_conn(ev: ConnAccepted | UdpSessionStarted) -> None:
+                report(ev.peer.ip, "conn", ev.listener)
+            self._unsub.append(bus.subscribe(ConnAccepted, on_conn))
+            self._unsub.append(bus.subscribe(UdpSessionStarted, on_conn))
+        self._unsub.append(guard.banset.on_ban(self._on_ban))
+        self._unsub.append(guard.banset.on_unban(lambda addr: bus.publish(BanLifted(addr))))
+
+    def _on_ban(self, addr: str, listeners: frozenset[str] | None) -> None:
+        n = self.edge.close_client(addr, listeners)
+        if n:
+            log.info("closed %d connection(s) of banned %s", n, addr)
+        self.edge.bus.publish(BanAdded(addr, listeners))
+
+    async def stop(self) -> None:
+        for u in self._unsub:
+            u()
+        await self.guard.stop()
+
+    def register(self, admin: AdminAPI) -> None:
+        admin.add_route("GET", "/bans", self._bans)
+        admin.add_route("GET", "/guard", self._status)
+        admin.add_route("POST", "/ban", self._ban)
+        admin.add_route("POST", "/unban", self._unban)
+
+    async def _bans(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        return 200, self.guard.bans()
+
+    async def _status(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        given = query.get("jail")
+        jail = given[0] if given else None
+        try:
+            return 200, self.guard.status(jail)
+        except (GuardError, KeyError) as e:
+            return 404, {"error": str(e)}
+
+    async def _ban(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or "addr" not in body:
+            return 400, {"error": "body must be {\"addr\": ..., \"jail\": ...}"}
+        try:
+            ipaddress.ip_address(str(body["addr"]).strip("[]"))
+            rec = await self.guard.ban(str(body.get("jail") or "manual"), str(body["addr"]),
+                                       str(body.get("reason") or "manual ban"), body.get("bantime"))
+        except (GuardError, ValueError, KeyError) as e:
+            return 400, {"error": str(e)}
+        return 200, rec
+
+    async def _unban(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        body = body or {}
+        try:
+            lifted = await self.guard.unban(body.get("addr"), all=bool(body.get("all")), jail=body.get("jail"))
+        except (GuardError, ValueError) as e:
+            return 400, {"error": str(e)}
+        return 200, {"unbanned": lifted}

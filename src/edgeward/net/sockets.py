@@ -1,0 +1,111 @@
+"""Every socket the edge makes: listening (TCP, UDP) and upstream (TCP, UDP, Unix).
+
+One place for socket options, so that a new one (IP_TRANSPARENT to connect
+upstream from the client's own address, say) is added once and applies to the
+data plane and the health checks alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import ipaddress
+import socket
+
+from ..config.units import Target
+
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11 does not export it
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def listen_tcp(host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket."""
+    s = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def bind_udp(host: str, port: int, reuseport: bool) -> socket.socket:
+    """A bound non-blocking UDP socket. No SO_REUSEADDR: for UDP it would let a second socket
+    (another process, a stale edge) silently share the port and steal datagrams. On a wildcard
+    address it reports each datagram's destination (pktinfo), so replies can leave from it."""
+    family = family_of(host)
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if is_wildcard(host):
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        s.bind((host, port))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def upstream_tcp(target: Target, default_port: int) -> tuple[socket.socket, object]:
+    """A non-blocking stream socket for `target` and the address to connect it to (no port in the
+    target: `default_port`, the port the client came to). Raises OSError."""
+    if target.unix_path is not None:
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix_path
+    host = target.host
+    assert host is not None
+    s = socket.socket(family_of(host), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        s.close()
+        raise
+    return s, (host, target.port or default_port)
+
+
+def upstream_udp(target: Target, default_port: int) -> socket.socket:
+    """A non-blocking UDP socket connected to `target` (no port: `default_port`)."""
+    if target.host is None:  # unix: targets are refused for UDP by the config check
+        raise OSError(errno.EAFNOSUPPORT, "UDP cannot go to a unix socket")
+    host = target.host
+    up = socket.socket(family_of(host), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    try:
+        up.connect((host, target.port or default_port))
+    except BaseException:
+        up.close()
+        raise
+    return up
+
+
+async def open_stream(target: Target, port: int | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An asyncio stream to `target` (at `port` if given), for control-plane clients (health checks)."""
+    t = target if port is None or target.unix_path is not None else dataclasses.replace(target, port=port)
+    sock, addr = upstream_tcp(t, port or 0)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, addr)  # type: ignore[arg-type]
+    except BaseException:
+        sock.close()
+        raise
+    if target.unix_path is not None:
+        return await asyncio.open_unix_connection(sock=sock)
+    return await asyncio.open_connection(sock=sock)
