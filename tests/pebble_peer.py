@@ -49,7 +49,8 @@ class Pebble:
 
 
 @contextlib.contextmanager
-def pebble(tmp: Path, *, validity: int = 3600, resolve: tuple[str, ...] = ()) -> Iterator[Pebble]:
+def pebble(tmp: Path, *, validity: int = 3600, resolve: tuple[str, ...] = (), port: int | None = None) -> Iterator[Pebble]:
+    """`port`: the directory's port (the same URL again plays a CA that lost its state)."""
     exe = require("pebble")
     challtestsrv = require("pebble-challtestsrv")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def pebble(tmp: Path, *, validity: int = 3600, resolve: tuple[str, ...] = ()) ->
     server_cert.private_key_pem.write_to_path(str(key_pem))
     server_cert.cert_chain_pems[0].write_to_path(str(cert_pem))
     ca.cert_pem.write_to_path(str(ca_file))
-    listen, mgmt, http_port, tls_port = free_port(), free_port(), free_port(), free_port()
+    listen, mgmt, http_port, tls_port = port or free_port(), free_port(), free_port(), free_port()
     dns_port, dns_mgmt = free_port(), free_port()
     config = tmp / "pebble.json"
     config.write_text(json.dumps({"pebble": {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import logging
 import socket
 import ssl
 import stat
@@ -28,7 +29,7 @@ from edgeward.config.schema import AcmeSettings
 from edgeward.tls.acme import AcmeManager
 from edgeward.tls.certstore import CertStore
 from pebble_peer import Pebble, pebble
-from support import require
+from support import free_port, require
 
 pytestmark = pytest.mark.peer("pebble")
 
@@ -193,6 +194,42 @@ def test_http01_issuance_verified_by_python_and_openssl_then_restart_loads_witho
             await ports2.close()
 
     run(tmp_path, {}, body)
+
+
+def test_a_reset_ca_forgetting_the_account_gets_the_same_key_registered_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "edgeward.acme")
+    state = tmp_path / "state"
+
+    async def first(peer: Pebble, tmp: Path) -> None:
+        peer.add_a("one.test")
+        manager, _store, ports = await with_edge(peer, state, ["one.test"])
+        try:
+            await wait_for(lambda: manager.status()["one.test"]["state"] == "valid", 60, "one.test")
+        finally:
+            await manager.close()
+            await ports.close()
+
+    async def second(peer: Pebble, tmp: Path) -> None:  # a new pebble: it knows no account
+        peer.add_a("two.test")
+        manager, _store, ports = await with_edge(peer, state, ["one.test", "two.test"])
+        try:
+            assert manager.status()["one.test"]["state"] == "valid"  # from the state dir
+            await wait_for(lambda: manager.status()["two.test"]["state"] == "valid", 60, "two.test")
+            assert manager.status()["two.test"]["failures"] == 0
+            assert manager.status()["one.test"]["last_issued"] is None
+        finally:
+            await manager.close()
+            await ports.close()
+
+    keys = lambda: sorted(p.read_bytes() for p in (state / "acme").glob("accounts/*/account.key"))  # noqa: E731
+    port = free_port()
+    run(tmp_path / "a", {"port": port}, first)
+    key_before = keys()
+    run(tmp_path / "b", {"port": port}, second)
+    assert keys() == key_before and len(key_before) == 1
+    assert "does not know the account any more; registering again" in caplog.text
+    assert caplog.text.count("account registered at") == 2
 
 
 def test_tls_alpn01_issuance_through_the_store_while_other_clients_are_served(tmp_path: Path) -> None:

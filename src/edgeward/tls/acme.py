@@ -372,9 +372,6 @@ class AcmeManager:
             st.cursor += 1
             log.warning("acme: %s: attempt %d failed: %s; next attempt in %s", st.name, st.failures,
                         st.last_error, _human(delay))
-            if isinstance(exc, messages.Error) and exc.code in ("accountDoesNotExist", "unauthorized") \
-                    and "account" in (exc.detail or "").lower() + (exc.code or ""):
-                self._forget_account()
         else:
             st.cert, st.state, st.failures, st.last_error = cert, "valid", 0, None
             st.last_issued = self.clock()
@@ -400,7 +397,16 @@ class AcmeManager:
         csr_pem = crypto_util.make_csr(key_pem, [st.name])
         acme_client = client.ClientV2(account.directory, account.network())
         log.info("acme: %s: ordering a certificate from %s", st.name, self.settings.directory)
-        orderr = await run(acme_client.new_order, csr_pem)
+        try:
+            orderr = await run(acme_client.new_order, csr_pem)
+        except messages.Error as exc:
+            if exc.code != "accountDoesNotExist":
+                raise
+            # The CA forgot the account (a reset CA, a test CA restarted): register the same key again.
+            log.warning("acme: %s does not know the account any more; registering again", self.settings.directory)
+            account = await self._ensure_account(stale=account)
+            acme_client = client.ClientV2(account.directory, account.network())
+            orderr = await run(acme_client.new_order, csr_pem)
         cleanups: list[Callable[[], None]] = []
         try:
             for authzr in orderr.authorizations:
@@ -454,22 +460,19 @@ class AcmeManager:
         host = re.sub(r"[^A-Za-z0-9.-]", "_", url.hostname or "directory")
         return self.root / "accounts" / f"{host}-{url.port or 443}-{digest}"
 
-    async def _ensure_account(self) -> _Account:
+    async def _ensure_account(self, *, stale: _Account | None = None) -> _Account:
+        """The account, loaded or registered once; `stale`: the CA forgot that one, register again
+        (unless another order already did)."""
         async with self._account_lock:
-            if self._account is None:
+            current = self._account
+            if current is None or (stale is not None and current is stale):
                 loop = asyncio.get_running_loop()
-                self._account = await loop.run_in_executor(self._executor, self._load_or_register)
-            return self._account
+                current = await loop.run_in_executor(self._executor, self._load_or_register, stale is not None)
+                self._account = current
+            return current
 
-    def _forget_account(self) -> None:
-        # The CA no longer knows the account (a reset test CA, a deactivated account): register
-        # the same key again at the next attempt.
-        self._account = None
-        with contextlib.suppress(FileNotFoundError):
-            (self._account_dir() / "account.json").unlink()
-
-    def _load_or_register(self) -> _Account:
-        """Runs on a worker thread."""
+    def _load_or_register(self, fresh: bool = False) -> _Account:
+        """Runs on a worker thread. `fresh`: ignore the stored registration, register the key again."""
         adir = private_dir(self._account_dir(), self.root)
         key_path, reg_path = adir / "account.key", adir / "account.json"
         if key_path.exists():
@@ -485,7 +488,7 @@ class AcmeManager:
         account = _Account(self.settings, key)
         directory = client.ClientV2.get_directory(self.settings.directory, account.network())
         account.directory = directory
-        if reg_path.exists():
+        if reg_path.exists() and not fresh:
             account.registration = messages.RegistrationResource.json_loads(reg_path.read_text())
             return account
         acme_client = client.ClientV2(directory, account.network())

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgeward.codec.errors import NEED_MORE, TLSError
 from edgeward.codec.tls import parse_client_hello
+from edgeward.config.schema import TlsSettings
 
 log = logging.getLogger("edgeward.tls")
 
@@ -221,6 +222,29 @@ def _read(path: Path, what: str) -> bytes:
         raise CertificateError(f"{path}: cannot read the {what} ({e.strerror})") from None
 
 
+def tls_version(min_version: str) -> ssl.TLSVersion:
+    """The `[tls] min_version` setting ("1.2", "1.3") as an ssl.TLSVersion."""
+    return {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[min_version]
+
+
+def load_configured_files(settings: TlsSettings) -> dict[str, Certificate]:
+    """Every `[tls] certificates` pair, validated, by slot ("file:<cert path>").
+
+    Raises one CertificateError listing every pair that cannot be served, so that `check`
+    and a reload report them all at once (a reload keeps the running certificates then).
+    """
+    certs: dict[str, Certificate] = {}
+    problems: list[str] = []
+    for pair in settings.certificates:
+        try:
+            certs[f"file:{pair.cert}"] = load_certificate_files(pair.cert, pair.key)
+        except CertificateError as e:
+            problems.append(str(e))
+    if problems:
+        raise CertificateError("; ".join(problems))
+    return certs
+
+
 def base_server_context(minimum_version: ssl.TLSVersion, alpn: Iterable[str]) -> ssl.SSLContext:
     """A server context with the edge's TLS policy and no certificate."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -326,6 +350,28 @@ class CertStore:
     def remove(self, slot: str) -> None:
         if self._entries.pop(slot, None) is not None:
             self._reindex()
+
+    def set_file_certificates(self, certs: Mapping[str, Certificate]) -> None:
+        """Make the "file:" slots exactly `certs` (from `load_configured_files`), at start and on reload."""
+        for slot in [s for s in self._entries if s.startswith("file:") and s not in certs]:
+            del self._entries[slot]
+        for slot, cert in certs.items():
+            old = self._entries.get(slot)
+            if old is None or old.cert.fingerprint != cert.fingerprint:
+                self.put(slot, cert)
+        self._reindex()
+        for slot, cert in certs.items():
+            for warning in cert.warnings:
+                log.warning("tls: %s: %s", slot.removeprefix("file:"), warning)
+
+    def status(self) -> dict[str, object]:
+        """Certificates by slot, the default, pending challenges and handshake counters."""
+        return {
+            "certificates": {slot: e.cert.summary() for slot, e in sorted(self._entries.items())},
+            "default": self._index.default.slot if self._index.default else None,
+            "pending_challenges": self.pending_challenges(),
+            "counters": dict(self.counters),
+        }
 
     def get(self, slot: str) -> Certificate | None:
         entry = self._entries.get(slot)

@@ -410,3 +410,30 @@ def test_contexts_leave_no_descriptors_behind() -> None:
     for i in range(20):
         s.put("a", A if i % 2 else B)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_configured_files_replace_file_slots_and_report_every_bad_pair(tmp_path: Path) -> None:
+    from edgeward.config.schema import TlsSettings
+    from edgeward.tls.certstore import load_configured_files, tls_version
+    ca, ka = write_pair(tmp_path, A, "a")
+    cb, kb = write_pair(tmp_path, B, "b")
+    s = CertStore(minimum_version=tls_version("1.3"), default_name="a.test")
+    s.put("acme:c.test", leaf("c.test"))
+    s.set_file_certificates(load_configured_files(TlsSettings.model_validate(
+        {"certificates": [{"cert": str(ca), "key": str(ka)}, {"cert": str(cb), "key": str(kb)}]})))
+    assert s.lookup("b.test") == load_certificate_files(cb, kb)
+    assert s.status()["default"] == f"file:{ca}"
+    # A reload without b.test's pair drops it; the ACME slot is not touched.
+    s.set_file_certificates(load_configured_files(TlsSettings.model_validate(
+        {"certificates": [{"cert": str(ca), "key": str(ka)}]})))
+    assert s.lookup("b.test") is not None and s.lookup("b.test") == s.lookup("a.test")  # now the default
+    assert s.covers("b.test") is False and s.covers("c.test") is True
+    assert sorted(s.slots()) == ["acme:c.test", f"file:{ca}"]
+    with pytest.raises(CertificateError) as err:
+        load_configured_files(TlsSettings.model_validate({"certificates": [
+            {"cert": str(tmp_path / "gone.pem"), "key": str(ka)}, {"cert": str(ca), "key": str(kb)}]}))
+    assert "gone.pem: certificate file not found" in str(err.value)
+    assert "does not match" in str(err.value)
+    p = Pair(s.server_context(), "a.test")
+    p.handshake()
+    assert p.client.version() == "TLSv1.3"
