@@ -123,6 +123,11 @@ def unsupported_reason(name: str) -> str | None:
     return None
 
 
+def retry_delay(failures: int, retry_min: float, retry_max: float) -> float:
+    """Wait after the n-th consecutive failure: retry_min, doubling, at most retry_max."""
+    return float(min(retry_max, retry_min * 2 ** min(failures - 1, 64)))
+
+
 def new_private_key(key_type: str) -> bytes:
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     if key_type == "ecdsa-p256":
@@ -366,7 +371,7 @@ class AcmeManager:
         except Exception as exc:
             st.failures += 1
             st.last_error = describe_error(exc)
-            delay = min(self.settings.retry_max, self.settings.retry_min * 2 ** (st.failures - 1))
+            delay = retry_delay(st.failures, self.settings.retry_min, self.settings.retry_max)
             st.next_attempt = self.clock() + delay
             st.state = "retrying"
             st.cursor += 1
