@@ -230,7 +230,9 @@ class AcmeManager:
     """Keeps a certificate for every managed name in the store, from an ACME CA.
 
     Lifecycle: `manage(names)` (at start and on reload), `await start()`, then
-    `await close()`. Everything but the worker threads runs on the event loop.
+    `await close()`. Everything but the worker threads runs on the event loop. Changed
+    `[acme]` settings take a new manager (close the old one first); names whose certificate
+    comes from a file should not be managed.
     """
 
     def __init__(self, settings: AcmeSettings, state_dir: str | os.PathLike[str], store: CertStore,
@@ -246,15 +248,12 @@ class AcmeManager:
         self._wake = asyncio.Event()
         self._account_lock = asyncio.Lock()
         self._account: _Account | None = None
-        self._directory: messages.Directory | None = None
         types = list(dict.fromkeys(settings.challenges))
         if "tls-alpn-01" in types and not store.supports_tls_alpn:
             log.warning("acme: this Python cannot serve TLS-ALPN-01 challenges; using %s only",
                         ", ".join(t for t in types if t != "tls-alpn-01") or "nothing")
             types = [t for t in types if t != "tls-alpn-01"]
         self.challenge_types = types
-        if settings.renew_before is not None:
-            log.debug("acme: renewing %ss before expiry", settings.renew_before)
 
     # -- public API -----------------------------------------------------------------------
 
