@@ -2,7 +2,7 @@
 # Installs the Debian programs the tests and benchmarks run as real peers.
 # Idempotent: does nothing when every program is already there.
 set -euo pipefail
-PKGS=(haproxy nginx libnginx-mod-stream iperf3 wrk fail2ban prosody prosody-modules lua-unbound redis-server gcc libc6-dev
+PKGS=(haproxy nginx libnginx-mod-stream iperf3 wrk fail2ban prosody prosody-modules lua-unbound redis-server pebble gcc libc6-dev
       openssl curl iproute2 nftables procps psmisc)
 need=()
 for p in "${PKGS[@]}"; do

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .units import CIDR, Duration, Size, parse_bind, parse_target
 
 ProxyProtocol = Literal["off", "v1", "v2"]
 Protocol = Literal["tls", "http", "xmpp", "ssh", "unknown"]
+AcmeChallenge = Literal["http-01", "tls-alpn-01"]
 
 
 class _Strict(BaseModel):
@@ -250,6 +251,84 @@ class GuardSettings(_Strict):
     nft: NftSettings = Field(default_factory=lambda: NftSettings.model_validate({}), description="nftables mirror of bans.")
 
 
+class CertificateFiles(_Strict):
+    """A certificate chain and its key, from PEM files."""
+
+    cert: str = Field(..., description="PEM chain: the certificate first, then its intermediates.")
+    key: str = Field(..., description="PEM private key (RSA >= 2048 bits or ECDSA), unencrypted; mode 0600 or 0640.")
+
+
+class TlsSettings(_Strict):
+    """TLS termination: certificates from files (ACME certificates are added by name)."""
+
+    certificates: list[CertificateFiles] = Field(
+        default_factory=list,
+        description="Certificates from files, chosen by SNI against their subjectAltName DNS names "
+        "(exact names before \"*.example.org\" wildcards, which cover one label).",
+    )
+    default_certificate: str | None = Field(
+        None,
+        description="A name whose certificate (from a file or ACME) is served to clients whose SNI no "
+        "certificate covers, or who send none; unset = such handshakes are refused (unrecognized_name alert).",
+    )
+    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version accepted.")
+
+    @field_validator("default_certificate")
+    @classmethod
+    def _check_default(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        n = v.strip().lower().rstrip(".")
+        if not n or " " in n or "*" in n:
+            raise ValueError(f"{v!r} is not a name (write the DNS name whose certificate is the default)")
+        return n
+
+
+class AcmeSettings(_Strict):
+    """Certificates from an ACME CA (Let's Encrypt by default) for the names the edge terminates."""
+
+    email: str | None = Field(None, description="Contact address of the ACME account (expiry notices); optional.")
+    directory: str = Field(
+        "https://acme-v02.api.letsencrypt.org/directory",
+        description="ACME directory URL. Let's Encrypt staging: https://acme-staging-v02.api.letsencrypt.org/directory.",
+    )
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle trusted for the directory's HTTPS (a private CA, or pebble in tests); "
+        "unset = the system's.",
+    )
+    challenges: list[AcmeChallenge] = Field(
+        default_factory=lambda: list[AcmeChallenge](["http-01", "tls-alpn-01"]), min_length=1,
+        description="Challenge types, in order of preference; after a failed attempt the next one is tried. "
+        "http-01 needs port 80 reaching the edge, tls-alpn-01 port 443.",
+    )
+    key_type: Literal["ecdsa-p256", "ecdsa-p384", "rsa2048", "rsa4096"] = Field(
+        "ecdsa-p256", description="Key of each certificate (a new key at every renewal).",
+    )
+    renew_before: Duration | None = Field(
+        None, gt=0, description="Renew this long before expiry; unset = when renew_fraction of the lifetime remains.",
+    )
+    renew_fraction: float = Field(
+        1 / 3, gt=0, lt=1, description="Renew when this fraction of a certificate's lifetime remains (1/3: day 60 of 90).",
+    )
+    retry_min: Duration = Field(60.0, gt=0, description="Wait after a first failed attempt; doubles with each failure.")
+    retry_max: Duration = Field(86400.0, gt=0, description="Longest wait between attempts for a failing name.")
+    order_timeout: Duration = Field(120.0, gt=0, description="Longest an order may take from creation to certificate.")
+    concurrency: int = Field(2, ge=1, le=16, description="Orders in flight at once (each on a worker thread).")
+
+    @field_validator("directory")
+    @classmethod
+    def _check_directory(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError(f"{v!r}: an ACME directory is an https:// URL (RFC 8555 6.1)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> AcmeSettings:
+        if self.retry_min > self.retry_max:
+            raise ValueError("retry_min is longer than retry_max")
+        return self
+
+
 class Config(_Strict):
     """The whole file."""
 
@@ -259,6 +338,8 @@ class Config(_Strict):
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     guard: GuardSettings = Field(default_factory=lambda: GuardSettings.model_validate({}), description="Shared jail settings.")
     jails: dict[str, JailSettings] = Field(default_factory=dict, description="Jails that ban at the edge.")
+    tls: TlsSettings = Field(default_factory=lambda: TlsSettings.model_validate({}), description="TLS termination.")
+    acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings.model_validate({}), description="ACME certificates.")
 
 
 def json_schema() -> dict[str, object]:

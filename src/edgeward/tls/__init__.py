@@ -1,0 +1,1 @@
+"""TLS termination: certificates chosen by SNI (files and ACME), and the ACME client."""
