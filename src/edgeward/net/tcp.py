@@ -32,6 +32,7 @@ from ..admission import peer_from_sockaddr
 from ..events import ConnAccepted, ConnClosed, ConnRefused, Peer
 from ..routing import Facts, Route
 from ..upstream.pool import Server
+from . import refusal
 from .flow import Flow
 from .forward import CLOSED, CONNECTING, RELAYING, SNIFFING, Forwarding
 
@@ -97,7 +98,7 @@ class TcpListener:
         reason = plane.admission.refusal("tcp", self.name, self.active, self.rt.settings.max_connections, peer.ip)
         if reason is not None:
             plane.bus.publish(ConnRefused(self.name, peer, reason))
-            sock.close()
+            refusal.reset(sock)
             return
         sock.setblocking(False)
         conn = TcpConn(plane, self, sock, peer)
@@ -338,10 +339,19 @@ class TcpConn(Forwarding):
 
     # ------------------------------------------------------------------ end
     def fail(self, reason: str) -> None:
-        """Refuse: count why, then close."""
+        """Refuse: count why, tell the client as net/refusal.py decides for `reason`, close."""
         if self.state == CLOSED:
             return
         self.plane.bus.publish(ConnRefused(self.listener.name, self.peer, reason))
+        if reason in refusal.RESET:
+            try:
+                self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, refusal.LINGER_RESET)
+            except OSError:
+                pass
+        else:
+            sniffed = self.sniffed
+            refusal.answer(self.client, reason, sniffed.protocol if sniffed is not None else None,
+                           self.rt.settings.sniff_bytes)
         self.close(reason)
 
     def detach(self) -> socket.socket:
