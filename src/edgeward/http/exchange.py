@@ -952,7 +952,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.close_after or self.closing or ex.switched:
             t = self.transport
-            if not ex.req_done and not ex.switched and t is not None and t.can_write_eof() and not t.is_closing():
+            if (ex.head is not None and ex.head.has_body and not ex.req_done and not ex.switched
+                    and (ex.error is None or ex.error == "no_route")
+                    and t is not None and t.can_write_eof() and not t.is_closing()):
                 # Lingering close: the client may still be sending the body; reading and dropping it
                 # for a moment lets it see the response instead of a reset.
                 t.write_eof()
