@@ -7,7 +7,8 @@
 Accepts on every `listen` address of the config's HTTP services (address form), hands each socket
 to HttpProxy.serve under uvloop (TLS-terminated for the --tls addresses), and on [http] redirect
 serves the port-80 mode (redirects + ACME HTTP-01 answers from files in --acme-dir, named by token).
-Each HttpRequestLog is written to --log as a JSON line; SIGUSR1 writes HttpProxy.stats() to --stats.
+Each HttpRequestLog is written to --log as a JSON line; SIGUSR1 writes HttpProxy.stats() to --stats;
+SIGHUP reloads the config into a new HttpProxy and retires the old one (its connections carry on).
 With --trusted-proxy-header, a first line "CLIENT ip port\\n" on each plain connection stands for the
 real client address an edge would have taken from a trusted PROXY header.
 """
@@ -27,9 +28,9 @@ from pathlib import Path
 import uvloop
 
 from edgeward.config.loader import load, resolve_listen, service_scheme
-from edgeward.config.schema import PoolSettings
+from edgeward.config.schema import Config, PoolSettings
 from edgeward.config.units import parse_bind, parse_target
-from edgeward.http import HttpProxy, HttpRoutes, route_for_service
+from edgeward.http import HttpProxy, HttpRoute, HttpRoutes, route_for_service
 from edgeward.http.log import HttpRequestLog
 from edgeward.upstream.pool import Pool, Server
 
@@ -54,19 +55,23 @@ def main() -> None:
     ap.add_argument("--stats")
     ap.add_argument("--trusted-proxy-header", action="store_true")
     args = ap.parse_args()
-    cfg = load(args.config)
     tls_binds = {str(parse_bind(a)) for a in args.tls}
 
-    pools = {name: build_pool(name, ps) for name, ps in cfg.pools.items()}
-    per_bind: dict[str, list] = {}
-    for sname, svc in cfg.services.items():
-        if service_scheme(cfg, svc) is None:
-            continue
-        pool = pools.get(svc.to) or build_pool(f"service:{sname}", PoolSettings(servers=[svc.to]))  # type: ignore[call-arg]
-        route = route_for_service(sname, svc, pool)
-        for item in svc.listen:
-            for spec in resolve_listen(cfg, item):
-                per_bind.setdefault(str(spec), []).append(route)
+    def build_routes(cfg: Config) -> dict[str, list[HttpRoute]]:
+        pools = {name: build_pool(name, ps) for name, ps in cfg.pools.items()}
+        per_bind: dict[str, list[HttpRoute]] = {}
+        for sname, svc in cfg.services.items():
+            if service_scheme(cfg, svc) is None:
+                continue
+            pool = pools.get(svc.to) or build_pool(f"service:{sname}", PoolSettings(servers=[svc.to]))  # type: ignore[call-arg]
+            route = route_for_service(sname, svc, pool)
+            for item in svc.listen:
+                for spec in resolve_listen(cfg, item):
+                    per_bind.setdefault(str(spec), []).append(route)
+        return per_bind
+
+    cfg = load(args.config)
+    per_bind = build_routes(cfg)
 
     log_file = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115 - lives as long as the process
 
@@ -83,8 +88,22 @@ def main() -> None:
     uvloop.install()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    all_routes = HttpRoutes([r for rs in per_bind.values() for r in rs])
-    proxy = HttpProxy(all_routes, cfg.http, on_request=on_request, acme_http01=acme, loop=loop)
+    # What the accept handlers use; a SIGHUP (reload) replaces both, live connections keep theirs.
+    state: dict[str, object] = {}
+
+    def install(cfg: Config) -> None:
+        per_bind = build_routes(cfg)
+        old = state.get("proxy")
+        state["proxy"] = HttpProxy(HttpRoutes([r for rs in per_bind.values() for r in rs]), cfg.http,
+                                   on_request=on_request, acme_http01=acme, loop=loop)
+        state["routes"] = {b: HttpRoutes(rs) for b, rs in per_bind.items()}
+        state["terminated"] = HttpRoutes([r for b, rs in per_bind.items() if b in tls_binds for r in rs])
+        if isinstance(old, HttpProxy):
+            old.retire()
+            retired.append(old)
+
+    retired: list[HttpProxy] = []
+    install(cfg)
     ssl_ctx = None
     if args.cert:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -106,8 +125,11 @@ def main() -> None:
         listeners.append(s)
         return s
 
-    def make_accept(routes: HttpRoutes, tls: bool, redirect: bool, https_port: int):  # type: ignore[no-untyped-def]
+    def make_accept(bind: str, tls: bool, redirect: bool, https_port: int):  # type: ignore[no-untyped-def]
         def accept(ls: socket.socket) -> None:
+            proxy = state["proxy"]
+            assert isinstance(proxy, HttpProxy)
+            routes = state["terminated"] if redirect else state["routes"].get(bind, HttpRoutes())  # type: ignore[attr-defined]
             for _ in range(64):
                 try:
                     c, addr = ls.accept()
@@ -135,27 +157,37 @@ def main() -> None:
                 c.close()
                 return
         _, ip, port = line.decode().split()
+        proxy = state["proxy"]
+        assert isinstance(proxy, HttpProxy)
         proxy.serve(c, (ip, int(port)), local[:2], ssl_context=None, scheme="http", redirect_to_https=redirect,
                     client_from_trusted_proxy=True, routes=routes, https_port=https_port)
 
     https_port = 443
-    for bind, routes in per_bind.items():
+    for bind in per_bind:
         tls = bind in tls_binds
         if tls:
             https_port = parse_bind(bind).first_port
-        listen(bind, make_accept(HttpRoutes(routes), tls, False, 443))
+        listen(bind, make_accept(bind, tls, False, 443))
     if cfg.http.redirect != "off":
-        terminated = HttpRoutes([r for b, rs in per_bind.items() if b in tls_binds for r in rs])
-        listen(cfg.http.redirect, make_accept(terminated, False, True, https_port))
+        listen(cfg.http.redirect, make_accept("", False, True, https_port))
 
     def write_stats() -> None:
         if args.stats:
+            proxy = state["proxy"]
+            assert isinstance(proxy, HttpProxy)
+            stats = proxy.stats()
+            stats["retired"] = [p.stats() for p in retired]
             tmp = Path(args.stats + ".tmp")
-            tmp.write_text(json.dumps(proxy.stats()))
+            tmp.write_text(json.dumps(stats))
             tmp.rename(args.stats)
+
+    def reload() -> None:
+        install(load(args.config))  # the same binds; routes and settings may change
+        print("reloaded", flush=True)
 
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGUSR1, write_stats)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
     loop.add_signal_handler(signal.SIGINT, lambda: stop.done() or stop.set_result(None))
     print("ready", flush=True)
@@ -163,7 +195,9 @@ def main() -> None:
     for s in listeners:
         loop.remove_reader(s.fileno())
         s.close()
-    proxy.close_idle_clients()
+    for p in [state["proxy"], *retired]:
+        assert isinstance(p, HttpProxy)
+        p.close_idle_clients()
     loop.close()
     sys.exit(0)
 
