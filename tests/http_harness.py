@@ -137,7 +137,7 @@ def main() -> None:
                     return
                 c.setblocking(False)
                 local = c.getsockname()
-                if args.trusted_proxy_header and not tls:
+                if args.trusted_proxy_header and not tls and not redirect:
                     t = loop.create_task(read_client_line(c, addr, local, routes, redirect, https_port))
                     pending.add(t)
                     t.add_done_callback(pending.discard)

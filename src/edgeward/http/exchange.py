@@ -51,6 +51,7 @@ PAUSE_TUNNEL = 8  # bytes after an upgrade request wait for the upstream's 101
 
 HIGH_WATER = 64 * 1024  # body bytes held while no upstream connection can take them
 LINGER = 5.0  # after an early final response, how long the rest of a request body is read and dropped
+DISCARD_LIMIT = 64 * 1024  # a body rest this small is read and dropped after a local answer, keeping the connection
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CHUNK_END = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -85,6 +86,7 @@ class Exchange:
         "head",
         "head_bytes",
         "headers",
+        "held",
         "is_head",
         "local",
         "req_done",
@@ -108,6 +110,7 @@ class Exchange:
         "upstream_framing",
         "upstream_reusable",
         "url",
+        "wrote_upstream",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -149,6 +152,8 @@ class Exchange:
         self.tunnel_buf: list[bytes] = []
         self.tunnel_buf_size = 0
         self.tunnel_eof = 0  # bit 1: client sent EOF, bit 2: upstream sent EOF
+        self.held: list[bytes] = []  # for the upstream, until the client's bytes carrying it parsed cleanly
+        self.wrote_upstream = False
 
     # --- request side (called by the client's parser) ---------------------------------------
 
@@ -174,14 +179,31 @@ class Exchange:
             if self.body_buf_size > HIGH_WATER:
                 c.pause(PAUSE_BUFFER)
 
-    def _send_body(self, up: UpstreamConnection, data: bytes) -> None:
-        assert self.head is not None
+    def _send(self, up: UpstreamConnection, *parts: bytes) -> None:
+        """Write to the upstream; while the client's bytes are being parsed, hold it until they all
+        parsed cleanly, so that nothing of a request rejected in the same read is forwarded."""
+        if self.client.feeding:
+            self.held += parts
+            self.client.held = self
+            return
         if up.transport is None or up.closed:
             return
+        self.wrote_upstream = True
+        up.transport.writelines(parts)
+
+    def flush_held(self) -> None:
+        up = self.upstream
+        held, self.held = self.held, []
+        if held and up is not None and up.transport is not None and not up.closed:
+            self.wrote_upstream = True
+            up.transport.writelines(held)
+
+    def _send_body(self, up: UpstreamConnection, data: bytes) -> None:
+        assert self.head is not None
         if self.head.chunked:
-            up.transport.writelines((b"%x\r\n" % len(data), data, _CHUNK_END))
+            self._send(up, b"%x\r\n" % len(data), data, _CHUNK_END)
         else:
-            up.transport.write(data)
+            self._send(up, data)
 
     def request_complete(self) -> None:
         self.req_done = True
@@ -196,7 +218,7 @@ class Exchange:
     def _send_end(self, up: UpstreamConnection) -> None:
         assert self.head is not None
         if self.head.chunked:
-            up.write(_LAST_CHUNK)
+            self._send(up, _LAST_CHUNK)
         self.req_sent = True
         if not up.timer.kind:
             up.timer.start("response", self.client.settings.response_timeout, idle=True)
@@ -331,7 +353,7 @@ class Exchange:
         server.total += 1
         if conn.read_paused:
             conn.resume_reading()
-        conn.write(forwarding.upstream_request_head(head, client_ip=c.client_ip, scheme=c.scheme, trusted=c.trusted))
+        self._send(conn, forwarding.upstream_request_head(head, client_ip=c.client_ip, scheme=c.scheme, trusted=c.trusted))
         if self.body_buf:
             for chunk in self.body_buf:
                 self._send_body(conn, chunk)
@@ -356,7 +378,9 @@ class Exchange:
             self.server.bytes_out += self.upstream_bytes
         conn.exchange = None
         conn.timer.stop()
-        if reuse and not conn.closed:
+        self.held = []
+        if (reuse or not self.wrote_upstream) and not conn.closed:
+            # Reusable, or never written to (the request was refused before anything went out).
             self.client.proxy.put_idle(conn)
         elif self.resp_done:
             conn.close()
@@ -597,8 +621,13 @@ class Exchange:
         self.local = True
         self.error = error
         is_head = head is not None and head.method == b"HEAD"
-        close = (head is None or not head.keep_alive or (head.has_body and not self.req_done) or c.closing
-                 or c.proxy.closing or head.upgrade is not None)
+        # A small rest of a Content-Length body is read and dropped so the connection stays usable;
+        # a large or chunked one (or one held back by Expect) means closing after the answer.
+        unread_body = head is not None and head.has_body and not self.req_done and not (
+            head.content_length is not None and not head.expect_continue
+            and head.content_length - self.body_in <= DISCARD_LIMIT)
+        close = (head is None or not head.keep_alive or unread_body or c.closing or c.proxy.closing
+                 or head.upgrade is not None)
         if redirect is not None:
             assert head is not None
             data = pages.redirect(redirect, permanent_method_safe=head.method in (b"GET", b"HEAD"), close=close, head=is_head)
@@ -669,7 +698,7 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("client_addr", "client_ip", "client_key", "client_port", "closed", "closing", "current",
-                 "fed", "head_size", "https_port", "last_parsed", "lingering", "local", "loop", "parser",
+                 "fed", "feeding", "head_size", "held", "https_port", "last_parsed", "lingering", "local", "loop", "parser",
                  "parsing", "pause_bits", "proxy", "queue", "read_timer", "redirect", "rejected", "routes",
                  "scheme", "settings", "transport", "trusted", "tunnel", "via_proxy", "write_timer")
 
@@ -705,6 +734,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.lingering = False
         self.rejected: tuple[int, str, Exchange | None] | None = None
+        self.feeding = False  # inside parser.feed_data: writes upstream are held (Exchange._send)
+        self.held: Exchange | None = None  # the exchange holding such writes
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -727,9 +758,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.fed += len(data)
         while True:
+            self.feeding = True
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade as e:
+                self.feeding = False
+                self._flush_held()
                 ex = self.last_parsed
                 if ex is None or ex.head is None or ex.head.upgrade is None:
                     # llhttp saw an upgrade the edge does not do (h2c): the bytes after it are the
@@ -743,6 +777,7 @@ class ClientConnection(asyncio.Protocol):
                 if rest:
                     ex.tunnel_from_client(rest)
             except httptools.HttpParserCallbackError as e:
+                self._drop_held()
                 cause = e.__context__
                 if isinstance(cause, Rejected):
                     self.reject(cause.status, cause.reason)
@@ -750,12 +785,35 @@ class ClientConnection(asyncio.Protocol):
                     log.error("HTTP client %s: error while handling its request", self.client_ip, exc_info=cause)
                     self.reject(500, "edge error")
             except httptools.HttpParserError as e:
+                self._drop_held()
                 self.reject(400, f"malformed request: {e}")
             else:
+                self.feeding = False
                 if self.fed > self.settings.max_header_bytes:
                     # llhttp is collecting one field (or trailer) that never ends.
+                    self._drop_held()
                     self.reject(431, "header field too large")
+                else:
+                    self._flush_held()
             return
+
+    def _flush_held(self) -> None:
+        ex = self.held
+        if ex is not None:
+            self.held = None
+            ex.flush_held()
+
+    def _drop_held(self) -> None:
+        """A parse error: what the failing request would have sent upstream is dropped; what an
+        earlier, complete request of the same read holds goes out."""
+        self.feeding = False
+        ex = self.held
+        if ex is not None:
+            self.held = None
+            if ex is self.parsing or not ex.req_done:
+                ex.held = []
+            else:
+                ex.flush_held()
 
     def eof_received(self) -> bool | None:
         ex = self.tunnel
