@@ -414,6 +414,12 @@ class TlsSettings(_Strict):
 class AcmeSettings(_Strict):
     """Certificates from an ACME CA (Let's Encrypt by default) for the names the edge terminates."""
 
+    enabled: bool = Field(
+        True,
+        description="Get certificates from the ACME CA for every name of an HTTP service that no [tls] certificate "
+        "covers (names that cannot have a public certificate, such as IP addresses and wildcards, are "
+        "listed as unsupported in `edgeward status`); false = file certificates only.",
+    )
     email: str | None = Field(None, description="Contact address of the ACME account (expiry notices); optional.")
     directory: str = Field(
         "https://acme-v02.api.letsencrypt.org/directory",

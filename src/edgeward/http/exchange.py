@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from ..net.sockets import upstream_tcp
 from ..upstream.pool import Server
 from . import forwarding, pages
 from .log import HttpRequestLog
@@ -305,9 +306,16 @@ class Exchange:
         timed_out = False
         try:
             async with asyncio.timeout(route.connect_timeout):
-                _, conn = await c.loop.create_connection(
-                    lambda: UpstreamConnection(proxy, server, route), target.host, target.port,
-                    ssl=route.ssl, server_hostname=sni)
+                # The socket comes from net/sockets.py, where every upstream socket is made.
+                sock, addr = upstream_tcp(target, target.port)
+                try:
+                    await c.loop.sock_connect(sock, addr)  # type: ignore[arg-type]
+                    _, conn = await c.loop.create_connection(
+                        lambda: UpstreamConnection(proxy, server, route), sock=sock,
+                        ssl=route.ssl, server_hostname=sni)
+                except BaseException:
+                    sock.close()
+                    raise
             if route.pin is not None and not _pin_matches(conn, route.pin):
                 conn.close()
                 proxy.counters["upstream_pin_mismatch"] += 1
@@ -683,7 +691,7 @@ class Exchange:
                     route.service if route is not None else None, host, method, path, query, status,
                     self.head_bytes + self.body_in, self.bytes_out, c.loop.time() - self.started,
                     self.server.name if self.server is not None and route is not None else None,
-                    self.switched, self.error))
+                    self.switched, self.error, c.listener))
             except Exception:
                 log.exception("on_request callback failed")
         c.exchange_done(self)
@@ -698,12 +706,13 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("client_addr", "client_ip", "client_key", "client_port", "closed", "closing", "current",
-                 "fed", "feeding", "head_size", "held", "https_port", "last_parsed", "lingering", "local", "loop", "parser",
+                 "fed", "feeding", "head_size", "held", "https_port", "last_parsed", "lingering", "listener", "local",
+                 "loop", "parser",
                  "parsing", "pause_bits", "proxy", "queue", "read_timer", "redirect", "rejected", "routes",
                  "scheme", "settings", "transport", "trusted", "tunnel", "via_proxy", "write_timer")
 
     def __init__(self, proxy: HttpProxy, routes: HttpRoutes, client: tuple[str, int], local: tuple[str, int], *,
-                 scheme: str, redirect: bool, https_port: int, via_proxy: bool) -> None:
+                 scheme: str, redirect: bool, https_port: int, via_proxy: bool, listener: str = "") -> None:
         self.proxy = proxy
         self.settings = proxy.settings
         self.loop = proxy.loop
@@ -714,6 +723,7 @@ class ClientConnection(asyncio.Protocol):
         self.trusted = proxy.trusts(self.client_addr)
         lhost = local[0]
         self.local = f"[{lhost}]:{local[1]}" if ":" in lhost else f"{lhost}:{local[1]}"
+        self.listener = listener or self.local  # the edge's name for the listener, for the logs
         self.scheme = scheme
         self.redirect = redirect
         self.https_port = https_port

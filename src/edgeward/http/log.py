@@ -25,3 +25,4 @@ class HttpRequestLog:
     upstream: str | None  # the server that answered ("https://10.0.0.5:443")
     upgraded: bool  # switched protocols (WebSocket); logged when the tunnel ends
     error: str | None  # why the edge answered itself or cut the exchange short, e.g. "timeout:header"
+    listener: str = ""  # the edge's name of the listener (default: `local`)

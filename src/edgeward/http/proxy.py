@@ -59,7 +59,7 @@ class HttpProxy:
     def serve(self, sock: socket.socket, client: tuple[str, int], local: tuple[str, int], *,
               ssl_context: ssl.SSLContext | None, scheme: Literal["http", "https"],
               redirect_to_https: bool = False, client_from_trusted_proxy: bool = False,
-              routes: HttpRoutes | None = None, https_port: int = 443) -> None:
+              routes: HttpRoutes | None = None, https_port: int = 443, listener: str = "") -> ClientConnection:
         """Run one accepted client connection (non-blocking socket; unread bytes, the TLS
         ClientHello included, may still be in it). Takes ownership of `sock`.
 
@@ -67,7 +67,8 @@ class HttpProxy:
         (names the routes serve are redirected to https://name[:https_port]/..., ACME HTTP-01
         challenges answered); `routes` overrides the proxy's routes for this listener."""
         conn = ClientConnection(self, routes if routes is not None else self.routes, client, local, scheme=scheme,
-                                redirect=redirect_to_https, https_port=https_port, via_proxy=client_from_trusted_proxy)
+                                redirect=redirect_to_https, https_port=https_port, via_proxy=client_from_trusted_proxy,
+                                listener=listener)
         loop = self.loop
         try:
             if ssl_context is not None:
@@ -80,12 +81,15 @@ class HttpProxy:
             sock.close()
             raise
         self._accepting.add(task)
-        task.add_done_callback(functools.partial(self._accepted, sock))
+        task.add_done_callback(functools.partial(self._accepted, sock, conn))
+        return conn
 
-    def _accepted(self, sock: socket.socket, task: asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]) -> None:
+    def _accepted(self, sock: socket.socket, conn: ClientConnection,
+                  task: asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]) -> None:
         self._accepting.discard(task)
         if task.cancelled():
             sock.close()
+            self.connection_failed(conn)
             return
         exc = task.exception()
         if exc is not None:
@@ -94,6 +98,7 @@ class HttpProxy:
                           else "accept_failed"] += 1
             log.debug("HTTP client connection failed before its first request: %r", exc)
             sock.close()
+            self.connection_failed(conn)
 
     # --- bookkeeping used by connections ----------------------------------------------------
 
@@ -103,6 +108,9 @@ class HttpProxy:
 
     def connection_lost(self, conn: ClientConnection) -> None:
         self.clients.discard(conn)
+
+    def connection_failed(self, conn: ClientConnection) -> None:
+        """`conn` never started: its TLS handshake failed or the client left first (a hook for the edge)."""
 
     def trusts(self, addr: IPAddress | None) -> bool:
         if addr is None or not self._trusted:
