@@ -24,6 +24,7 @@ import typer
 from . import __version__
 from .config.loader import ConfigError, load
 from .config.schema import json_schema
+from .guard.validate import config_problems
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="edgeward: one edge daemon for self-hosters.")
 
@@ -49,7 +50,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version_c
 
 def _load_or_exit(path: Path) -> Any:
     try:
-        return load(path)
+        return load(path, checks=(config_problems,))
     except ConfigError as e:
         for p in e.problems:
             typer.echo(str(p), err=True)

@@ -26,6 +26,7 @@ from typing import Protocol
 from .config.loader import ConfigError, load, resolve_listen
 from .config.schema import Config, ListenerSettings, PoolSettings
 from .config.units import parse_target
+from .guard.validate import config_problems
 from .net.pipes import HAS_SPLICE, PipePool
 from .net.tcp import TcpConn, TcpListener, listener_settings_summary, make_listen_socket
 from .net.udp import UdpListener, UdpSession, make_udp_socket
@@ -274,7 +275,7 @@ class Edge:
         if self.config_path is None:
             return False
         try:
-            cfg = load(self.config_path)
+            cfg = load(self.config_path, checks=(config_problems,))
             rt = build_runtime(cfg, self.runtime)
             self._open_listeners(rt)
         except ConfigError as e:

@@ -1,8 +1,9 @@
-"""Plugging the guard into the running edge: config mapping, admit-time bans, admin routes.
+"""Plugging the guard into the running edge: admit-time bans, closing banned clients, admin routes.
 
-The guard starts before the first listener accepts (so restored bans hold from
-the first connection), the edge checks `BanSet.is_banned` at admit, and a new
-ban closes the address's established connections on the protected listeners.
+The adapter between the guard core (which imports nothing of the edge) and the
+edge. The guard starts before the first listener accepts (so restored bans hold
+from the first connection), the edge checks `BanSet.is_banned` at admit, and a
+new ban closes the address's established connections on the protected listeners.
 """
 
 from __future__ import annotations
@@ -12,48 +13,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config.schema import Config, JailSettings
-from .filter import DEFAULT_SEARCH_DIRS
-from .jail import BanIncrement
-from .nft import NftConfig
-from .service import Guard, GuardConfig, GuardError, JailConfig
+from ..config.schema import Config
+from .build import GuardError
+from .service import Guard
 
 if TYPE_CHECKING:
     from ..admin.api import AdminAPI
     from ..server import Edge
 
 log = logging.getLogger("edgeward.guard")
-
-
-def jail_config(name: str, j: JailSettings) -> JailConfig:
-    filt, params = j.filter, {}
-    if filt and filt.endswith("]") and "[" in filt:
-        # fail2ban's `filter = sshd[mode=aggressive]`
-        filt, _, rest = filt.partition("[")
-        for kv in rest[:-1].split(","):
-            if "=" in kv:
-                k, v = kv.split("=", 1)
-                params[k.strip()] = v.strip().strip("\"'")
-    inc = BanIncrement()
-    if j.increment is not None and j.increment.enabled:
-        i = j.increment
-        inc = BanIncrement(enabled=True, factor=i.factor, formula=i.formula, multipliers=tuple(i.multipliers),
-                           maxtime=i.maxtime, rndtime=i.rndtime, overalljails=i.overalljails)
-    return JailConfig(name=name, enabled=j.enabled, logpath=tuple(j.logpath), sources=tuple(j.sources), filter=filt,
-                      filter_params=params, failregex=tuple(j.failregex), ignoreregex=tuple(j.ignoreregex),
-                      datepattern=j.datepattern, maxlines=j.maxlines, maxretry=j.maxretry, findtime=j.findtime,
-                      bantime=j.bantime, increment=inc, ignoreip=tuple(j.ignoreip),
-                      listeners=None if j.listeners is None else tuple(j.listeners))
-
-
-def guard_config(cfg: Config) -> GuardConfig:
-    g = cfg.guard
-    dirs = tuple(dict.fromkeys([*g.filter_dirs, *DEFAULT_SEARCH_DIRS]))
-    return GuardConfig(jails=tuple(jail_config(n, j) for n, j in cfg.jails.items()),
-                       db_path=str(Path(cfg.edge.state_dir) / "guard.sqlite"), db_synchronous=g.db_synchronous,
-                       filter_dirs=dirs, ignoreip=tuple(g.ignoreip),
-                       match_isolation=g.match_isolation, match_timeout=g.match_timeout,
-                       nft=NftConfig(enabled=g.nft.enabled, table=g.nft.table, hook=g.nft.hook))
 
 
 class GuardExtension:
@@ -66,14 +34,14 @@ class GuardExtension:
     def from_config(cls, edge: Edge, cfg: Config) -> GuardExtension | None:
         """Always present: even without jails, `edgeward ban` works and bans persist."""
         Path(cfg.edge.state_dir).mkdir(parents=True, exist_ok=True)
-        return cls(edge, Guard(guard_config(cfg)))
+        return cls(edge, Guard.from_config(cfg))
 
     async def start(self) -> None:
         await self.guard.start()
         self.edge.bans = self.guard.banset
         self.edge.events = self.guard.events
         self.edge.extra_status["guard"] = self.guard.status
-        self.edge.report_connections = any("edge:conn" in j.sources for j in self.guard.config.jails)
+        self.edge.report_connections = any("edge:conn" in j.sources for j in self.guard.jail_settings.values())
         self._unsub.append(self.guard.banset.on_ban(self._on_ban))
 
     def _on_ban(self, addr: str, listeners: frozenset[str] | None) -> None:
