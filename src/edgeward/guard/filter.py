@@ -120,7 +120,8 @@ class FilterError(ValueError):
 # --- host and tag regexes (fail2ban's tag vocabulary) --------------------
 
 _IP4 = r"(?:\d{1,3}\.){3}\d{1,3}"
-_IP6 = r"(?:[0-9a-fA-F]{1,4}::?|::){1,7}(?:[0-9a-fA-F]{1,4}|(?<=:):)"
+# fail2ban 1.1's IPAddr.IP_6_RE: a lone ":" step also finds "::" (and "::/32")
+_IP6 = r"(?:[0-9a-fA-F]{1,4}::?|:){1,7}(?:[0-9a-fA-F]{1,4}|(?<=:):)"
 _R_IP4 = rf"(?:::f{{4,6}}:)?(?P<ip4>{_IP4})"
 _R_IP6 = rf"(?P<ip6>{_IP6})"
 _R_DNS = r"(?P<dns>[\w\-.^_]*\w)"
@@ -1341,7 +1342,9 @@ class Filter:
                 return []
             self._buffer, buf = unmatched, None
             if pre:
-                fail = {**pre, **fail}
+                # fail2ban 1.1: a group of failregex that did not take part in the match
+                # (None) leaves prefregex's capture of the same name alone
+                fail = {**pre, **{k: v for k, v in fail.items() if v is not None}}
             mlfid = fail.get("mlfid")
             if mlfid is not None:
                 fail = self._merge(mlfid, fail, matched)
