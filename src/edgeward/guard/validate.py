@@ -13,15 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from edgeward.config.schema import Config, GuardSettings, JailSettings
-from edgeward.guard.build import (
-    MANUAL_JAIL,
-    GuardError,
-    build_filter,
-    build_jail,
-    filter_search_path,
-)
-from edgeward.guard.datedetect import DatePatternError, parse_tz_offset
-from edgeward.guard.jail import JailError, compile_formula
 
 # (key path in the config, message, hint), e.g. (("jails", "prosody", "filter"), "...", "...")
 Problem = tuple[tuple[str | int, ...], str, str]
@@ -40,6 +31,20 @@ def jail_problems(settings: GuardSettings, jails: Mapping[str, JailSettings]) ->
     Warnings are not problems: a regex with nested repetition still runs (bounded
     by the matcher's deadline) and is named in the log when a batch times out.
     """
+    if not jails:
+        return
+    # Here, not at the top: every `edgeward` command imports this module to pass the
+    # check, and only a config with jails needs the filter engine (~20 ms to import).
+    from edgeward.guard.build import (
+        MANUAL_JAIL,
+        GuardError,
+        build_filter,
+        build_jail,
+        filter_search_path,
+    )
+    from edgeward.guard.datedetect import DatePatternError, parse_tz_offset
+    from edgeward.guard.jail import JailError, compile_formula
+
     search_path = filter_search_path(settings)
     for name, jail in jails.items():
         at = ("jails", name)
