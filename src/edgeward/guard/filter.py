@@ -348,8 +348,8 @@ class _Origin:
 class _Regex:
     """A compiled filter regex plus what it needs for multi-line handling."""
 
-    __slots__ = ("alt", "clauses", "literal", "literals", "origin", "prefix", "regex", "skip_groups",
-                 "source", "tag_keys", "tuples")
+    __slots__ = ("alt", "clauses", "literal", "literals", "origin", "pref_shared", "prefix", "regex",
+                 "skip_groups", "source", "tag_keys", "tuples")
 
     def __init__(self, source: str, origin: _Origin, *, multiline: bool = False,
                  use_dns: str = "yes") -> None:
@@ -392,6 +392,12 @@ class _Regex:
             k for k in (*self.regex.groupindex, *(n for _k, n in self.alt))
             if k not in _INTERNAL_KEYS and not k.startswith(("skiplines", "alt_", "tuple_", "_"))
         )
+        # captures this regex shares with the filter's prefregex (set by Filter)
+        self.pref_shared: tuple[str, ...] = ()
+
+    def keys(self) -> set[str]:
+        """Every name `groups()` can return."""
+        return {*self.regex.groupindex, *(n for _k, n in self.alt), *(n for _k, n in self.tuples)}
 
     def groups(self, m: re.Match[str]) -> dict[str, Any]:
         fail: dict[str, Any] = m.groupdict()
@@ -935,6 +941,10 @@ class Filter:
         self._pref = _Regex(prefregex[0], prefregex[1], use_dns=use_dns) if prefregex else None
         self.failregex = [_Regex(r, o, multiline=multiline, use_dns=use_dns) for r, o in failregex]
         self.ignoreregex = [_Regex(r, o, multiline=multiline, use_dns=use_dns) for r, o in ignoreregex]
+        if self._pref is not None:
+            pref_keys = self._pref.keys() - {"content"}
+            for rx in self.failregex:
+                rx.pref_shared = tuple(sorted(pref_keys & rx.keys()))
         pref_has_id = self._pref is not None and any(
             g in self._pref.regex.groupindex for g in _ID_PRESENT_GROUPS)
         for rx in self.failregex:
@@ -1343,8 +1353,12 @@ class Filter:
             self._buffer, buf = unmatched, None
             if pre:
                 # fail2ban 1.1: a group of failregex that did not take part in the match
-                # (None) leaves prefregex's capture of the same name alone
-                fail = {**pre, **{k: v for k, v in fail.items() if v is not None}}
+                # (None) leaves prefregex's capture of the same name alone (only names
+                # both regexes have can differ: sshd's have none, its path stays fast)
+                fail = {**pre, **fail}
+                for k in rx.pref_shared:
+                    if fail[k] is None:
+                        fail[k] = pre[k]
             mlfid = fail.get("mlfid")
             if mlfid is not None:
                 fail = self._merge(mlfid, fail, matched)
