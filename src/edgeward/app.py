@@ -19,6 +19,7 @@ from .config.loader import ConfigError, load
 from .config.schema import Config, ServiceSettings
 from .edge import BindError, Edge
 from .events import EventBus
+from .guard.validate import config_problems
 from .guard_adapter import GuardAdapter
 from .net.forward import Forward
 from .routing import Action
@@ -35,8 +36,9 @@ class StartError(Exception):
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and check a config file. Raises ConfigError with every problem at file:line:col."""
-    return load(path)
+    """Read and check a config file (the guard checks its jails and filters too). Raises ConfigError
+    with every problem at file:line:col."""
+    return load(path, checks=(config_problems,))
 
 
 class RuntimeBuilder:
