@@ -53,6 +53,11 @@ class Action(Protocol):
     def kind(self) -> str: ...
     @property
     def pool(self) -> Pool | None: ...
+    @property
+    def needs_sniff(self) -> bool:
+        """The action must know the client's protocol (TLS or not) even when the route matches
+        every client: the connection is then sniffed before it is started."""
+        ...
     def start(self, conn: Any) -> None: ...
 
 
@@ -69,7 +74,7 @@ class Route:
 
     @property
     def needs_sniff(self) -> bool:
-        return bool(self.exact or self.wildcards or self.protocol or self.alpn)
+        return bool(self.exact or self.wildcards or self.protocol or self.alpn) or self.action.needs_sniff
 
     def matches(self, f: Facts) -> bool:
         if self.exact or self.wildcards:

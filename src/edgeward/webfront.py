@@ -62,6 +62,7 @@ class ServeHttp:
     redirect: bool = False  # the [http] redirect listener: plain requests of terminated names → https
     kind: str = "http"
     pool: Pool | None = None
+    needs_sniff: bool = True  # TLS is terminated, plain HTTP served as it is: the first bytes tell which
 
     def start(self, conn: TcpConn) -> None:
         self.site.serve(conn, self.redirect)

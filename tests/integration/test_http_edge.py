@@ -216,3 +216,39 @@ def test_a_reload_keeps_a_keepalive_connection_and_applies_new_routes(env: Env) 
         time.sleep(0.2)
         t.sendall(b"GET /after HTTP/1.1\r\nHost: web.test\r\n\r\n")
         assert read_response(t).status == 200  # type: ignore[union-attr]
+
+
+def test_a_service_without_names_terminates_tls_and_serves_plain_http(tmp_path: Path) -> None:
+    """No names: every Host. TLS clients get the default certificate; plain clients plain HTTP."""
+    require("nginx")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert = ca.issue_cert("bench.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "edge.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "edge.key"))
+    (tmp_path / "edge.key").chmod(0o600)
+    with nginx_upstream(tmp_path / "web") as ngx:
+        port = free_port()
+        edge = EdgeProcess(tmp_path, f"""
+[tls]
+certificates = [{{ cert = "{tmp_path / 'edge.pem'}", key = "{tmp_path / 'edge.key'}" }}]
+default_certificate = "bench.test"
+[acme]
+enabled = false
+[http]
+redirect = "off"
+[services.web]
+listen = ["127.0.0.1:{port}"]
+to = "http://127.0.0.1:{ngx.port}"
+""", wait=[("127.0.0.1", port)])
+        try:
+            assert get(port, "/plain", host="anything.test").json()["xfp"] == "http"
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+            ctx.check_hostname = False  # a client that sends an IP as SNI, as wrk does
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s, \
+                    ctx.wrap_socket(s, server_hostname="127.0.0.1") as t:
+                t.sendall(b"GET /tls HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                r = read_response(t)
+            assert r is not None and r.status == 200 and r.json()["xfp"] == "https"
+        finally:
+            edge.stop()

@@ -52,6 +52,7 @@ class Forward:
     proxy_protocol: str  # off | v1 | v2
     connect_timeout: float
     kind: str = "forward"
+    needs_sniff: bool = False  # bytes are relayed as they come: only the route's own fields need sniffing
 
     def start(self, conn: Forwarding) -> None:
         conn.forward(self)
