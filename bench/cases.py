@@ -709,6 +709,8 @@ def wrk_case(ctx: Context, spec: WrkCase) -> None:
     try:
         measured: list[tuple[Contestant, dict[str, Any]]] = []
         for c in ctx.contestants:
+            if not _has_listener(ctx, spec.name, c, spec.listener):
+                continue
             try:
                 probe = probe_http(c.port(spec.listener), spec.listener == "https", cert_der)
             except ProbeError as e:
@@ -726,6 +728,16 @@ def wrk_case(ctx: Context, spec: WrkCase) -> None:
                 _settle(2.0 if spec.close else 1.0)
     finally:
         ctx.group.stop(upstream)
+
+
+def _has_listener(ctx: Context, case: str, c: Contestant, listener: str) -> bool:
+    """Whether the contestant's config opens this listener; if not, say so in the
+    results (an error run without metrics) rather than leaving it silently out."""
+    if listener in c.ports:
+        return True
+    why = f"no {listener} listener in its config (bench/configs/): not measured"
+    ctx.record(case, c.name, 0, {}, {}, error=why)
+    return False
 
 
 def _children_cpu() -> float:
@@ -806,6 +818,10 @@ def http_idle_memory(ctx: Context) -> None:
                 for c in ctx.contestants:
                     if c.name == "direct":
                         continue  # no proxy process to weigh
+                    if listener not in c.ports:
+                        if rnd == 0:
+                            _has_listener(ctx, "http_idle_memory", c, listener)
+                        continue
                     _one_http_idle(ctx, c, rnd, kind, listener, rss_metric, pss_metric)
                     _settle(1.0)
     finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.certs import ensure_certificate
 from bench.procs import Proc, ProcessGroup, tree, wait_port
-from bench.templating import render_file
+from bench.templating import CONFIG_DIR, holes, render_file
 
 EDGEWARD_SNI = "bench.example.org"
 # Listeners every proxy opens, one per kind of client.
@@ -119,9 +119,22 @@ class Contestant:
         return self.ports[case]
 
 
+# Each proxy's config template in bench/configs/.
+TEMPLATES = {"haproxy": "haproxy.cfg", "nginx": "nginx.conf", "edgeward": "edgeward.toml"}
+
+
 def listeners(name: str) -> tuple[str, ...]:
-    """The listeners this proxy opens (HAProxy has no UDP one)."""
-    return tuple(case for case in LISTENERS if not (case == "udp" and name in NO_UDP))
+    """The listeners this proxy opens: those whose `{{<listener>_port}}` its template
+    has (HAProxy has no UDP one; an edgeward template from before the HTTP edge has
+    no HTTP ones, and edgeward then sits out the HTTP cases instead of failing to
+    start)."""
+    template = TEMPLATES.get(name)
+    offered = holes((CONFIG_DIR / f"{template}.tmpl").read_text()) if template else set()
+    return tuple(
+        case
+        for case in LISTENERS
+        if f"{case}_port" in offered and not (case == "udp" and name in NO_UDP)
+    )
 
 
 def supports_udp(name: str) -> bool:

@@ -153,3 +153,16 @@ def test_allocate_ports_skips_busy_ports() -> None:
 def test_allocate_ports_rejects_duplicate_names() -> None:
     with pytest.raises(ValueError):
         allocate_ports(["a", "a"])
+
+
+def test_listeners_are_the_ports_a_template_offers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy template without the HTTP holes (edgeward's before its HTTP edge) opens
+    # no HTTP listener, so the harness neither waits for one nor measures it.
+    (tmp_path / "edgeward.toml.tmpl").write_text(
+        'listen = ["127.0.0.1:{{bulk_port}}"]\nto = "{{iperf_port}}"\n'
+    )
+    monkeypatch.setattr(contestants, "CONFIG_DIR", tmp_path)
+    assert contestants.listeners("edgeward") == ("bulk",)
+    assert contestants.listeners("direct") == ()
