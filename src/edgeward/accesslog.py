@@ -1,4 +1,4 @@
-"""The access log: one line per closed TCP connection and per ended UDP session.
+"""The access log: one line per closed TCP connection, per ended UDP session, per HTTP request.
 
 A subscriber of the event bus. The event loop only appends (time, event) to a
 queue; a writer thread formats and writes, so a slow disk never stalls the
@@ -9,6 +9,8 @@ Text lines are logfmt (`key=value`, values quoted only when they need it), so
 they are easy to grep, to parse, and to feed a fail2ban-style filter:
 
     2026-12-01T12:00:00.123Z tcp client=203.0.113.5:51234 listener=tls service=web upstream=10.0.0.2:443 in=517 out=3120 duration=0.153 end=done
+
+    2026-12-01T12:00:01.456Z http client=203.0.113.5:51240 listener=https service=cloud host=cloud.example.org method=GET path=/index.php status=200 in=412 out=5120 duration=0.042 upstream=10.0.0.5:443
 
 JSON lines carry the same fields.
 """
@@ -24,7 +26,9 @@ import threading
 import time
 from typing import IO
 
-from .events import ConnClosed, EventBus, UdpSessionEnded
+from .events import ConnClosed, EventBus, HttpRequest, UdpSessionEnded
+
+Logged = ConnClosed | UdpSessionEnded | HttpRequest
 
 log = logging.getLogger("edgeward.accesslog")
 
@@ -36,8 +40,10 @@ def _ts(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
-def fields(ev: ConnClosed | UdpSessionEnded) -> dict[str, object]:
+def fields(ev: Logged) -> dict[str, object]:
     """The fields of one line, in order."""
+    if isinstance(ev, HttpRequest):
+        return _http_fields(ev)
     out: dict[str, object] = {
         "client": str(ev.peer), "listener": ev.listener, "service": ev.service or "-",
         "upstream": ev.upstream or "-", "in": ev.bytes_in, "out": ev.bytes_out,
@@ -52,6 +58,26 @@ def fields(ev: ConnClosed | UdpSessionEnded) -> dict[str, object]:
     return out
 
 
+def _http_fields(ev: HttpRequest) -> dict[str, object]:
+    out: dict[str, object] = {
+        "client": str(ev.peer), "listener": ev.listener, "service": ev.service or "-", "scheme": ev.scheme,
+        "host": ev.host or "-", "method": ev.method, "path": ev.path + ("?" + ev.query if ev.query else ""),
+        "status": ev.status, "in": ev.bytes_in, "out": ev.bytes_out, "duration": round(ev.duration, 3),
+        "upstream": ev.upstream or "-",
+    }
+    if ev.upgraded:
+        out["upgraded"] = 1
+    if ev.error:
+        out["error"] = ev.error
+    if ev.peer.via_proxy:
+        out["via"] = "proxy"
+    return out
+
+
+def _kind(ev: Logged) -> str:
+    return "udp" if isinstance(ev, UdpSessionEnded) else "http" if isinstance(ev, HttpRequest) else "tcp"
+
+
 def _logfmt_value(v: object) -> str:
     s = str(v)
     if s and not any(c in s for c in ' "=\\\n\t'):
@@ -59,14 +85,12 @@ def _logfmt_value(v: object) -> str:
     return json.dumps(s)
 
 
-def format_text(t: float, ev: ConnClosed | UdpSessionEnded) -> str:
-    kind = "udp" if isinstance(ev, UdpSessionEnded) else "tcp"
-    return f"{_ts(t)} {kind} " + " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields(ev).items())
+def format_text(t: float, ev: Logged) -> str:
+    return f"{_ts(t)} {_kind(ev)} " + " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields(ev).items())
 
 
-def format_json(t: float, ev: ConnClosed | UdpSessionEnded) -> str:
-    kind = "udp" if isinstance(ev, UdpSessionEnded) else "tcp"
-    return json.dumps({"time": _ts(t), "kind": kind, **fields(ev)}, separators=(",", ":"))
+def format_json(t: float, ev: Logged) -> str:
+    return json.dumps({"time": _ts(t), "kind": _kind(ev), **fields(ev)}, separators=(",", ":"))
 
 
 class AccessLog:
@@ -92,12 +116,13 @@ class AccessLog:
     def attach(self, bus: EventBus) -> None:
         q = self._q
 
-        def put(ev: ConnClosed | UdpSessionEnded) -> None:
+        def put(ev: Logged) -> None:
             if q.qsize() >= MAX_PENDING:
                 self.dropped += 1
                 return
             q.put((time.time(), ev))
-        self._unsubscribe = [bus.subscribe(ConnClosed, put), bus.subscribe(UdpSessionEnded, put)]
+        self._unsubscribe = [bus.subscribe(ConnClosed, put), bus.subscribe(UdpSessionEnded, put),
+                             bus.subscribe(HttpRequest, put)]
         self._thread.start()
 
     def reopen(self) -> None:

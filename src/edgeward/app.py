@@ -1,8 +1,8 @@
 """The composition root: config → runtime → edge → guard → access log → admin API, wired and run.
 
 Nothing else in the package knows all the parts; each part knows only what it
-is given here. Adding a route action (TLS termination, HTTP, handoff) means
-writing its module and adding it to `make_action`.
+is given here. Adding a route action (handoff, say) means writing its module
+and choosing it in `RuntimeBuilder`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from .admin.api import AdminAPI
 from .config.loader import ConfigError, load
 from .config.schema import Config, ServiceSettings
 from .edge import BindError, Edge
+from .events import EventBus
 from .guard_adapter import GuardAdapter
 from .net.forward import Forward
 from .routing import Action
 from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
 from .upstream.pool import Pool, Upstreams
+from .webfront import CertificateError, Site, WebFront, is_http_service
 
 log = logging.getLogger("edgeward")
 
@@ -37,13 +39,34 @@ def load_config(path: str | Path) -> Config:
     return load(path)
 
 
-def make_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
-    """The action a service's routes carry."""
-    return Forward(pool, svc.proxy_protocol or pool.proxy_protocol, svc.connect_timeout or pool.connect_timeout)
+class RuntimeBuilder:
+    """Config → runtime, deciding each service's action: `Forward` for addresses and pools of
+    host:port servers, `ServeHttp` (webfront.py) for http:// and https:// upstreams.
+
+    With a `WebFront` (a running edge), the HTTP part of the last runtime built waits in `site`
+    until the edge applies that runtime; without one (`edgeward check`) a throwaway is used."""
+
+    def __init__(self, front: WebFront | None = None) -> None:
+        self.front = front
+        self.site: Site | None = None
+
+    def __call__(self, cfg: Config, upstreams: Upstreams) -> Runtime:
+        front = self.front if self.front is not None else WebFront(EventBus())
+        site = front.new_site(cfg)
+
+        def make_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
+            if is_http_service(cfg, svc):
+                return site.action(service, svc, pool)
+            return Forward(pool, svc.proxy_protocol or pool.proxy_protocol, svc.connect_timeout or pool.connect_timeout)
+
+        rt = _build_runtime(cfg, upstreams, make_action, site.finish)
+        self.site = site
+        return rt
 
 
 def build_runtime(cfg: Config, upstreams: Upstreams | None = None) -> Runtime:
-    return _build_runtime(cfg, upstreams if upstreams is not None else Upstreams(), make_action)
+    """The runtime of `cfg` on its own (for `edgeward check` and tests)."""
+    return RuntimeBuilder()(cfg, upstreams if upstreams is not None else Upstreams())
 
 
 async def serve(path: str, cfg: Config, demo: bool = False) -> None:
@@ -52,7 +75,24 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     if demo:
         from .demo import start_demo_upstreams
         demo_servers = await start_demo_upstreams()
-    edge = Edge(path, cfg, build_runtime, load_config, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    bus = EventBus()
+    front = WebFront(bus, loop)
+    try:
+        front.prepare(cfg)
+    except CertificateError as e:
+        raise StartError(str(e)) from None
+    builder = RuntimeBuilder(front)
+    edge = Edge(path, cfg, builder, load_config, loop, bus)
+    front.admission = edge.admission
+    state_dir = cfg.edge.state_dir
+
+    def apply_web(_rt: Runtime) -> None:
+        if builder.site is not None:
+            front.apply(builder.site, state_dir)
+    apply_web(edge.runtime)
+    edge.on_reload.append(apply_web)
+    edge.extra_status["web"] = front.status
     access_log: AccessLog | None = None
     if cfg.edge.access_log:
         try:
@@ -85,6 +125,7 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         await edge.wait_stopped()
     finally:
         await admin.stop()
+        await front.close()
         await guard.stop()
         if access_log is not None:
             access_log.close()

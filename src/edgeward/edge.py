@@ -67,12 +67,12 @@ class Edge:
     """Listeners, the data plane they feed, and the lifecycle around them."""
 
     def __init__(self, config_path: str | None, cfg: Config, build: RuntimeBuilder, load: ConfigLoader,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, bus: EventBus | None = None) -> None:
         self.config_path = config_path
         self.build = build
         self.load = load
         self.loop = loop or asyncio.get_event_loop()
-        self.bus = EventBus()
+        self.bus = bus if bus is not None else EventBus()
         self.counters = Counters()
         self.stats = Stats(self.bus, self.counters)
         self.upstreams = Upstreams()

@@ -90,6 +90,27 @@ class ProtocolError(NamedTuple):
     kind: str
 
 
+class HttpRequest(NamedTuple):
+    """One HTTP request the edge proxied or answered itself (connections handed to the HTTP layer
+    are logged per request, not by ConnClosed)."""
+
+    listener: str
+    peer: Peer
+    service: str  # "" when the edge answered itself (redirect, ACME challenge, error page)
+    scheme: str  # http | https
+    host: str
+    method: str
+    path: str
+    query: str
+    status: int  # 499: the client left before a response
+    bytes_in: int
+    bytes_out: int
+    duration: float
+    upstream: str  # "" when no upstream answered
+    upgraded: bool  # switched protocols (WebSocket): logged when the tunnel ends
+    error: str  # why the edge answered itself or cut the exchange short; "" when nothing went wrong
+
+
 # ---------------------------------------------------------------------- UDP sessions
 class UdpSessionStarted(NamedTuple):
     listener: str
@@ -129,7 +150,7 @@ class BanLifted(NamedTuple):
     address: str
 
 
-Event = (ConnAccepted | ConnRefused | ConnOpened | ConnClosed | ProtocolError | UdpSessionStarted | UdpSessionEnded
+Event = (ConnAccepted | ConnRefused | ConnOpened | ConnClosed | ProtocolError | HttpRequest | UdpSessionStarted | UdpSessionEnded
          | HealthChanged | BanAdded | BanLifted)
 E = TypeVar("E")
 

@@ -5,8 +5,8 @@ place the two meet. The guard starts before the first listener accepts (so
 restored bans hold from the first connection); admission asks the guard's ban
 set about every new client; a new ban closes the address's live connections
 and sessions on the listeners it protects; what the edge sees itself (protocol
-errors, sniff timeouts, every connection for flood jails) reaches the jails
-that subscribed to `edge:<kind>`.
+errors, sniff timeouts, HTTP 401/403 answers, every connection for flood
+jails) reaches the jails that subscribed to `edge:<kind>`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config.schema import Config
-from .events import BanAdded, BanLifted, ConnAccepted, ProtocolError, UdpSessionStarted
+from .events import BanAdded, BanLifted, ConnAccepted, HttpRequest, ProtocolError, UdpSessionStarted
 from .guard.integration import guard_config
 from .guard.service import Guard, GuardError
 
@@ -57,6 +57,13 @@ class GuardAdapter:
             report(ev.peer.ip, "sniff" if ev.kind in _SNIFF_KINDS else "proto", f"{ev.listener} {ev.kind}")
 
         self._unsub.append(bus.subscribe(ProtocolError, on_error))
+
+        def on_request(ev: HttpRequest) -> None:
+            # Failed authentications seen by the edge itself: a jail with sources = ["edge:http401"]
+            # bans repeated 401s of any route, with no log file.
+            if ev.status in (401, 403):
+                report(ev.peer.ip, f"http{ev.status}", f"{ev.listener} {ev.service or '-'} {ev.host}{ev.path}")
+        self._unsub.append(bus.subscribe(HttpRequest, on_request))
         if any("edge:conn" in j.sources for j in guard.config.jails):
             def on_conn(ev: ConnAccepted | UdpSessionStarted) -> None:
                 report(ev.peer.ip, "conn", ev.listener)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .config.loader import resolve_listen
 from .config.schema import Config, ListenerSettings, PoolSettings, ServiceSettings
+from .config.units import parse_bind
 from .routing import Action, Route, RouteTable, make_route
 from .upstream.pool import Pool, Upstreams
 
@@ -64,8 +65,13 @@ class Runtime:
     routes: tuple[Route, ...]
 
 
-def build_runtime(cfg: Config, upstreams: Upstreams, make_action: ActionFactory) -> Runtime:
-    """Config → route tables per listening port, each route with its service's action."""
+def build_runtime(cfg: Config, upstreams: Upstreams, make_action: ActionFactory,
+                  extra: Callable[[], Iterable[tuple[str, Route]]] | None = None) -> Runtime:
+    """Config → route tables per listening port, each route with its service's action.
+
+    `extra`, called once every service's action is made, adds routes of the edge's own on bind
+    addresses ("[::]:80": the HTTP redirect, which covers the names of the HTTP services): they
+    join a listener the config has there, or make one with default settings."""
     pools = {name: upstreams.pool(name, ps) for name, ps in cfg.pools.items()}
     listener_routes: dict[ListenerKey, list[Route]] = defaultdict(list)
     listener_settings: dict[ListenerKey, tuple[str, ListenerSettings]] = {}
@@ -88,6 +94,12 @@ def build_runtime(cfg: Config, upstreams: Upstreams, make_action: ActionFactory)
                     if key not in listener_settings:
                         lname = item if settings is not None else str(spec)
                         listener_settings[key] = (lname, settings or ListenerSettings(bind=[item]))  # type: ignore[call-arg]
+    for bind, route in extra() if extra is not None else ():
+        for spec in [parse_bind(bind)]:
+            for port in spec.ports():
+                key = (spec.transport, spec.host, port)
+                listener_routes[key].append(route)
+                listener_settings.setdefault(key, (str(spec), ListenerSettings(bind=[bind])))  # type: ignore[call-arg]
     listeners = {}
     for key, routes in listener_routes.items():
         lname, ls = listener_settings[key]

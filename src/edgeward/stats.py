@@ -19,6 +19,7 @@ from .events import (
     ConnOpened,
     ConnRefused,
     EventBus,
+    HttpRequest,
     ProtocolError,
     UdpSessionEnded,
     UdpSessionStarted,
@@ -67,6 +68,7 @@ class ServiceStats:
     udp_total: int = 0
     dgrams_in: int = 0
     dgrams_out: int = 0
+    requests: int = 0  # HTTP requests (their bytes are in bytes_in/bytes_out)
 
 
 class Stats:
@@ -113,7 +115,14 @@ class Stats:
             st.dgrams_in += ev.datagrams_in
             st.dgrams_out += ev.datagrams_out
 
+        def on_request(ev: HttpRequest) -> None:
+            st = services[ev.service or "-"]
+            st.requests += 1
+            st.bytes_in += ev.bytes_in
+            st.bytes_out += ev.bytes_out
+
         bus.subscribe(ConnRefused, on_refused)
+        bus.subscribe(HttpRequest, on_request)
         bus.subscribe(ProtocolError, on_error)
         bus.subscribe(ConnOpened, on_opened)
         bus.subscribe(ConnClosed, on_closed)

@@ -46,6 +46,7 @@ def edge_status(edge: Edge) -> dict[str, object]:
                                "bytes_out": st.bytes_out + live_out[r.service],
                                "pool": pool.name if pool is not None else "", "action": r.action.kind,
                                "udp_sessions": st.udp_active, "udp_sessions_total": st.udp_total,
+                               "requests": st.requests,
                                "datagrams_in": st.dgrams_in + di, "datagrams_out": st.dgrams_out + do}
     pools = {}
     now = time.monotonic()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .schema import Config, PoolSettings
-from .units import BindSpec, looks_like_address, parse_bind, parse_target
+from .schema import Config, PoolSettings, ServiceSettings
+from .units import BindSpec, HttpScheme, looks_like_address, parse_bind, parse_target
 
 Loc = tuple[str | int, ...]
 
@@ -215,9 +215,12 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
                          hint or "define [pools." + svc.to + "] or write an address like \"10.0.0.2:443\"")
 
     # Two services that would take exactly the same clients on one listener are ambiguous.
-    seen: dict[tuple[object, ...], str] = {}
+    # HTTP services with the same match fields may share a listener when their path prefixes differ.
+    seen: dict[tuple[object, ...], list[tuple[str, frozenset[str] | None]]] = {}
+    reported: set[tuple[str, str]] = set()
     for sname, svc in cfg.services.items():
         names: list[str | None] = list(svc.names) or [None]
+        paths = frozenset(svc.paths or ["/"]) if service_scheme(cfg, svc) else None
         for item in svc.listen:
             try:
                 specs = resolve_listen(cfg, item)
@@ -227,14 +230,30 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
                 for port in spec.ports():
                     for n in names:
                         rkey = (spec.transport, spec.host, port, n, svc.protocol, tuple(sorted(svc.alpn)), tuple(sorted(svc.source)))
-                        if rkey in seen and seen[rkey] != sname:
+                        for other, other_paths in seen.get(rkey, []):
+                            if other == sname or (other, sname) in reported:
+                                continue
                             what = f"name {n!r}" if n else "no match fields (both are the default)"
-                            yield at(("services", sname), f"services {seen[rkey]!r} and {sname!r} both take {spec.host}:{port} with {what}",
-                                     "give one of them names, protocol, alpn or source to tell them apart")
-                        seen.setdefault(rkey, sname)
+                            if paths is None and other_paths is None:
+                                hint = "give one of them names, protocol, alpn or source to tell them apart"
+                            elif paths is None or other_paths is None:
+                                hint = ("one proxies HTTP and the other relays bytes, so they cannot share these match "
+                                        "fields; give one of them other names, protocol, alpn or source")
+                            elif paths & other_paths:
+                                hint = f"both take the path prefix {min(paths & other_paths)!r}; give them different paths"
+                            else:
+                                continue
+                            reported.add((other, sname))
+                            yield at(("services", sname), f"services {other!r} and {sname!r} both take {spec.host}:{port} with {what}", hint)
+                        if (sname, paths) not in seen.setdefault(rkey, []):
+                            seen[rkey].append((sname, paths))
 
     for pname, pool in cfg.pools.items():
         yield from _check_pool(pname, pool, at)
+        yield from _check_pool_schemes(pname, pool, at)
+
+    for sname in cfg.services:
+        yield from _check_http_service(cfg, sname, at)
 
     for lname, lst in cfg.listeners.items():
         if lst.trusted_proxies and any(spec.transport == "udp" for b in lst.bind for spec in _safe_binds(b)):
@@ -297,6 +316,73 @@ def _check_udp_service(cfg: Config, sname: str, at: Callable[..., Problem]) -> I
     if any(t.strip().startswith("unix:") for t in targets):
         yield at(("services", sname, "to"), f"service {sname!r} listens on UDP ({udp_item!r}) but goes to a unix socket",
                  "give UDP a host:port, or a host alone for the same port")
+
+
+def _target_scheme(address: str) -> HttpScheme | None:
+    try:
+        return parse_target(address).scheme
+    except ValueError:
+        return None
+
+
+def service_scheme(cfg: Config, svc: ServiceSettings) -> HttpScheme | None:
+    """"http" or "https" for a service whose upstream is HTTP (`to` or its pool's servers carry a
+    scheme), else None (bytes are relayed)."""
+    pool = cfg.pools.get(svc.to)
+    if pool is None:
+        return _target_scheme(svc.to) if looks_like_address(svc.to) else None
+    first = pool.servers[0]
+    return _target_scheme(first if isinstance(first, str) else first.address)
+
+
+def _check_pool_schemes(pname: str, pool: PoolSettings, at: Callable[..., Problem]) -> Iterable[Problem]:
+    addresses = [s if isinstance(s, str) else s.address for s in pool.servers]
+    schemes = {_target_scheme(a) for a in addresses}
+    if len(schemes) > 1:
+        shown = ", ".join(sorted(f"{s}://" if s else "plain host:port" for s in schemes))
+        yield at(("pools", pname, "servers"), f"pool {pname!r} mixes servers of different kinds ({shown})",
+                 "every server of a pool is either http://, https:// or a plain address; split the pool")
+
+
+def _check_http_service(cfg: Config, sname: str, at: Callable[..., Problem]) -> Iterable[Problem]:
+    """Options that only mean something for HTTP upstreams, and what HTTP upstreams cannot have."""
+    svc = cfg.services[sname]
+    try:
+        scheme = service_scheme(cfg, svc)
+    except ValueError:
+        return
+    if scheme is None:
+        if svc.paths:
+            yield at(("services", sname, "paths"), f"service {sname!r}: paths route HTTP requests, but it relays bytes to {svc.to!r}",
+                     "write to = \"http://HOST:PORT\" or \"https://HOST:PORT\" to proxy HTTP, or remove paths")
+        if svc.upstream_tls is not None:
+            yield at(("services", sname, "upstream_tls"), f"service {sname!r}: upstream_tls applies to https:// upstreams only",
+                     "write to = \"https://HOST:PORT\", or remove upstream_tls (relayed TLS reaches the upstream untouched)")
+        return
+    if scheme == "http" and svc.upstream_tls is not None:
+        yield at(("services", sname, "upstream_tls"), f"service {sname!r}: upstream_tls is set but the upstream is plain http://",
+                 "write to = \"https://...\" or remove upstream_tls")
+    tls = svc.upstream_tls
+    if tls is not None and not tls.verify and (tls.ca or tls.pin):
+        yield at(("services", sname, "upstream_tls", "verify"),
+                 f"service {sname!r}: upstream_tls.verify = false turns off the checks that ca/pin configure",
+                 "remove verify = false to check against ca or pin, or remove ca and pin")
+    if tls is not None and tls.ca is not None and not Path(tls.ca).is_file():
+        yield at(("services", sname, "upstream_tls", "ca"), f"service {sname!r}: CA file {tls.ca!r} does not exist",
+                 "give the path of a PEM file with the upstream's CA (or its self-signed certificate)")
+    pool = cfg.pools.get(svc.to)
+    proxy = svc.proxy_protocol or (pool.proxy_protocol if pool is not None else "off")
+    if proxy != "off":
+        where = ("services", sname, "proxy_protocol") if svc.proxy_protocol else ("pools", svc.to, "proxy_protocol")
+        yield at(where, f"service {sname!r} proxies HTTP, which tells the upstream the client address in "
+                 f"X-Forwarded-For and Forwarded, not in PROXY {proxy} headers",
+                 "set proxy_protocol = \"off\" (upstream keep-alive connections are shared by clients)")
+    for i, item in enumerate(svc.listen):
+        for spec in _safe_binds(item) if item not in cfg.listeners else resolve_listen(cfg, item):
+            if spec.transport == "udp":
+                yield at(("services", sname, "listen", i), f"service {sname!r} proxies HTTP but listens on UDP ({item!r})",
+                         "HTTP runs over TCP; give the UDP address a service of its own")
+                break
 
 
 def _safe_binds(item: str) -> list[BindSpec]:

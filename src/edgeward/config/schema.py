@@ -7,6 +7,7 @@ silently ignored option.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -147,6 +148,108 @@ class PoolSettings(_Strict):
         return v
 
 
+_PIN_RE = re.compile(r"^(?:sha256[:/=]\s*)?((?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2})$")
+
+
+def parse_pin(value: str) -> str:
+    """A SHA-256 certificate fingerprint as openssl prints it (``AB:CD:…``, 32 bytes), with or without
+    colons and an optional ``sha256:`` prefix → 64 lowercase hex digits."""
+    m = _PIN_RE.match(value.strip())
+    if m is None:
+        raise ValueError(
+            f"{value!r} is not a SHA-256 certificate fingerprint (print one with "
+            "`openssl x509 -in cert.pem -noout -fingerprint -sha256` and paste the AB:CD:... part)"
+        )
+    return m.group(1).replace(":", "").lower()
+
+
+class UpstreamTlsSettings(_Strict):
+    """How the edge checks the certificate of an https:// upstream."""
+
+    verify: bool = Field(
+        True,
+        description="Check the upstream's certificate (against `ca`, or the system CAs). false accepts any "
+        "certificate and is logged as a warning at start; prefer `ca` or `pin` for a self-signed upstream.",
+    )
+    ca: str | None = Field(
+        None,
+        description="PEM file of the CAs to trust for this upstream instead of the system ones; the upstream's "
+        "own self-signed certificate works too.",
+    )
+    pin: str | None = Field(
+        None,
+        description="SHA-256 fingerprint of the upstream's certificate (`openssl x509 -noout -fingerprint "
+        "-sha256`: \"AB:CD:...\", colons optional). Without `ca` it replaces chain and name checks.",
+    )
+    server_name: str | None = Field(
+        None,
+        description="Name sent as SNI and checked in the certificate (default: the host of `to`).",
+    )
+
+    @field_validator("pin")
+    @classmethod
+    def _check_pin(cls, v: str | None) -> str | None:
+        return None if v is None else parse_pin(v)
+
+
+class HttpSettings(_Strict):
+    """The HTTP/1.1 reverse proxy: timeouts, limits, forwarded headers, the port-80 redirect."""
+
+    header_timeout: Duration = Field(
+        30.0, gt=0, description="Longest time to receive a request head, from its first byte (or from the "
+        "connection's start); a client that has sent part of one gets 408.",
+    )
+    body_timeout: Duration = Field(
+        60.0, gt=0, description="Longest stall of a client: no request body byte while the edge waits for one, "
+        "or no progress reading the response (408, or the connection is closed).",
+    )
+    response_timeout: Duration = Field(
+        60.0, gt=0, description="Longest wait for an upstream: for the response head after the request, and "
+        "between reads of its body (504 before the head, else the connection is closed).",
+    )
+    keepalive_timeout: Duration = Field(
+        60.0, gt=0, description="How long an idle client keep-alive connection is kept between requests.",
+    )
+    upgraded_timeout: Duration = Field(
+        21600.0, gt=0, description="Idle timeout of upgraded connections (WebSocket): no byte either way for "
+        "this long closes them.",
+    )
+    max_header_bytes: Size = Field(
+        32768, ge=1024, le=1048576, description="Largest request head (request line and header fields); "
+        "larger gets 431.",
+    )
+    max_headers: int = Field(100, ge=8, le=1000, description="Most header fields in a request; more gets 431.")
+    upstream_keepalive: int = Field(
+        32, ge=0, le=10000, description="Idle keep-alive connections kept per upstream server (0 = a new "
+        "connection for every request).",
+    )
+    upstream_idle_timeout: Duration = Field(
+        30.0, gt=0, description="How long an idle upstream keep-alive connection is kept (keep it below the "
+        "upstream's own keep-alive timeout).",
+    )
+    trusted_proxies: list[CIDR] = Field(
+        default_factory=list,
+        description="Clients (HTTP proxies or CDNs in front of the edge) whose X-Forwarded-For/-Proto/-Host, "
+        "X-Real-IP and Forwarded headers are kept and appended to; from anyone else they are removed and "
+        "replaced.",
+    )
+    redirect: str = Field(
+        "[::]:80",
+        description="Where plain-HTTP clients of terminated names get a permanent redirect to https (except "
+        "/.well-known/acme-challenge/, answered by the edge); \"off\" = no such listener.",
+    )
+
+    @field_validator("redirect")
+    @classmethod
+    def _check_redirect(cls, v: str) -> str:
+        if v.strip().lower() == "off":
+            return "off"
+        spec = parse_bind(v)
+        if spec.transport != "tcp" or spec.first_port != spec.last_port:
+            raise ValueError(f"{v!r}: the redirect listens on one TCP address (write e.g. \"[::]:80\" or \"off\")")
+        return v
+
+
 class ServiceSettings(_Strict):
     """Where clients arrive, which of them this service takes, and where they go."""
 
@@ -161,9 +264,33 @@ class ServiceSettings(_Strict):
     protocol: Protocol | None = Field(None, description="Only clients speaking this protocol.")
     alpn: list[str] = Field(default_factory=list, description="Only TLS clients offering one of these ALPN ids.")
     source: list[CIDR] = Field(default_factory=list, description="Only clients from these networks.")
-    to: str = Field(..., description="An address (\"10.0.0.2:443\", \"10.0.0.2\" = same port), unix:/path, or a pool name.")
+    to: str = Field(
+        ..., description="An address (\"10.0.0.2:443\", \"10.0.0.2\" = same port), unix:/path, a pool name, or an "
+        "HTTP upstream \"http://host[:port]\" / \"https://host[:port]\" (the edge then proxies HTTP requests).",
+    )
     proxy_protocol: ProxyProtocol | None = Field(None, description="Send a PROXY header (default: the pool's).")
     connect_timeout: Duration | None = Field(None, description="Default 3s, or the pool's.")
+    paths: list[str] = Field(
+        default_factory=list,
+        description="HTTP services only: path prefixes this service takes (\"/http-bind\" takes /http-bind, "
+        "/http-bind/x and /http-bind?x, not /http-binder); the longest match wins; default all paths.",
+    )
+    upstream_tls: UpstreamTlsSettings | None = Field(
+        None, description="https:// upstreams only: how their certificate is checked (default: system CAs)."
+    )
+
+    @field_validator("paths")
+    @classmethod
+    def _check_paths(cls, v: list[str]) -> list[str]:
+        out = []
+        for path in v:
+            p = path.strip()
+            segments = p.split("/")
+            if (not p.startswith("/") or any(c in p for c in "?#%\\ \t") or "//" in p
+                    or any(seg in (".", "..") for seg in segments)):
+                raise ValueError(f"{path!r} is not a path prefix (write e.g. \"/http-bind\" or \"/colibri-ws/\")")
+            out.append(p.rstrip("/") or "/")
+        return out
 
     @field_validator("names")
     @classmethod
@@ -287,6 +414,12 @@ class TlsSettings(_Strict):
 class AcmeSettings(_Strict):
     """Certificates from an ACME CA (Let's Encrypt by default) for the names the edge terminates."""
 
+    enabled: bool = Field(
+        True,
+        description="Get certificates from the ACME CA for every name of an HTTP service that no [tls] certificate "
+        "covers (names that cannot have a public certificate, such as IP addresses and wildcards, are "
+        "listed as unsupported in `edgeward status`); false = file certificates only.",
+    )
     email: str | None = Field(None, description="Contact address of the ACME account (expiry notices); optional.")
     directory: str = Field(
         "https://acme-v02.api.letsencrypt.org/directory",
@@ -340,6 +473,7 @@ class Config(_Strict):
     jails: dict[str, JailSettings] = Field(default_factory=dict, description="Jails that ban at the edge.")
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings.model_validate({}), description="TLS termination.")
     acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings.model_validate({}), description="ACME certificates.")
+    http: HttpSettings = Field(default_factory=lambda: HttpSettings.model_validate({}), description="The HTTP reverse proxy.")
 
 
 def json_schema() -> dict[str, object]:

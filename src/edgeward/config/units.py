@@ -168,24 +168,34 @@ def parse_bind(value: str) -> BindSpec:
     return BindSpec(transport, host, first, last)
 
 
+HttpScheme = Literal["http", "https"]
+HTTP_DEFAULT_PORTS: dict[str, int] = {"http": 80, "https": 443}
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where a service's clients go: a host and port (None = the port they came to), or a Unix socket."""
+    """Where a service's clients go: a host and port (None = the port they came to), or a Unix socket.
+
+    `scheme` is set for an HTTP upstream ("http://host[:port]", "https://host[:port]"): the edge then
+    speaks HTTP to it (and TLS for https) instead of relaying bytes; its port is never None.
+    """
 
     host: str | None
     port: int | None
     unix_path: str | None = None
+    scheme: HttpScheme | None = None
 
     def __str__(self) -> str:
         if self.unix_path is not None:
             return f"unix:{self.unix_path}"
         host = f"[{self.host}]" if self.host and ":" in self.host else str(self.host)
-        return host if self.port is None else f"{host}:{self.port}"
+        address = host if self.port is None else f"{host}:{self.port}"
+        return address if self.scheme is None else f"{self.scheme}://{address}"
 
 
 def looks_like_address(text: str) -> bool:
-    """True for what can only be an address (IP literal, dotted name, unix:), not a pool name."""
-    if text.startswith("unix:") or text.startswith("["):
+    """True for what can only be an address (IP literal, dotted name, unix:, http(s)://), not a pool name."""
+    if text.lower().startswith(("unix:", "[", "http://", "https://")):
         return True
     host, port = _split_host_port(text) if text.count(":") <= 1 or text.startswith("[") else (text, None)
     try:
@@ -197,7 +207,22 @@ def looks_like_address(text: str) -> bool:
 
 
 def parse_target(value: str) -> Target:
+    """``"10.0.0.2:443"``, ``"10.0.0.2"`` (same port), ``"unix:/run/app.sock"``, ``"https://10.0.0.5"``
+    (an HTTP upstream; default port 80 for http, 443 for https)."""
     text = value.strip()
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        if scheme.lower() not in HTTP_DEFAULT_PORTS:
+            raise ValueError(f"{value!r}: unknown scheme {scheme!r} (write \"http://host[:port]\" or \"https://host[:port]\")")
+        rest = rest[:-1] if rest.endswith("/") else rest  # "https://10.0.0.5/" is a common way to write it
+        if any(c in rest for c in "/?#@"):
+            raise ValueError(f"{value!r}: an HTTP upstream is a scheme, a host and a port, without path, query or user "
+                             "(write e.g. \"https://10.0.0.5\" or \"http://127.0.0.1:5280\")")
+        http_scheme: HttpScheme = "https" if scheme.lower() == "https" else "http"
+        host, port = _split_host_port(rest)
+        if not host:
+            raise ValueError(f"{value!r}: empty host")
+        return Target(host, HTTP_DEFAULT_PORTS[http_scheme] if port is None else _port(port, value), None, http_scheme)
     if text.startswith("unix:"):
         path = text[5:]
         if not path.startswith("/") and not path.startswith("@"):

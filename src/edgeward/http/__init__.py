@@ -1,0 +1,20 @@
+"""The HTTP/1.1 reverse proxy: routing by Host and path, keep-alive both ways, streaming with
+backpressure, WebSocket and other upgrades, forwarded headers, redirects to https and ACME HTTP-01.
+
+Entry point: `HttpProxy(routes, settings, on_request=..., acme_http01=...).serve(sock, client, local, ...)`.
+"""
+
+from ..config.schema import HttpSettings
+from .log import HttpRequestLog
+from .proxy import HttpProxy
+from .routes import (
+           HttpRoute,
+           HttpRoutes,
+           HttpUpstream,
+           route_for_service,
+           upstream_for_service,
+           upstream_ssl_context,
+)
+
+__all__ = ["HttpProxy", "HttpRequestLog", "HttpRoute", "HttpRoutes", "HttpSettings", "HttpUpstream",
+           "route_for_service", "upstream_for_service", "upstream_ssl_context"]

@@ -1,0 +1,180 @@
+"""HttpProxy: the HTTP/1.1 reverse proxy the edge hands accepted connections to.
+
+One per runtime: a reload builds a new one and `retire()`s the old, whose live connections
+(upgraded WebSockets included) carry on with the routes they started with. It owns the idle
+keep-alive connections to upstream servers, its counters, and the set of client connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import socket
+import ssl
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from ..config.schema import HttpSettings
+from .exchange import ClientConnection
+from .log import HttpRequestLog
+from .routes import HttpRoutes, HttpUpstream, IPAddress
+
+if TYPE_CHECKING:
+    from ..upstream.pool import Server
+    from .upstream import UpstreamConnection
+
+log = logging.getLogger("edgeward.http")
+
+
+class HttpProxy:
+    def __init__(self, routes: HttpRoutes, settings: HttpSettings, *,
+                 on_request: Callable[[HttpRequestLog], None] | None = None,
+                 acme_http01: Callable[[str], str | None] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.routes = routes
+        self.settings = settings
+        self.on_request = on_request
+        self.acme_http01 = acme_http01
+        self._loop = loop
+        self.counters: dict[str, int] = defaultdict(int)
+        self.clients: set[ClientConnection] = set()
+        self.closing = False
+        self.retired = False
+        self._idle: dict[tuple[Server, HttpUpstream], list[UpstreamConnection]] = {}
+        self._accepting: set[asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]] = set()
+        self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in settings.trusted_proxies)
+        self._trust_cache: dict[IPAddress, bool] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # --- the entry point --------------------------------------------------------------------
+
+    def serve(self, sock: socket.socket, client: tuple[str, int], local: tuple[str, int], *,
+              ssl_context: ssl.SSLContext | None, scheme: Literal["http", "https"],
+              redirect_to_https: bool = False, client_from_trusted_proxy: bool = False,
+              routes: HttpRoutes | None = None, https_port: int = 443, listener: str = "") -> ClientConnection:
+        """Run one accepted client connection (non-blocking socket; unread bytes, the TLS
+        ClientHello included, may still be in it). Takes ownership of `sock`.
+
+        `client` is the real client address; `redirect_to_https` makes this a port-80 connection
+        (names the routes serve are redirected to https://name[:https_port]/..., ACME HTTP-01
+        challenges answered); `routes` overrides the proxy's routes for this listener."""
+        conn = ClientConnection(self, routes if routes is not None else self.routes, client, local, scheme=scheme,
+                                redirect=redirect_to_https, https_port=https_port, via_proxy=client_from_trusted_proxy,
+                                listener=listener)
+        loop = self.loop
+        try:
+            if ssl_context is not None:
+                coro = loop.connect_accepted_socket(lambda: conn, sock=sock, ssl=ssl_context,
+                                                    ssl_handshake_timeout=self.settings.header_timeout)
+            else:
+                coro = loop.connect_accepted_socket(lambda: conn, sock=sock)
+            task = loop.create_task(coro)
+        except Exception:
+            sock.close()
+            raise
+        self._accepting.add(task)
+        task.add_done_callback(functools.partial(self._accepted, sock, conn))
+        return conn
+
+    def _accepted(self, sock: socket.socket, conn: ClientConnection,
+                  task: asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]) -> None:
+        self._accepting.discard(task)
+        if task.cancelled():
+            sock.close()
+            self.connection_failed(conn)
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A failed TLS handshake (or a client gone before it): nothing to answer.
+            self.counters["tls_handshake_failed" if isinstance(exc, ssl.SSLError | TimeoutError | ConnectionError)
+                          else "accept_failed"] += 1
+            log.debug("HTTP client connection failed before its first request: %r", exc)
+            sock.close()
+            self.connection_failed(conn)
+
+    # --- bookkeeping used by connections ----------------------------------------------------
+
+    def connection_made(self, conn: ClientConnection) -> None:
+        self.clients.add(conn)
+        self.counters["connections"] += 1
+
+    def connection_lost(self, conn: ClientConnection) -> None:
+        self.clients.discard(conn)
+
+    def connection_failed(self, conn: ClientConnection) -> None:
+        """`conn` never started: its TLS handshake failed or the client left first (a hook for the edge)."""
+
+    def trusts(self, addr: IPAddress | None) -> bool:
+        if addr is None or not self._trusted:
+            return False
+        hit = self._trust_cache.get(addr)
+        if hit is None:
+            hit = any(addr in n for n in self._trusted)
+            if len(self._trust_cache) < 4096:
+                self._trust_cache[addr] = hit
+        return hit
+
+    def take_idle(self, server: Server, route: HttpUpstream) -> UpstreamConnection | None:
+        conns = self._idle.get((server, route))
+        while conns:
+            conn = conns.pop()  # most recently used first: the others may time out
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                conn.timer.stop()
+                return conn
+        return None
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        conn.exchange = None
+        if self.retired or self.closing or conn.closed or self.settings.upstream_keepalive == 0:
+            conn.close()
+            return
+        conns = self._idle.setdefault(conn.key, [])
+        if len(conns) >= self.settings.upstream_keepalive:
+            conn.close()
+            return
+        conn.resume_reading()  # an idle connection is read, so that its close is seen
+        conn.timer.start("idle", self.settings.upstream_idle_timeout, idle=False)
+        conns.append(conn)
+
+    def drop_idle(self, conn: UpstreamConnection) -> None:
+        conns = self._idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """A reload replaced this proxy: keep no upstream connection idle any more. Live client
+        connections (upgraded ones included) carry on."""
+        self.retired = True
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                conn.close()
+        self._idle.clear()
+
+    def close_idle_clients(self) -> None:
+        """Draining (SIGTERM): close client connections between requests now, the others after
+        their current response (keep-alive off). Upgraded connections are left alone."""
+        self.closing = True
+        self.retire()
+        for conn in list(self.clients):
+            if conn.tunnel is None and conn.current is None and conn.parsing is None:
+                conn.close()
+            else:
+                conn.closing = True
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "clients": len(self.clients),
+            "upgraded": sum(1 for c in self.clients if c.tunnel is not None),
+            "upstream_idle": sum(len(v) for v in self._idle.values()),
+            "counters": dict(self.counters),
+        }

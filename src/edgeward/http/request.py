@@ -1,0 +1,190 @@
+"""Request heads: from the fields httptools (llhttp, strict mode) parsed to a request the edge may forward.
+
+Sans-I/O: values in, a `RequestHead` or a `Rejected` (status + reason) out. llhttp in strict mode
+already refuses the byte-level tricks (bare CR or LF, obs-fold, CL+TE, duplicate or malformed
+Content-Length, bad chunk sizes, spaces in the method or target). This module checks the rest and
+repeats the framing checks, so that it is the one place that decides, and can be fuzzed alone:
+
+- HTTP/1.0 and HTTP/1.1 only; origin-form targets only (absolute-form, authority-form (CONNECT) and
+  asterisk-form are refused, so the edge can never be asked to relay to a place it does not serve);
+- exactly one valid Host on HTTP/1.1;
+- one framing: a single decimal Content-Length, or Transfer-Encoding exactly "chunked" (RFC 9112 6.3);
+  Transfer-Encoding on HTTP/1.0 is refused (RFC 9112 6.1);
+- Expect other than 100-continue gets 417; an Upgrade request carries no body; h2c is never
+  upgraded to (it would tunnel past the edge's path routes).
+
+The edge then writes a new, canonical head for the upstream (forwarding.py), so what the upstream
+reads is exactly what was checked here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from ..codec._names import normalize_hostname
+
+Headers = list[tuple[bytes, bytes]]
+
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_PORT = re.compile(rb"[0-9]{0,5}")
+_TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form; llhttp refuses CTLs, spaces and non-ASCII already
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class Rejected(Exception):
+    """The request cannot be forwarded; answer `status` and close (reason is for the log only)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes  # as received (origin-form)
+    version: bytes  # b"1.1" or b"1.0"
+    headers: Headers  # as received, names in their original case
+    host: str | None  # from Host: lowercased, no port, no trailing dot; None = no or empty Host (HTTP/1.0)
+    authority: bytes | None  # the Host value as received (X-Forwarded-Host, Forwarded host=)
+    path: bytes  # target before '?'
+    query: bytes  # after '?', without it
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool  # what the client asked for
+    expect_continue: bool
+    upgrade: bytes | None  # the Upgrade value to forward when the client asks to switch protocols
+    connection_tokens: frozenset[bytes]  # lowercased; the names they list are hop-by-hop too
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def _comma_tokens(values: list[bytes]) -> list[bytes]:
+    out = []
+    for v in values:
+        for part in v.split(b","):
+            t = part.strip(b" \t").lower()
+            if t:
+                out.append(t)
+    return out
+
+
+def parse_host(value: bytes) -> str | None:
+    """Host header value → normalized name (no port), None for an empty value; Rejected when invalid."""
+    if not value:
+        return None
+    if value.startswith(b"["):
+        close = value.find(b"]")
+        port = value[close + 1 :] if close > 0 else b""
+        if close < 0 or (port and (port[:1] != b":" or not _PORT.fullmatch(port, 1))):
+            raise Rejected(400, "bad Host")
+        try:
+            return str(ipaddress.IPv6Address(value[1:close].decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            raise Rejected(400, "bad Host") from None
+    name, _, port = value.partition(b":")
+    if not name or not _PORT.fullmatch(port) or b"@" in value:
+        raise Rejected(400, "bad Host")
+    host = normalize_hostname(name)
+    if host is None:
+        raise Rejected(400, "bad Host")
+    return host
+
+
+def validate_request(method: bytes, target: bytes, version: str, headers: Headers) -> RequestHead:
+    """Check a parsed request head; raises Rejected with the status to answer."""
+    if version == "1.1":
+        v11 = True
+    elif version == "1.0":
+        v11 = False
+    elif version.startswith(("0.", "1.")):
+        raise Rejected(400, f"HTTP/{version} request")
+    else:
+        raise Rejected(505, f"HTTP/{version} request")
+    if method == b"CONNECT":
+        raise Rejected(405, "CONNECT refused: the edge is not a forward proxy")
+    if not _TOKEN.fullmatch(method):
+        raise Rejected(400, "bad method")
+    if not target.startswith(b"/"):
+        if target == b"*":
+            raise Rejected(400, "asterisk-form target")
+        raise Rejected(400, "absolute-form target refused: the edge is not a forward proxy")
+    if not _TARGET.fullmatch(target) or b"#" in target:
+        raise Rejected(400, "bad request target")
+
+    host_values: list[bytes] = []
+    cl_values: list[bytes] = []
+    te_values: list[bytes] = []
+    conn_values: list[bytes] = []
+    expect_values: list[bytes] = []
+    upgrade_values: list[bytes] = []
+    for name, value in headers:
+        n = name.lower()
+        if n == b"host":
+            host_values.append(value)
+        elif n == b"content-length":
+            cl_values.append(value)
+        elif n == b"transfer-encoding":
+            te_values.append(value)
+        elif n == b"connection":
+            conn_values.append(value)
+        elif n == b"expect":
+            expect_values.append(value)
+        elif n == b"upgrade":
+            upgrade_values.append(value)
+
+    if len(host_values) > 1:
+        raise Rejected(400, "more than one Host")
+    if not host_values and v11:
+        raise Rejected(400, "HTTP/1.1 request without Host")
+    authority = host_values[0].strip(b" \t") if host_values else None
+    host = parse_host(authority) if authority is not None else None
+
+    content_length: int | None = None
+    chunked = False
+    if te_values:
+        if not v11:
+            raise Rejected(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if cl_values:
+            raise Rejected(400, "both Content-Length and Transfer-Encoding")
+        codings = _comma_tokens(te_values)
+        if codings != [b"chunked"]:
+            if codings.count(b"chunked") == 1 and codings[-1] == b"chunked":
+                raise Rejected(501, "transfer coding other than chunked")
+            raise Rejected(400, "Transfer-Encoding not ending in one chunked")  # RFC 9112 7: chunked once, last
+        chunked = True
+    elif cl_values:
+        if len(cl_values) > 1:
+            raise Rejected(400, "more than one Content-Length")
+        cl = cl_values[0].strip(b" \t")
+        if not _DIGITS.fullmatch(cl):
+            raise Rejected(400, "bad Content-Length")
+        content_length = int(cl)
+
+    tokens = frozenset(_comma_tokens(conn_values))
+    keep_alive = (b"close" not in tokens) if v11 else (b"keep-alive" in tokens and b"close" not in tokens)
+
+    expect_continue = False
+    if expect_values and v11:  # RFC 9110 10.1.1: ignore Expect in an HTTP/1.0 request
+        if [e.strip(b" \t").lower() for e in expect_values] != [b"100-continue"]:
+            raise Rejected(417, "unsupported Expect")
+        expect_continue = True
+
+    upgrade: bytes | None = None
+    if upgrade_values and b"upgrade" in tokens and v11:
+        protocols = [p.strip(b" \t") for v in upgrade_values for p in v.split(b",") if p.strip(b" \t")]
+        # h2c would leave the edge relaying an HTTP/2 connection whose requests it never routes.
+        protocols = [p for p in protocols if p.lower() != b"h2c"]
+        if protocols:
+            if chunked or content_length:
+                raise Rejected(400, "Upgrade request with a body")
+            upgrade = b", ".join(protocols)
+
+    path, _, query = target.partition(b"?")
+    return RequestHead(method, target, b"1.1" if v11 else b"1.0", headers, host, authority, path, query,
+                       content_length, chunked, keep_alive, expect_continue, upgrade, tokens)

@@ -1,0 +1,226 @@
+"""A connection to an upstream HTTP server: response parsing, keep-alive, the raw tunnel after 101.
+
+One exchange at a time (the edge never pipelines to upstreams). Between exchanges the connection
+waits in its HttpProxy's idle list, still read so that a close by the upstream is seen at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from ..upstream.pool import Server
+from .request import Headers, Rejected
+from .timer import Timer
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .proxy import HttpProxy
+    from .routes import HttpUpstream
+
+log = logging.getLogger("edgeward.http")
+
+# Bounds on an upstream's response head: generous (Set-Cookie, CSP) but finite.
+MAX_RESPONSE_HEAD = 256 * 1024
+MAX_RESPONSE_FIELDS = 500
+
+
+class _HeadResponseDone(Exception):
+    """Raised from on_headers_complete to stop llhttp after a HEAD response's head.
+
+    httptools cannot tell llhttp that a response has no body (HEAD), so llhttp would wait for
+    Content-Length bytes that never come; the parser is replaced instead."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("closed", "eof", "exchange", "fed", "head_size", "headers", "key", "parser", "proxy",
+                 "read_paused", "reason", "requests", "route", "server", "status", "timer", "transport",
+                 "tunnel", "write_paused")
+
+    def __init__(self, proxy: HttpProxy, server: Server, route: HttpUpstream) -> None:
+        self.proxy = proxy
+        self.server = server
+        self.route = route
+        self.key = (server, route)
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.timer = Timer(proxy.loop, self._timeout)
+        self.read_paused = False
+        self.write_paused = False
+        self.closed = False
+        self.eof = False
+        self.tunnel = False
+        self.requests = 0
+        self.fed = 0
+        self.status = 0
+        self.reason = b""
+        self.headers: Headers = []
+        self.head_size = 0
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # An idle keep-alive connection has nothing to say; bytes here would desynchronize the
+            # next response.
+            self.close()
+            return
+        if self.tunnel:
+            ex.tunnel_from_upstream(data)
+            return
+        if self.timer.kind:
+            self.timer.touch()
+        ex.upstream_bytes += len(data)
+        self.fed += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.status != 101:
+                ex.upstream_failed(self, 502, "upstream: unexpected protocol switch")
+                return
+            ex.switch_protocols(self.reason, self.headers, data[e.args[0]:])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _HeadResponseDone):
+                self.parser = httptools.HttpResponseParser(self)
+                self.fed = 0
+                # Nothing may follow a HEAD response's head: the edge sends no other request yet.
+                ex.response_complete(self, reusable=data.endswith(b"\r\n\r\n"))
+            elif isinstance(cause, Rejected):
+                ex.upstream_failed(self, cause.status, f"upstream: {cause.reason}")
+            else:
+                log.error("HTTP upstream %s: error while handling its response", self.server.name, exc_info=cause)
+                ex.upstream_failed(self, 502, "upstream: edge error")
+        except httptools.HttpParserError as e:
+            ex.upstream_failed(self, 502, f"upstream: malformed response ({e})")
+        else:
+            if self.fed > MAX_RESPONSE_HEAD and self.exchange is ex:
+                ex.upstream_failed(self, 502, "upstream: response head too large")
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        ex = self.exchange
+        if self.tunnel and ex is not None:
+            return ex.tunnel_eof_from_upstream()
+        return None  # close; connection_lost says what it meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.timer.stop()
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_lost(self)
+        else:
+            self.proxy.drop_idle(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_write_resumed()
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.head_size = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+        self.fed = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fed = 0
+        self.head_size += len(name) + len(value) + 4
+        self.headers.append((name, value))
+        if self.head_size > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_FIELDS:
+            raise Rejected(502, "response head too large")
+
+    def on_headers_complete(self) -> None:
+        self.fed = 0
+        ex = self.exchange
+        assert ex is not None
+        status = self.parser.get_status_code()
+        self.status = status
+        if status < 200:
+            if status != 101:  # 101 continues in data_received (HttpParserUpgrade)
+                ex.response_interim(status, self.reason, self.headers)
+            return
+        ex.response_head(status, self.reason, self.headers, self.parser.get_http_version(), self.parser.should_keep_alive())
+        if ex.is_head:
+            raise _HeadResponseDone()
+
+    def on_body(self, body: bytes) -> None:
+        self.fed = 0
+        ex = self.exchange
+        assert ex is not None
+        ex.response_body(body)
+
+    def on_message_complete(self) -> None:
+        self.fed = 0
+        if self.status < 200:
+            return
+        ex = self.exchange
+        assert ex is not None
+        ex.response_complete(self, reusable=True)
+
+    # --- used by the exchange and the proxy -------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and not self.closed and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.closed and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.timer.stop()
+            if self.transport is not None:
+                self.transport.close()
+            self.proxy.drop_idle(self)
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent bytes (the exchange on it failed)."""
+        if not self.closed:
+            self.closed = True
+            self.timer.stop()
+            if self.transport is not None:
+                self.transport.abort()
+            self.proxy.drop_idle(self)
+
+    def _timeout(self, kind: str) -> None:
+        ex = self.exchange
+        if kind == "idle" or ex is None:
+            self.proxy.counters["upstream_idle_closed"] += 1
+            self.close()
+            return
+        if self.read_paused:
+            # The client is not reading the response: its own stall timer decides.
+            self.timer.start(kind, self.timer.timeout, idle=True)
+            return
+        ex.upstream_timeout(self)

@@ -1,0 +1,272 @@
+"""HTTP services as a route action: TLS terminated by SNI, the HTTP/1.1 proxy, the port-80 redirect.
+
+A service whose `to` is `http://` or `https://` gets the `ServeHttp` action on
+every listener it names. The sniffed first bytes decide: a TLS client is
+terminated with the certificate chosen by its SNI (from `[tls]` files, else
+from ACME), a plain HTTP client is served as plain HTTP; either way its
+requests then go to `edgeward.http.HttpProxy`, routed by Host and path. On
+the `[http] redirect` address (port 80 by default) plain requests for those
+names get a permanent redirect to https, except ACME HTTP-01 challenges, which
+the edge answers itself.
+
+Terminated and relayed services share a listener: the route table looks at the
+SNI first, so `cloud.example.org` may be terminated while `mail.example.org`
+on the same 443 is relayed untouched.
+
+`WebFront` lives as long as the process: the certificate store and the ACME
+manager keep their state across reloads. Each runtime gets its own `Site` (its
+HTTP routes per listener and its `HttpProxy`); a reload retires the old proxy,
+whose connections (websockets included) carry on with the routes they began with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config.loader import resolve_listen, service_scheme
+from .config.schema import Config, ServiceSettings
+from .events import EventBus, HttpRequest, Peer
+from .http import HttpProxy, HttpRoute, HttpRoutes, route_for_service
+from .http.exchange import ClientConnection
+from .http.log import HttpRequestLog
+from .routing import Route, make_route
+from .runtime import ListenerKey
+from .tls.acme import AcmeManager
+from .tls.certstore import CertificateError, CertStore, load_configured_files, tls_version
+from .upstream.pool import Pool
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .net.tcp import TcpConn
+
+log = logging.getLogger("edgeward.web")
+
+ALPN = ("http/1.1",)
+
+
+def is_http_service(cfg: Config, svc: ServiceSettings) -> bool:
+    return service_scheme(cfg, svc) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ServeHttp:
+    """Terminate TLS (or not, for a plain HTTP client) and serve HTTP requests."""
+
+    site: Site
+    redirect: bool = False  # the [http] redirect listener: plain requests of terminated names → https
+    kind: str = "http"
+    pool: Pool | None = None
+
+    def start(self, conn: TcpConn) -> None:
+        self.site.serve(conn, self.redirect)
+
+
+class _Client:
+    """An HTTP client connection as admission sees it (bans close it; limits and `status` count it)."""
+
+    __slots__ = ("admission", "conn", "listener", "peer")
+
+    def __init__(self, admission: Admission, peer: Peer, listener: _Named, conn: ClientConnection) -> None:
+        self.admission = admission
+        self.peer = peer
+        self.listener = listener
+        self.conn = conn
+
+    def close(self, reason: str = "closed") -> None:
+        self.conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    name: str
+
+
+class EdgeHttpProxy(HttpProxy):
+    """The HTTP proxy, reporting its requests on the bus and its clients to admission."""
+
+    def __init__(self, routes: HttpRoutes, site: Site) -> None:
+        super().__init__(routes, site.cfg.http, on_request=self._on_request,
+                         acme_http01=site.front.acme.http01_response if site.front.acme is not None else None,
+                         loop=site.front.loop)
+        self.site = site
+        self.admitted: dict[ClientConnection, _Client] = {}
+
+    def _on_request(self, rec: HttpRequestLog) -> None:
+        front = self.site.front
+        if not front.bus.wants(HttpRequest):
+            return
+        front.bus.publish(HttpRequest(
+            rec.listener or rec.local, Peer(rec.client, rec.client_port, rec.via_proxy), rec.service or "", rec.scheme,
+            rec.host or "", rec.method, rec.path, rec.query, rec.status, rec.bytes_in, rec.bytes_out, rec.duration,
+            rec.upstream or "", rec.upgraded, rec.error or ""))
+
+    def admit(self, conn: ClientConnection, peer: Peer, listener: str) -> None:
+        admission = self.site.front.admission
+        if admission is None:
+            return
+        entry = _Client(admission, peer, _Named(listener), conn)
+        self.admitted[conn] = entry
+        admission.add_tcp(entry)
+
+    def _forget(self, conn: ClientConnection) -> None:
+        entry = self.admitted.pop(conn, None)
+        if entry is not None:
+            entry.admission.remove_tcp(entry)
+
+    def connection_lost(self, conn: ClientConnection) -> None:
+        super().connection_lost(conn)
+        self._forget(conn)
+
+    def connection_failed(self, conn: ClientConnection) -> None:
+        self._forget(conn)
+
+
+class Site:
+    """The HTTP services of one runtime: routes per listener, the redirect, the proxy serving them."""
+
+    def __init__(self, front: WebFront, cfg: Config) -> None:
+        self.front = front
+        self.cfg = cfg
+        self.routes: dict[ListenerKey, list[HttpRoute]] = {}
+        self.names: set[str] = set()  # every name of an HTTP service: terminated when TLS arrives
+        self.https_ports: Counter[int] = Counter()
+        self.by_listener: dict[ListenerKey, HttpRoutes] = {}
+        self.redirect_routes = HttpRoutes()
+        self._proxy: EdgeHttpProxy | None = None
+
+    def action(self, name: str, svc: ServiceSettings, pool: Pool) -> ServeHttp:
+        route = route_for_service(name, svc, pool)
+        for item in svc.listen:
+            for spec in resolve_listen(self.cfg, item):
+                for port in spec.ports():
+                    self.routes.setdefault((spec.transport, spec.host, port), []).append(route)
+                    self.https_ports[port] += 1
+        self.names.update(svc.names)
+        return ServeHttp(self)
+
+    def finish(self) -> list[tuple[str, Route]]:
+        """Build the HTTP route tables; the redirect listener's route, if there is one to make."""
+        redirect_names = sorted(self.names)
+        self.by_listener = {key: HttpRoutes(routes) for key, routes in self.routes.items()}
+        extra: list[tuple[str, Route]] = []
+        where = self.cfg.http.redirect
+        if where != "off" and redirect_names:
+            spec = resolve_listen(self.cfg, where)[0]
+            key = (spec.transport, spec.host, spec.first_port)
+            # Plain-HTTP services the config puts on that address keep their routes; other names redirect.
+            self.by_listener[key] = HttpRoutes(self.routes.get(key, ()), redirect_names=redirect_names)
+            self.redirect_routes = self.by_listener[key]
+            extra.append((where, make_route("http-redirect", ServeHttp(self, redirect=True), [], "http", [], [])))
+        self._proxy = EdgeHttpProxy(HttpRoutes(), self)
+        return extra
+
+    @property
+    def proxy(self) -> EdgeHttpProxy:
+        assert self._proxy is not None, "Site.finish() builds the proxy"
+        return self._proxy
+
+    def https_port(self) -> int:
+        """Where redirects send clients: the port most HTTP services listen on (443 in production)."""
+        ports = [p for p, _ in self.https_ports.most_common() if p != 80]
+        return ports[0] if ports else 443
+
+    def serve(self, conn: TcpConn, redirect: bool) -> None:
+        sniffed = conn.sniffed
+        tls = sniffed is not None and sniffed.protocol == "tls"
+        key = conn.listener.key
+        routes = self.by_listener.get(key)
+        if routes is None:
+            conn.fail("no_route")
+            return
+        ctx = self.front.server_context() if tls else None
+        local = conn.local
+        if local is None:
+            try:
+                la = conn.client.getsockname()
+                local = (la[0], la[1])
+            except OSError:
+                local = ("0.0.0.0", 0)
+        peer = conn.peer
+        listener = conn.listener.name
+        sock = conn.detach()
+        proxy = self.proxy
+        client = proxy.serve(sock, (peer.ip, peer.port), local, ssl_context=ctx, scheme="https" if tls else "http",
+                             redirect_to_https=redirect and not tls, client_from_trusted_proxy=peer.via_proxy,
+                             routes=routes, https_port=self.https_port(), listener=listener)
+        proxy.admit(client, peer, listener)
+
+
+class WebFront:
+    """Certificates (files and ACME) and the current Site, for the life of the process."""
+
+    def __init__(self, bus: EventBus, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.bus = bus
+        self.loop = loop
+        self.admission: Admission | None = None
+        self.certs: CertStore | None = None
+        self.acme: AcmeManager | None = None
+        self.site: Site | None = None
+        self.errors: list[str] = []
+
+    def new_site(self, cfg: Config) -> Site:
+        return Site(self, cfg)
+
+    def server_context(self) -> ssl.SSLContext | None:
+        return self.certs.server_context(ALPN) if self.certs is not None else None
+
+    def prepare(self, cfg: Config) -> None:
+        """Load `[tls]` certificate files (raises CertificateError naming every bad one)."""
+        files = load_configured_files(cfg.tls)
+        certs = self.certs
+        if certs is None or certs.minimum_version != tls_version(cfg.tls.min_version):
+            certs = CertStore(minimum_version=tls_version(cfg.tls.min_version), default_name=cfg.tls.default_certificate)
+        certs.set_file_certificates(files)
+        certs.set_default_name(cfg.tls.default_certificate)
+        self.certs = certs
+
+    def apply(self, site: Site, state_dir: str) -> None:
+        """Make `site` the one serving new connections; hand ACME the names without a file certificate."""
+        old = self.site
+        self.site = site
+        if old is not None and old is not site and old._proxy is not None:
+            old._proxy.retire()
+        cfg = site.cfg
+        if self.certs is None:
+            return
+        wanted = sorted(n for n in site.names if not self.certs.covers(n))
+        if cfg.acme.enabled and wanted:
+            if self.acme is None or self.acme.settings != cfg.acme:
+                old_acme = self.acme
+                self.acme = AcmeManager(cfg.acme, Path(state_dir), self.certs)
+                if old_acme is not None and self.loop is not None:
+                    self.loop.create_task(old_acme.close())
+                if self.loop is not None:
+                    self.loop.create_task(self.acme.start())
+            self.acme.manage(wanted)
+            # The proxy answers HTTP-01 challenges from the current manager.
+            site.proxy.acme_http01 = self.acme.http01_response
+        elif self.acme is not None:
+            self.acme.manage(())
+
+    async def close(self) -> None:
+        if self.site is not None and self.site._proxy is not None:
+            self.site._proxy.close_idle_clients()
+        if self.acme is not None:
+            await self.acme.close()
+
+    def status(self) -> dict[str, object]:
+        site = self.site
+        return {
+            "certificates": self.certs.status() if self.certs is not None else {},
+            "acme": self.acme.status() if self.acme is not None else {},
+            "http": site.proxy.stats() if site is not None and site._proxy is not None else {},
+        }
+
+
+__all__ = ["CertificateError", "ServeHttp", "Site", "WebFront", "is_http_service"]
