@@ -5,8 +5,11 @@ runs; nothing here asserts a speed)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -24,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from support import require
+from support import ThreadServer, require
 
 
 def test_certificate_is_ecdsa_p256_for_bench_test(tmp_path: Path) -> None:
@@ -54,16 +57,15 @@ def test_ensure_certificate_is_idempotent_and_private(tmp_path: Path) -> None:
 def rig(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[dict[str, int], Path, dict[str, Contestant]]]:
-    """nginx upstream + websocket echo server + HAProxy + nginx, on free loopback ports."""
+    """nginx upstream + websocket echo server + HAProxy + nginx + edgeward, on free
+    loopback ports."""
     require("nginx")
     require("haproxy")
     raise_nofile_limit()
     workdir = tmp_path_factory.mktemp("rig")
     ports = allocate_ports(port_names(), start=27000)
     try:
-        contestants = {
-            c.name: c for c in all_contestants() if c.name in ("direct", "haproxy", "nginx")
-        }
+        contestants = {c.name: c for c in all_contestants()}
         with ProcessGroup(workdir) as group:
             cfg = render_file(
                 "nginx-upstream.conf", template_values("nginx-upstream", ports, workdir), workdir
@@ -87,7 +89,10 @@ def rig(
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("name", ["direct", "haproxy", "nginx"])
+CONTESTANTS = ["direct", "haproxy", "nginx", "edgeward"]
+
+
+@pytest.mark.parametrize("name", CONTESTANTS)
 @pytest.mark.parametrize("tls", [False, True])
 def test_probe_through_each_contestant(
     rig: tuple[dict[str, int], Path, dict[str, Contestant]], name: str, tls: bool
@@ -157,7 +162,7 @@ def _hold_and_release(
         holder.stdout.close()  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("name", ["direct", "haproxy", "nginx"])
+@pytest.mark.parametrize("name", CONTESTANTS)
 @pytest.mark.parametrize("mode", ["http", "ws"])
 def test_idle_holder_through_each_contestant(
     rig: tuple[dict[str, int], Path, dict[str, Contestant]], name: str, mode: str
@@ -175,13 +180,14 @@ def test_idle_holder_counts_failures(tmp_path: Path) -> None:
     assert done == {"still_open": 0}
 
 
+@pytest.mark.parametrize("name", ["haproxy", "edgeward"])
 @pytest.mark.parametrize("close", [False, True])
-def test_wrk_through_haproxy_is_parsed(
-    rig: tuple[dict[str, int], Path, dict[str, Contestant]], close: bool
+def test_wrk_through_a_proxy_is_parsed(
+    rig: tuple[dict[str, int], Path, dict[str, Contestant]], name: str, close: bool
 ) -> None:
     require("wrk")
     _, _, contestants = rig
-    url = f"https://127.0.0.1:{contestants['haproxy'].port('https')}/"
+    url = f"https://127.0.0.1:{contestants[name].port('https')}/"
     argv = wrk_argv(url, 1, connections=4, close=close)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     result = parse_wrk(out.stdout)
@@ -189,3 +195,69 @@ def test_wrk_through_haproxy_is_parsed(
     assert result.errors == {}, out.stdout
     assert result.bytes_read > 100 * result.requests  # the body and its headers
     assert {"p50", "p99"} <= set(result.latency_ms)
+
+
+def test_every_proxy_sends_the_same_forwarded_headers(tmp_path: Path) -> None:
+    """The peers' configs do the work edgeward does: the upstream gets X-Forwarded-For,
+    -Proto, -Host, X-Real-IP and Forwarded from each proxy, over HTTP and HTTPS, and a
+    copy the client sent is replaced."""
+    require("nginx")
+    require("haproxy")
+    raise_nofile_limit()
+    ports = allocate_ports(port_names(), start=26000)
+    heads: list[bytes] = []
+    body = b"ok"
+
+    def upstream(conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            heads.append(head)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + body)
+
+    server = ThreadServer(upstream, port=ports["http_upstream"])
+    wanted = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+    try:
+        with ProcessGroup(tmp_path) as group:
+            for c in all_contestants():
+                if c.name == "direct":
+                    continue
+                c.start(group, ports, tmp_path)
+                for listener in ("http", "https"):
+                    ctx = ssl.create_default_context()
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+                    conn: http.client.HTTPConnection = (
+                        http.client.HTTPSConnection(
+                            "127.0.0.1", c.port(listener), timeout=10, context=ctx
+                        )
+                        if listener == "https"
+                        else http.client.HTTPConnection("127.0.0.1", c.port(listener), timeout=10)
+                    )
+                    heads.clear()
+                    conn.request(
+                        "GET", "/", headers={"Host": "bench.test", "X-Forwarded-For": "6.6.6.6"}
+                    )
+                    assert conn.getresponse().read() == body
+                    conn.close()
+                    assert len(heads) == 1, (c.name, listener)
+                    fields = {}
+                    for line in heads[0].split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        fields.setdefault(name.strip().lower(), []).append(value.strip())
+                    assert wanted <= set(fields), (c.name, listener, fields)
+                    assert fields[b"x-forwarded-for"] == [b"127.0.0.1"], (c.name, fields)
+                    assert fields[b"x-forwarded-proto"] == [listener.encode()], c.name
+                    assert fields[b"x-forwarded-host"] == [b"bench.test"], c.name
+                    forwarded = b",".join(fields[b"forwarded"])
+                    assert (
+                        b"for=127.0.0.1" in forwarded and b"proto=" + listener.encode() in forwarded
+                    )
+                c.stop(group)
+    finally:
+        server.close()

@@ -72,13 +72,35 @@ def test_every_template_renders_completely(ports: dict[str, int], tmp_path: Path
 
 
 def test_every_proxy_has_the_http_listeners(ports: dict[str, int], tmp_path: Path) -> None:
-    for proxy, name in (("haproxy", "haproxy.cfg"), ("nginx", "nginx.conf")):
+    for proxy, name in (
+        ("haproxy", "haproxy.cfg"),
+        ("nginx", "nginx.conf"),
+        ("edgeward", "edgeward.toml"),
+    ):
         out = render_file(name, template_values(proxy, ports, tmp_path), tmp_path).read_text()
         for listener in ("http", "https", "ws"):
             assert f"127.0.0.1:{ports[f'{proxy}_{listener}']}" in out
         assert f"127.0.0.1:{ports['http_upstream']}" in out
         assert f"127.0.0.1:{ports['ws_upstream']}" in out
         assert str(tmp_path / "bench-cert") in out
+
+
+def test_edgeward_http_config(ports: dict[str, int], tmp_path: Path) -> None:
+    path = render_file("edgeward.toml", template_values("edgeward", ports, tmp_path), tmp_path)
+    doc = tomllib.loads(path.read_text())
+    assert doc["tls"]["certificates"] == [
+        {"cert": str(tmp_path / "bench-cert.pem"), "key": str(tmp_path / "bench-key.pem")}
+    ]
+    assert doc["tls"]["default_certificate"] == "bench.test"
+    assert doc["acme"]["enabled"] is False  # nothing leaves loopback
+    assert doc["http"]["redirect"] == "off"
+    assert doc["http"]["upstream_keepalive"] == 64
+    services = doc["services"]
+    upstream = f"http://127.0.0.1:{ports['http_upstream']}"
+    assert services["web"] == {"listen": [f"127.0.0.1:{ports['edgeward_http']}"], "to": upstream}
+    assert services["webtls"]["listen"] == [f"127.0.0.1:{ports['edgeward_https']}"]
+    assert services["webtls"]["to"] == upstream
+    assert services["ws"]["to"] == f"http://127.0.0.1:{ports['ws_upstream']}"
 
 
 def test_upstream_body_is_100_bytes() -> None:
@@ -118,7 +140,7 @@ def test_peer_configs_are_tuned_fairly(ports: dict[str, int], tmp_path: Path) ->
     assert n.startswith("#") and "load_module /x/ngx_stream_module.so;" in n
     # HTTP: a pooled, keep-alive upstream for every proxy, no per-connection request cap.
     assert "http-reuse always" in h and "mode http" in h and "default `http-reuse safe`" in h
-    assert "keepalive 64;" in n and "proxy_set_header Connection \"\";" in n
+    assert "keepalive 64;" in n and 'proxy_set_header Connection "";' in n
     assert "keepalive_requests 1000000;" in n and "Defaults are 1000" in n
     # Idle keep-alive clients and websockets outlive the idle-memory measurement.
     assert "timeout http-keep-alive 1h" in h and "timeout tunnel 1h" in h
