@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="one round, short runs (under 3 minutes): for development",
+        help="one round, short runs (about 6 minutes): for development",
     )
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3, 1 with --quick)")
     ap.add_argument(

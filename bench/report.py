@@ -30,7 +30,8 @@ HTTP_NOTE = (
     "nginx upstream answering a fixed 100-byte body (`direct`: wrk straight to that nginx, which "
     "terminates TLS itself for the HTTPS rows). Requests/s count 2xx/3xx responses only (wrk's "
     '"Non-2xx or 3xx" are left out); p50/p99 are '
-    "wrk's latency percentiles. HTTPS: TLS 1.3 terminated at the proxy with an ECDSA P-256 "
+    "wrk's latency percentiles. wrk keeps 50 requests in flight (closed loop), so each "
+    "contestant runs at its own saturation and its p50 is about 50 / its rate. HTTPS: TLS 1.3 terminated at the proxy with an ECDSA P-256 "
     "certificate made for the run, plain HTTP to the upstream. New TLS connections: the same with "
     "`-H 'Connection: close'`, so every request opens a connection with a full handshake (wrk "
     "resumes no session); when the client's CPU caps the rate, proxies come close to `direct`, "
