@@ -14,7 +14,8 @@ blocks) and ``fail2ban-regex`` on the same filter file
 and log, checks that both found the same number of failures, and prints
 lines/s and the ratio.  It also times edgeward with each pre-screening
 strategy (required words with ``in``, one ``re`` alternation, google-re2,
-Hyperscan, none) so the default stays the measured fastest.
+Hyperscan, none; see bench/prefilters.py) so the default stays the measured
+fastest.
 
 The last line printed is one JSON object with all results.
 """
@@ -37,7 +38,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(1, str(ROOT))  # bench.prefilters, also when run as a script
 
+from bench.prefilters import install as install_prefilter  # noqa: E402
 from edgeward.guard.filter import EDGEWARD_FILTER_DIR, load_filter  # noqa: E402
 
 SSHD_SAMPLE = Path("/usr/lib/python3/dist-packages/fail2ban/tests/files/logs/sshd")
@@ -100,7 +103,7 @@ def make_sshd_log(path: Path, n: int) -> None:
 
 def run_edgeward(flt_path: Path, log: Path, prefilter: str = "literal") -> dict[str, Any]:
     flt = load_filter(str(flt_path))
-    flt.set_prefilter(prefilter)
+    install_prefilter(flt, prefilter)
     process = flt.process
     matches = 0
     lines = 0

@@ -19,11 +19,13 @@ from .config.loader import ConfigError, load
 from .config.schema import Config, ServiceSettings
 from .edge import BindError, Edge
 from .events import EventBus
+from .guard.validate import config_problems as jail_problems
 from .guard_adapter import GuardAdapter
 from .net.forward import Forward
 from .routing import Action
 from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
+from .tls.certstore import config_problems as certificate_problems
 from .upstream.pool import Pool, Upstreams
 from .webfront import CertificateError, Site, WebFront, is_http_service
 
@@ -35,8 +37,9 @@ class StartError(Exception):
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and check a config file. Raises ConfigError with every problem at file:line:col."""
-    return load(path)
+    """Read and check a config file (the guard checks its jails and filters, the certificate store
+    its certificate files). Raises ConfigError with every problem at file:line:col."""
+    return load(path, checks=(jail_problems, certificate_problems))
 
 
 class RuntimeBuilder:

@@ -102,16 +102,23 @@ def admin_request(method: str, path: str, admin: str | None, config: Path | None
         raise typer.Exit(EXIT_ADMIN) from None
 
 
-def _print_status(st: dict[str, Any]) -> None:
+def _console() -> Any:
+    """Rich output for a terminal; piped (a file, a pager, grep), tables take the width they need
+    instead of 80 columns, so no name is cut."""
     from rich.console import Console
+    return Console() if sys.stdout.isatty() else Console(width=1000, no_color=True, soft_wrap=True)
+
+
+def _print_status(st: dict[str, Any]) -> None:
     from rich.table import Table
-    con = Console()
+    con = _console()
     con.print(f"edgeward {st['version']}  up {st['uptime']}s  connections {st['connections']}  "
               f"udp sessions {st.get('udp_sessions', 0)}  clients {st['clients']}  open-files limit {st['nofile']['soft']}  splice {st['splice']}")
-    t = Table("service", "pool", "active", "total", "udp sessions", "bytes in", "bytes out", title="services")
+    t = Table("service", "action", "pool", "active", "total", "http requests", "udp sessions", "bytes in",
+              "bytes out", title="services")
     for name, s in st["services"].items():
-        t.add_row(name, s["pool"], str(s["active"]), str(s["total"]), str(s.get("udp_sessions", 0)),
-                  str(s["bytes_in"]), str(s["bytes_out"]))
+        t.add_row(name, s.get("action", ""), s["pool"] or "-", str(s["active"]), str(s["total"]),
+                  str(s.get("requests", 0)), str(s.get("udp_sessions", 0)), str(s["bytes_in"]), str(s["bytes_out"]))
     con.print(t)
     t = Table("pool", "server", "state", "active", "udp sessions", "total", "bytes in", "bytes out", title="servers")
     for pname, p in st["pools"].items():
@@ -120,6 +127,20 @@ def _print_status(st: dict[str, Any]) -> None:
             t.add_row(pname, s["server"], state, str(s["active"]), str(s.get("udp_sessions", 0)), str(s["total"]),
                       str(s["bytes_in"]), str(s["bytes_out"]))
     con.print(t)
+    web = st.get("web") or {}
+    certs = (web.get("certificates") or {}).get("certificates") or {}
+    acme = web.get("acme") or {}
+    if certs or acme:
+        t = Table("name / certificate", "source", "state", "valid until", "last error", "next attempt",
+                  title="certificates")
+        for slot, c in certs.items():
+            if not slot.startswith("acme:"):
+                t.add_row(", ".join(c["names"]), c["source"], "file", c["not_after"][:19],
+                          "; ".join(c.get("warnings", [])), "")
+        for name, a in acme.items():
+            t.add_row(name, "acme", a["state"], (a.get("not_after") or "")[:19], a.get("last_error") or "",
+                      (a.get("next_attempt") or "")[:19])
+        con.print(t)
     if st.get("guard"):
         g = st["guard"]
         t = Table("jail", "lines", "failing addresses", "bans", "refused", title="jails")
@@ -191,7 +212,6 @@ def bans(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
     if as_json:
         typer.echo(json.dumps(data, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
     t = Table("address", "jail", "since", "until", "reason", title=f"{len(data)} ban(s)")
     import time as _t
@@ -199,7 +219,7 @@ def bans(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
         until = "forever" if b.get("end") is None else _t.strftime("%F %T", _t.localtime(b["end"]))
         t.add_row(b["address"], b["jail"], _t.strftime("%F %T", _t.localtime(b["start"])), until,
                   str(b.get("reason", ""))[:80])
-    Console().print(t)
+    _console().print(t)
 
 
 @app.command()

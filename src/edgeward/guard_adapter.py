@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from .config.schema import Config
 from .events import BanAdded, BanLifted, ConnAccepted, HttpRequest, ProtocolError, UdpSessionStarted
-from .guard.integration import guard_config
-from .guard.service import Guard, GuardError
+from .guard.build import GuardError
+from .guard.service import Guard
 
 if TYPE_CHECKING:
     from .admin.api import AdminAPI
@@ -42,7 +42,7 @@ class GuardAdapter:
     def from_config(cls, edge: Edge, cfg: Config) -> GuardAdapter:
         """Always present: even without jails, `edgeward ban` works and bans persist."""
         Path(cfg.edge.state_dir).mkdir(parents=True, exist_ok=True)
-        return cls(edge, Guard(guard_config(cfg)))
+        return cls(edge, Guard.from_config(cfg))
 
     async def start(self) -> None:
         guard, edge = self.guard, self.edge
@@ -64,7 +64,7 @@ class GuardAdapter:
             if ev.status in (401, 403):
                 report(ev.peer.ip, f"http{ev.status}", f"{ev.listener} {ev.service or '-'} {ev.host}{ev.path}")
         self._unsub.append(bus.subscribe(HttpRequest, on_request))
-        if any("edge:conn" in j.sources for j in guard.config.jails):
+        if any("edge:conn" in j.sources for j in guard.jail_settings.values()):
             def on_conn(ev: ConnAccepted | UdpSessionStarted) -> None:
                 report(ev.peer.ip, "conn", ev.listener)
             self._unsub.append(bus.subscribe(ConnAccepted, on_conn))

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from edgeward.guard.nft import NftConfig, render_changes, render_table
-from edgeward.guard.service import Guard, GuardConfig, JailConfig
+from edgeward.config.schema import GuardSettings, JailSettings, NftSettings
+from edgeward.guard.nft import render_changes, render_table
+from edgeward.guard.service import Guard
 
 EDGE, BANNED, OTHER = "10.200.77.1", "10.200.77.2", "10.200.77.3"
 PORT = 7777
 
 
 def test_render_table_and_changes() -> None:
-    cfg = NftConfig(enabled=True, table="ew_test", hook="input", priority=-10)
+    cfg = NftSettings(enabled=True, table="ew_test", hook="input", priority=-10)
     text = render_table(cfg, [("::ffff:192.0.2.1", None), ("2001:db8::1", 59.2), ("bogus", None)])
     assert "add table inet ew_test\ndelete table inet ew_test\n" in text
     assert "elements = { 192.0.2.1 }" in text
@@ -45,9 +46,9 @@ def test_render_table_and_changes() -> None:
     ]
     assert render_changes(cfg, [], []) == ""
     with pytest.raises(ValueError):
-        NftConfig(hook="output")
+        NftSettings(hook="output")
     with pytest.raises(ValueError):
-        NftConfig(table="x; flush ruleset")
+        NftSettings(table="x; flush ruleset")
 
 
 def sh(*args: str) -> None:
@@ -154,12 +155,15 @@ async def test_banned_source_is_dropped_by_the_kernel(
     )
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        nft = NftConfig(enabled=True, command=("ip", "netns", "exec", edge, "nft"))
-        jail = JailConfig("edge", sources=("edge:test",), maxretry=1, bantime=-1)
-        timed = JailConfig("short", sources=("edge:short",), maxretry=1, bantime=2)
-        cfg = GuardConfig(jails=(jail, timed), db_path=str(tmp_path / "g.sqlite"), nft=nft)
+        nft = NftSettings(enabled=True, command=["ip", "netns", "exec", edge, "nft"])
+        jails = {
+            "edge": JailSettings(sources=["edge:test"], maxretry=1, bantime=-1),
+            "short": JailSettings(sources=["edge:short"], maxretry=1, bantime=2),
+        }
+        settings = GuardSettings(nft=nft)
+        db = str(tmp_path / "g.sqlite")
 
-        guard = Guard(cfg)
+        guard = Guard(settings, jails, db_path=db)
         await guard.start()
         try:
             assert await probe(clients, BANNED) == "open"
@@ -176,7 +180,7 @@ async def test_banned_source_is_dropped_by_the_kernel(
         # a restart re-applies the whole table from the store
         sh("ip", "netns", "exec", edge, "nft", "delete", "table", "inet", "edgeward")
         assert await probe(clients, BANNED) == "open"
-        guard = Guard(cfg)
+        guard = Guard(settings, jails, db_path=db)
         await guard.start()
         try:
             assert await probe(clients, BANNED) == "dropped"

@@ -14,12 +14,11 @@ import contextlib
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any, cast
 
-from scenarios.prosody_peer import Prosody, prosody, wait_for, xmpp_login
+from scenarios.prosody_peer import BanTimer, Prosody, prosody, wait_for, xmpp_login
 from support import EDGEWARD, EdgeProcess, ThreadServer, echo_handler, free_port
 
 ATTACKER = "127.0.0.2"
@@ -123,32 +122,6 @@ def fail_login(peer: Prosody, src: str) -> None:
     assert peer.failed_logins(src) == before + 1
 
 
-class BanTimer(threading.Thread):
-    """Watches prosody's log for the attacker's n-th failure line, then probes the edge from the
-    attacker until it is refused: the line-to-ban latency as a client sees it."""
-
-    def __init__(self, peer: Prosody, addr: str, n: int, port: int) -> None:
-        super().__init__(daemon=True)
-        self.peer, self.addr, self.n, self.port = peer, addr, n, port
-        self.line_seen: float | None = None
-        self.refused: float | None = None
-        self.probes = 0
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and self.peer.failed_logins(self.addr) < self.n:
-            time.sleep(0.0005)
-        if self.peer.failed_logins(self.addr) < self.n:
-            return  # the line never came: the test's assertion says so
-        self.line_seen = time.monotonic()
-        while time.monotonic() < deadline:
-            self.probes += 1
-            if not echoed(self.addr, self.port):
-                self.refused = time.monotonic()
-                return
-            time.sleep(0.001)
-
-
 def test_prosody_failed_logins_ban_at_the_edge(tmp_path: Path) -> None:
     t0 = time.monotonic()
     c2s_port, xmpp_port, echo_port = free_port(), free_port(), free_port()
@@ -186,12 +159,12 @@ def test_prosody_failed_logins_ban_at_the_edge(tmp_path: Path) -> None:
         assert echoed(ATTACKER, echo_port) and xmpp_features(ATTACKER, xmpp_port)
 
         # The third failure bans; time it from the line in prosody's log to the edge refusing.
-        timer = BanTimer(peer, ATTACKER, 3, echo_port)
+        timer = BanTimer(peer, ATTACKER, 3, lambda: not echoed(ATTACKER, echo_port))
         timer.start()
         fail_login(peer, ATTACKER)
         timer.join(20)
-        assert timer.refused is not None and timer.line_seen is not None, "attacker was never refused"
-        latency_ms = (timer.refused - timer.line_seen) * 1000
+        latency_ms = timer.latency_ms()
+        assert latency_ms is not None, "attacker was never refused"
         print(f"\nscenario 04: prosody log line -> edge refuses {ATTACKER}: {latency_ms:.1f} ms "
               f"({timer.probes} probes)")
 

@@ -24,8 +24,8 @@ def tls_alert(description: int) -> bytes:
 
 def http_response(status: int, reason: str, body: str) -> bytes:
     """A complete HTTP/1.1 response that closes the connection (no details leaked: the body is ours)."""
-    if not 100 <= status <= 599 or any(c in reason for c in "\r\n"):
-        raise ValueError("bad status line")
-    payload = body.encode("utf-8")
+    if not 100 <= status <= 599 or not all(" " <= c <= "~" for c in reason):
+        raise ValueError("bad status line: the reason phrase is printable ASCII")
+    payload = body.encode("utf-8", "replace")
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n").encode() + payload

@@ -3,6 +3,10 @@
 tomllib keeps no positions, so `_KeyLocator` scans the text once to learn where
 each key was written; schema and cross-check errors are then reported where the
 user wrote the value, with a hint on how to fix it.
+
+Parts that know more about their options than the schema can say (the guard:
+does this filter load?) pass their own checks to `load`/`loads`; the config
+layer imports none of them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from .schema import Config, PoolSettings, ServiceSettings
 from .units import BindSpec, HttpScheme, looks_like_address, parse_bind, parse_target
 
 Loc = tuple[str | int, ...]
+# A check of a schema-valid config: yields (key path, message, hint) per problem,
+# e.g. (("jails", "prosody", "filter"), "jail prosody: no filter named 'prosdy'", "...").
+Check = Callable[[Config], Iterable[tuple[Loc, str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +105,8 @@ def _hint_for(err_type: str, msg: str) -> str:
     return ""
 
 
-def load(path: str | Path) -> Config:
-    """Read, validate and cross-check a config file. Raises ConfigError."""
+def load(path: str | Path, checks: Sequence[Check] = ()) -> Config:
+    """Read, validate and cross-check a config file, then run `checks`. Raises ConfigError."""
     p = Path(path)
     name = str(p)
     try:
@@ -108,10 +115,11 @@ def load(path: str | Path) -> Config:
         raise ConfigError([Problem(name, 1, 1, f"cannot read the config: {e.strerror}", "check the path")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([Problem(name, 1, 1, f"not UTF-8 text: {e.reason}", "save the file as UTF-8")]) from None
-    return loads(text, name)
+    return loads(text, name, checks)
 
 
-def loads(text: str, name: str = "<config>") -> Config:
+def loads(text: str, name: str = "<config>", checks: Sequence[Check] = ()) -> Config:
+    """`load` of a config's text; `name` is the file name problems are reported under."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -131,6 +139,10 @@ def loads(text: str, name: str = "<config>") -> Config:
             problems.append(Problem(name, line, col, f"{where}: {msg}", _hint_for(err["type"], msg)))
         raise ConfigError(problems) from None
     problems = list(_cross_check(cfg, name, locator))
+    for check in checks:
+        for loc, message, hint in check(cfg):
+            line, col = locator.find(loc)
+            problems.append(Problem(name, line, col, message, hint))
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -267,15 +279,6 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
             if lname not in known_listeners:
                 yield at(("jails", jname, "listeners", i), f"jail {jname!r} protects unknown listener {lname!r}",
                          _did_you_mean(lname, known_listeners) or "name a [listeners.X] table or a service's listen address")
-    if cfg.jails:
-        # The guard knows what its filters support; ask it, and place each problem at its jail.
-        from ..guard.integration import guard_config
-        from ..guard.service import validate_config
-        for msg in validate_config(guard_config(cfg)):
-            jname = msg.split(":", 1)[0].removeprefix("jail ").strip()
-            if "may backtrack" in msg:
-                continue
-            yield at(("jails", jname), msg, "see `edgeward check` docs in docs/config.md")
 
 
 def _check_udp_service(cfg: Config, sname: str, at: Callable[..., Problem]) -> Iterable[Problem]:

@@ -308,43 +308,99 @@ class BanIncrementSettings(_Strict):
     """Growing bans, like fail2ban's bantime.increment / bantime.* options."""
 
     enabled: bool = Field(True, description="Grow the bans of addresses banned before.")
-    factor: float = Field(1.0, gt=0, description="bantime.factor: multiplies the formula or multipliers.")
-    formula: str | None = Field(None, description="bantime.formula (default: ban.Time * 2**min(ban.Count, 20) * banFactor).")
-    multipliers: list[float] = Field(default_factory=list, description="bantime.multipliers, e.g. [1, 2, 4, 8, 16].")
+    factor: float = Field(1.0, gt=0, description="bantime.factor: banFactor of the formula; also multiplies multipliers.")
+    formula: str | None = Field(
+        None,
+        description="bantime.formula (default: ban.Time * 2**min(ban.Count, 20) * banFactor). Arithmetic, "
+        "comparisons, \"a if c else b\", min/max and the names ban.Time, ban.Count, banFactor only.",
+    )
+    multipliers: list[float] = Field(
+        default_factory=list,
+        description="bantime.multipliers, e.g. [1, 2, 4, 8, 16]: bantime * multipliers[min(count, len-1)] "
+        "instead of the formula.",
+    )
     maxtime: Duration | None = Field(None, description="bantime.maxtime: the longest ban.")
-    rndtime: Duration = Field(0.0, ge=0, description="bantime.rndtime: random seconds added to each ban.")
+    rndtime: Duration = Field(
+        0.0, ge=0, description="bantime.rndtime: up to this many random seconds added to each grown ban."
+    )
     overalljails: bool = Field(False, description="bantime.overalljails: count earlier bans in every jail.")
 
 
 class JailSettings(_Strict):
-    """A jail: sources + filter + thresholds + the listeners a ban protects."""
+    """A jail: sources + filter + thresholds + the listeners a ban protects. Defaults follow fail2ban's."""
 
     enabled: bool = Field(True, description="Run this jail.")
     logpath: list[str] = Field(default_factory=list, description="Log files to follow (tail -F: rotation-safe).")
     sources: list[str] = Field(
         default_factory=list,
         description="Other sources: \"edge:proto\" (protocol errors the edge sees), \"edge:sniff\", "
-        "\"edge:conn\" (every connection: floods), \"journal\".",
+        "\"edge:conn\" (every connection: floods), \"journal\" (the systemd journal, see journalmatch).",
     )
-    filter: str | None = Field(None, description="fail2ban filter by name (\"sshd\", \"sshd[mode=aggressive]\") or path.")
-    failregex: list[str] = Field(default_factory=list, description="Inline failregex lines with <HOST>.")
+    journalmatch: list[str] = Field(
+        default_factory=list,
+        description="journalctl matches of the \"journal\" source, e.g. [\"_SYSTEMD_UNIT=sshd.service\"] "
+        "(default: the filter's own journalmatch).",
+    )
+    start: Literal["head", "tail"] = Field(
+        "head",
+        description="Where to begin a log file seen for the first time (no saved position): \"head\" reads it "
+        "all (entries older than findtime are not counted), \"tail\" starts at its end.",
+    )
+    filter: str | None = Field(
+        None,
+        description="fail2ban filter by name (searched in guard.filter_dirs), with parameters like a "
+        "fail2ban jail (\"sshd[mode=aggressive]\"), or a path.",
+    )
+    failregex: list[str] = Field(
+        default_factory=list, description="Inline failregex lines with <HOST> (instead of a filter)."
+    )
     ignoreregex: list[str] = Field(default_factory=list, description="Inline ignoreregex lines.")
     datepattern: str | None = Field(None, description="Date pattern for inline regexes (default: auto-detect).")
-    maxlines: int = Field(1, ge=1, le=100, description="Lines matched together (multi-line failregex).")
+    maxlines: int = Field(1, ge=1, le=100, description="Lines matched together by inline regexes (multi-line failregex).")
+    logtimezone: str | None = Field(
+        None,
+        description="fail2ban's logtimezone: the zone of log dates that carry none (\"UTC\", \"+0200\"); "
+        "default: the edge's local zone.",
+    )
     maxretry: int = Field(5, ge=1, description="Failures within findtime that ban.")
     findtime: Duration = Field(600.0, gt=0, description="The window failures are counted in.")
-    bantime: Duration = Field(600.0, description="Ban length; negative (-1) = forever.")
+    bantime: Duration = Field(600.0, description="Ban length; negative (-1) = forever; 0 is refused.")
     increment: BanIncrementSettings | None = Field(None, description="Growing bans; unset = fixed bantime.")
-    ignoreip: list[CIDR] = Field(default_factory=list, description="Addresses and networks never banned by this jail.")
+    ignoreip: list[CIDR] = Field(
+        default_factory=list,
+        description="Addresses and networks never banned by this jail (guard.ignoreip is added).",
+    )
     listeners: list[str] | None = Field(None, description="Listeners (names or addresses) the ban protects; default all.")
 
 
 class NftSettings(_Strict):
-    """Mirror bans into an nftables set, so the kernel drops banned sources first."""
+    """Mirror bans into an nftables set, so the kernel drops banned sources first.
+
+    Only bans that protect every listener are mirrored (the kernel rule drops all of a
+    source's traffic); bans limited to some listeners stay enforced at admit only."""
 
     enabled: bool = Field(False, description="Keep an nftables table of banned addresses.")
-    table: str = Field("edgeward", description="Table name (family inet).")
-    hook: Literal["prerouting", "input"] = Field("prerouting", description="Where banned sources are dropped.")
+    table: str = Field("edgeward", description="Table name (family inet: one table for IPv4 and IPv6).")
+    hook: Literal["prerouting", "input"] = Field(
+        "prerouting",
+        description="Where banned sources are dropped: prerouting also drops traffic the host forwards "
+        "(DNAT), input only traffic to local sockets.",
+    )
+    priority: int = Field(
+        -300, description="Chain priority; -300 is before conntrack (-200), so banned sources create no conntrack entries."
+    )
+    command: list[str] = Field(
+        default_factory=lambda: ["nft"], min_length=1,
+        description="How to run nft, e.g. [\"ip\", \"netns\", \"exec\", \"ns1\", \"nft\"].",
+    )
+    timeout: Duration = Field(10.0, gt=0, description="Longest run of one nft command.")
+
+    @field_validator("table")
+    @classmethod
+    def _check_table(cls, v: str) -> str:
+        if not v or not v.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"invalid nft table name {v!r} (letters, digits, '_' and '-' only)")
+        return v
 
 
 class GuardSettings(_Strict):
@@ -353,18 +409,22 @@ class GuardSettings(_Strict):
     ignoreip: list[CIDR] = Field(default_factory=list, description="Addresses and networks no jail bans.")
     filter_dirs: list[str] = Field(
         default_factory=lambda: ["/etc/fail2ban/filter.d"],
-        description="Where filters named without a path are searched (edgeward's own filters are always searched).",
+        description="Where filters named without a path are searched, in order; /etc/fail2ban/filter.d and "
+        "edgeward's own filters are searched after these.",
     )
     db_synchronous: Literal["NORMAL", "FULL"] = Field(
-        "NORMAL", description="SQLite durability: NORMAL survives kill -9, FULL also power loss."
+        "NORMAL",
+        description="SQLite durability of the ban store (edge.state_dir/guard.sqlite): NORMAL survives kill -9, "
+        "FULL also power loss (one more fsync per ban).",
     )
-    match_isolation: Literal["process", "thread"] = Field(
+    match_isolation: Literal["process", "thread", "inline"] = Field(
         "process",
         description=(
             "Where jail filters run. \"process\": in a matcher process beside the edge, so a regex that "
             "backtracks catastrophically cannot freeze the data plane, and each batch of lines is bounded by "
             "match_timeout. \"thread\": on a thread of the edge (no extra process, but Python's re holds the "
-            "interpreter while matching, so a runaway regex stalls the edge, unbounded)."
+            "interpreter while matching, so a runaway regex stalls the edge, unbounded). \"inline\": on the "
+            "event loop itself (tests and benchmarks only: every match delays the data plane)."
         ),
     )
     match_timeout: Duration = Field(
@@ -374,6 +434,18 @@ class GuardSettings(_Strict):
             "Deadline of one batch of log lines in the matcher process (match_isolation = \"process\"). Past it "
             "the process is killed and restarted, the batch dropped and counted in the jail's filter_timeouts."
         ),
+    )
+    poll_interval: Duration = Field(
+        0.25, gt=0, description="Log polling period where inotify is missing (and while a log's directory is missing)."
+    )
+    use_inotify: bool = Field(True, description="Wake on inotify events; false polls every poll_interval.")
+    max_tracked: int = Field(
+        100000, ge=1,
+        description="Addresses counted per jail before the least recently seen is forgotten (bounds memory "
+        "under a flood of spoofed sources).",
+    )
+    history_max_age: Duration = Field(
+        7 * 86400.0, gt=0, description="How long past bans count for growing bans (older history is purged)."
     )
     nft: NftSettings = Field(default_factory=lambda: NftSettings.model_validate({}), description="nftables mirror of bans.")
 

@@ -151,7 +151,8 @@ _ALPHA_DIRECTIVE_RE = re.compile(r"(?<!%)%[aAbBpc]")
 
 _HAS_GROUP_RE = re.compile(r"(?<!\(\?)(?<!\\)\((?!\?)")
 _WRAP_GROUP_RE = re.compile(r"^((?:\(\?\w+\))?\^?(?:\(\?\w+\))?)(.*?)(\$?)$")
-_GLOBAL_FLAGS_RE = re.compile(r"((?:^|(?!<\\))\(\?[a-z]+\))")
+# fail2ban 1.1: an escaped "\(?i)" is no flag group (1.0.2's "(?!<\\)" was a typo of "(?<!\\)")
+_GLOBAL_FLAGS_RE = re.compile(r"((?:^|(?<!\\))\(\?[a-z]+\))")
 _NO_WORD_BOUND_BEG = re.compile(r"^\(*(?:\(\?\w+\))?(?:\^|\(*\*\*|\((?:\?:)?\^)")
 _NO_WORD_BOUND_END = re.compile(r"(?<!\\)(?:\$\)?|\\b|\\s|\*\*\)*)$")
 _DEL_WORD_BOUNDS = re.compile(r"^\(*(?:\(\?\w+\))?\(*\*\*|(?<!\\)\*\*\)*$")
@@ -276,7 +277,12 @@ class DateTemplate:
             epoch_re = r"\d{10,11}(?:\d{3}(?:\.\d{1,6}|\d{3})?)?"
         if pattern:
             tpl._group = 2
-            tpl._set_regex("(" + _EPOCH_TOKEN.sub(lambda _m: f"({epoch_re})", pattern) + ")")
+            regex = _EPOCH_TOKEN.sub(lambda _m: f"({epoch_re})", pattern)
+            if not _HAS_GROUP_RE.search(pattern):
+                # fail2ban 1.1: the whole match is cut out only when the pattern has no
+                # group of its own; "^type=\S+ msg=audit\(({EPOCH})" cuts the epoch alone
+                regex = "(" + regex + ")"
+            tpl._set_regex(regex)
         elif not line_begin_only:
             # at line start, inside "[...]" at line start, or SELinux "audit(...:"
             tpl._set_regex(
@@ -462,7 +468,8 @@ _DEFAULT_PATTERNS = (
     r"%Exy%Exm%Exd  ?%H:%M:%S",
     r"%b %d, %ExY %I:%M:%S %p",
     r"^%b-%d-%Exy %k:%M:%S",
-    r"%ExY%Exm%Exd(?:T|  ?)%ExH%ExM%ExS(?:[.,]%f)?(?:\s*%z)?",
+    # 20050123T215959, 20050123 215959, and since fail2ban 1.1 xrdp's 20050123-21:59:59
+    r"%ExY%Exm%Exd(?:-|T|  ?)%ExH:?%ExM:?%ExS(?:[.,]%f)?(?:\s*%z)?",
     r"(?:%Z )?(?:%a )?%b %d %k:%M:%S(?:\.%f)?(?: %ExY)?",
     r"(?:%z )?(?:%a )?%b %d %k:%M:%S(?:\.%f)?(?: %ExY)?",
     "TAI64N",

@@ -30,10 +30,11 @@ tests/unit/guard/test_filter_prefilter.py):
   tests matched or beat one ``re`` alternation per CPU second and clearly
   beat google-re2 and Hyperscan (a Python call into re2/Hyperscan per line
   costs more than a few ``in`` tests): ~720k vs ~690k, ~290k and ~520k
-  prosody lines per CPU-second in bench/jail_lines.py, which keeps all of
-  them (and "none") selectable via :meth:`Filter.set_prefilter`.  Where
-  nearly every line is a candidate (sshd's log) the screen switches itself
-  off (see ``_review_screen``).  :meth:`Filter.process_text` applies it
+  prosody lines per CPU-second in bench/jail_lines.py.  Those screens live
+  in bench/prefilters.py (they plug in through :meth:`Filter.set_screen`);
+  here there are only the word screen and "none".  Where nearly every line
+  is a candidate (sshd's log) the screen switches itself off (see
+  ``_review_screen``).  :meth:`Filter.process_text` applies it
   to a whole block with ``str.find``, so skipped lines never become strings;
 * per regex: all its literal runs must be in the text and its leading
   literal must start it, else the regex is not run; regexes are dispatched
@@ -119,7 +120,8 @@ class FilterError(ValueError):
 # --- host and tag regexes (fail2ban's tag vocabulary) --------------------
 
 _IP4 = r"(?:\d{1,3}\.){3}\d{1,3}"
-_IP6 = r"(?:[0-9a-fA-F]{1,4}::?|::){1,7}(?:[0-9a-fA-F]{1,4}|(?<=:):)"
+# fail2ban 1.1's IPAddr.IP_6_RE: a lone ":" step also finds "::" (and "::/32")
+_IP6 = r"(?:[0-9a-fA-F]{1,4}::?|:){1,7}(?:[0-9a-fA-F]{1,4}|(?<=:):)"
 _R_IP4 = rf"(?:::f{{4,6}}:)?(?P<ip4>{_IP4})"
 _R_IP6 = rf"(?P<ip6>{_IP6})"
 _R_DNS = r"(?P<dns>[\w\-.^_]*\w)"
@@ -346,8 +348,8 @@ class _Origin:
 class _Regex:
     """A compiled filter regex plus what it needs for multi-line handling."""
 
-    __slots__ = ("alt", "clauses", "literal", "literals", "origin", "prefix", "regex", "skip_groups",
-                 "source", "tag_keys", "tuples")
+    __slots__ = ("alt", "clauses", "literal", "literals", "origin", "pref_shared", "prefix", "regex",
+                 "skip_groups", "source", "tag_keys", "tuples")
 
     def __init__(self, source: str, origin: _Origin, *, multiline: bool = False,
                  use_dns: str = "yes") -> None:
@@ -390,6 +392,12 @@ class _Regex:
             k for k in (*self.regex.groupindex, *(n for _k, n in self.alt))
             if k not in _INTERNAL_KEYS and not k.startswith(("skiplines", "alt_", "tuple_", "_"))
         )
+        # captures this regex shares with the filter's prefregex (set by Filter)
+        self.pref_shared: tuple[str, ...] = ()
+
+    def keys(self) -> set[str]:
+        """Every name `groups()` can return."""
+        return {*self.regex.groupindex, *(n for _k, n in self.alt), *(n for _k, n in self.tuples)}
 
     def groups(self, m: re.Match[str]) -> dict[str, Any]:
         fail: dict[str, Any] = m.groupdict()
@@ -933,6 +941,10 @@ class Filter:
         self._pref = _Regex(prefregex[0], prefregex[1], use_dns=use_dns) if prefregex else None
         self.failregex = [_Regex(r, o, multiline=multiline, use_dns=use_dns) for r, o in failregex]
         self.ignoreregex = [_Regex(r, o, multiline=multiline, use_dns=use_dns) for r, o in ignoreregex]
+        if self._pref is not None:
+            pref_keys = self._pref.keys() - {"content"}
+            for rx in self.failregex:
+                rx.pref_shared = tuple(sorted(pref_keys & rx.keys()))
         pref_has_id = self._pref is not None and any(
             g in self._pref.regex.groupindex for g in _ID_PRESENT_GROUPS)
         for rx in self.failregex:
@@ -1029,40 +1041,27 @@ class Filter:
         return self._clauses
 
     def set_prefilter(self, kind: str) -> None:
-        """Choose how lines are pre-screened: "literal" (default), "re", "re2",
-        "hyperscan" or "none".  All give the same results; they differ only in
-        speed, which bench/jail_lines.py measures.  "literal" won there, so it
-        is the default; the others exist to keep that measurement honest."""
-        self._literals, self._scan = None, None
-        clauses = self._clauses
-        if kind not in ("none", "literal", "re", "re2", "hyperscan"):
-            raise ValueError(f"unknown prefilter {kind!r}")
-        self.prefilter = kind
-        self._review_at = self._n_lines + _SCREEN_TRIAL
-        self._review_from, self._review_skipped = self._n_lines, self._n_skipped
-        if kind == "none" or clauses is None:
-            return
-        if kind == "literal":
-            self._literals = clauses
-            return
-        # the multi-pattern engines look for each clause's first word; the
-        # rest of the clause is then checked with `in`
-        firsts = sorted({c[0] for c in clauses}, key=len, reverse=True)
-        alternation = "|".join(map(re.escape, firsts))
-        search: Callable[[str], object]
-        if kind == "re":
-            search = re.compile(alternation).search
-        elif kind == "re2":
-            import re2  # google-re2: linear time, but a per-call crossing into C++
+        """Choose how lines are pre-screened: "literal" (the required words, with
+        ``in``; the default) or "none" (every line goes to the date search and the
+        regexes).  Both give the same results; only speed differs."""
+        if kind not in ("none", "literal"):
+            raise ValueError(f"unknown prefilter {kind!r} (\"literal\" or \"none\")")
+        self._install_screen(kind, self._clauses if kind == "literal" else None, None)
 
-            search = re2.compile(alternation).search
-        else:
-            search = _hyperscan_scanner(firsts)
+    def set_screen(self, name: str, scan: Callable[[str], bool]) -> None:
+        """Pre-screen lines with `scan` instead: it must return True for every line
+        that could match (a false True only costs time, a false False loses a
+        failure).  For measuring other screens against the word screen
+        (bench/prefilters.py); `name` is what :attr:`prefilter` then says."""
+        self._install_screen(name, None, scan if self._clauses is not None else None)
 
-        def scan(line: str) -> bool:
-            return bool(search(line)) and _any_clause(clauses, line)
-
-        self._scan = scan
+    def _install_screen(self, name: str, literals: tuple[tuple[str, ...], ...] | None,
+                        scan: Callable[[str], bool] | None) -> None:
+        with self._lock:
+            self.prefilter = name
+            self._literals, self._scan = literals, scan
+            self._review_at = self._n_lines + _SCREEN_TRIAL
+            self._review_from, self._review_skipped = self._n_lines, self._n_skipped
 
     def reset(self) -> None:
         """Forget buffered lines and connection state (e.g. after log rotation)."""
@@ -1353,7 +1352,13 @@ class Filter:
                 return []
             self._buffer, buf = unmatched, None
             if pre:
+                # fail2ban 1.1: a group of failregex that did not take part in the match
+                # (None) leaves prefregex's capture of the same name alone (only names
+                # both regexes have can differ: sshd's have none, its path stays fast)
                 fail = {**pre, **fail}
+                for k in rx.pref_shared:
+                    if fail[k] is None:
+                        fail[k] = pre[k]
             mlfid = fail.get("mlfid")
             if mlfid is not None:
                 fail = self._merge(mlfid, fail, matched)
@@ -1510,39 +1515,6 @@ def _any_clause(clauses: Sequence[tuple[str, ...]], line: str) -> bool:
         else:
             return True
     return False
-
-
-def _hyperscan_scanner(literals: Sequence[str]) -> Callable[[str], bool]:
-    """A multi-literal scanner on Intel Hyperscan (optional dependency)."""
-    import hyperscan
-
-    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    exprs = [re.escape(x).encode("utf-8") for x in literals]
-    db.compile(expressions=exprs, ids=list(range(len(exprs))),
-               elements=len(exprs), flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(exprs))
-    scratch = hyperscan.Scratch(db)
-    db.scratch = scratch
-
-    def on_match(*_args: Any) -> bool:
-        return True  # stop at the first hit
-
-    def scan(line: str) -> bool:
-        hit = [False]
-
-        def cb(*_a: Any) -> bool:
-            hit[0] = True
-            return True
-
-        try:
-            db.scan(line.encode("utf-8", "surrogateescape"), match_event_handler=cb)
-        except hyperscan.ScanTerminated:
-            pass
-        except Exception:
-            return True  # never lose a line to the scanner
-        return hit[0]
-
-    del on_match
-    return scan
 
 
 def iter_failures(flt: Filter, lines: Iterator[str], now: float | None = None) -> Iterator[FailMatch]:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeward.config.schema import BanIncrementSettings
 from edgeward.guard.banset import normalize_addr
 from edgeward.guard.types import FailMatch
 
@@ -152,31 +153,6 @@ def compile_formula(text: str) -> Callable[[float, int, float], float]:
     return formula
 
 
-@dataclass(frozen=True, slots=True)
-class BanIncrement:
-    """fail2ban's ``bantime.*`` settings for growing bans.
-
-    - `enabled` (False): grow bans of addresses banned before.
-    - `factor` (1.0): ``banFactor`` of the formula; also multiplies `multipliers`.
-    - `formula` (fail2ban's: ``ban.Time * 2**min(ban.Count, 20) * banFactor``):
-      restricted expression, see `compile_formula`.
-    - `multipliers` (()): if given, bantime * multipliers[min(count, len-1)]
-      instead of the formula (fail2ban's "1 2 4 8 16 32 64").
-    - `maxtime` (None): cap in seconds.
-    - `rndtime` (0): add up to this many random seconds (so botnets cannot
-      predict the end of a ban).
-    - `overalljails` (False): count earlier bans of the address in every jail.
-    """
-
-    enabled: bool = False
-    factor: float = 1.0
-    formula: str | None = None
-    multipliers: tuple[float, ...] = ()
-    maxtime: float | None = None
-    rndtime: float = 0.0
-    overalljails: bool = False
-
-
 @dataclass(slots=True)
 class BanHistory:
     """Earlier bans per address: (jail, start) pairs, for growing bans.
@@ -235,6 +211,12 @@ class IgnoreList:
                     net = ipaddress.ip_network(text, strict=False)
                 except ValueError:
                     raise JailError(f"ignoreip: {item!r} is not an address or network") from None
+                if net.prefixlen == net.max_prefixlen:
+                    # the schema writes "192.0.2.7" as "192.0.2.7/32": a set lookup, not a scan
+                    key = normalize_addr(str(net.network_address))
+                    if key is not None:
+                        self._addrs.add(key)
+                        continue
                 if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
                     # ::ffff:a.b.c.d/104 should cover the IPv4 form the ban set uses.
                     mapped = net.network_address.ipv4_mapped
@@ -278,7 +260,7 @@ class BanDecision:
     start: float
     end: float | None  # None: forever
     bantime: float  # seconds actually applied (negative: forever)
-    count: int  # 1 for the first ban of this address (see BanIncrement.overalljails)
+    count: int  # 1 for the first ban of this address (see BanIncrementSettings.overalljails)
     failures: int  # failures that led to it (0 for manual bans)
     lines: tuple[str, ...]  # the matched entries, oldest first
     reason: str
@@ -322,7 +304,7 @@ class Jail:
         findtime: float = 600.0,
         bantime: float = 600.0,
         ignoreip: Iterable[str] = (),
-        increment: BanIncrement | None = None,
+        increment: BanIncrementSettings | None = None,
         history: BanHistory | None = None,
         max_tracked: int = 100_000,
         rng: random.Random | None = None,
@@ -339,8 +321,12 @@ class Jail:
         self.findtime = float(findtime)
         self.bantime = float(bantime)
         self.ignoreip = IgnoreList(ignoreip)
-        self.increment = increment or BanIncrement()
-        self._formula = compile_formula(self.increment.formula or DEFAULT_FORMULA)
+        # None or enabled = false: every ban lasts `bantime`
+        self.increment = increment if increment is not None and increment.enabled else None
+        self._formula = compile_formula(
+            (self.increment.formula if self.increment is not None else None) or DEFAULT_FORMULA
+        )
+        self._overall = self.increment is not None and self.increment.overalljails
         self.history = history if history is not None else BanHistory()
         self.max_tracked = max(1, max_tracked)
         self._rng = rng or random.Random()
@@ -426,10 +412,10 @@ class Jail:
     def ban_time(self, addr: str, now: float) -> tuple[float, int]:
         """(bantime, ban count) for a new ban of `addr` now, growth applied."""
         inc = self.increment
-        previous = self.history.count(addr, None if inc.overalljails else self.name)
+        previous = self.history.count(addr, None if self._overall else self.name)
         count = previous + 1
         bantime = self.bantime
-        if bantime < 0 or not inc.enabled or previous == 0:
+        if bantime < 0 or inc is None or previous == 0:
             return bantime, count
         if inc.multipliers:
             m = inc.multipliers[min(previous, len(inc.multipliers) - 1)]
@@ -461,7 +447,7 @@ class Jail:
         if bantime is None or bantime == 0:
             bantime, count = self.ban_time(addr, now)
         else:
-            count = self.history.count(addr, None if self.increment.overalljails else self.name) + 1
+            count = self.history.count(addr, None if self._overall else self.name) + 1
         end = None if bantime < 0 else now + bantime
         if not reason:
             reason = f"{failures} failures within {self.findtime:g}s"

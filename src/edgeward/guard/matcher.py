@@ -7,8 +7,8 @@ plane.  `ProcessMatcher` moves matching into one worker process per Guard:
 
 - The worker is ``python -c ...`` started with asyncio's subprocess support
   (no fork of the edge's state, no re-import of its ``__main__``).  It builds
-  each jail's `Filter` itself from the (picklable) `JailConfig`s and the
-  filter directories, then answers batches.
+  each jail's `Filter` itself (guard/build.py) from the jails' (picklable)
+  `JailSettings` and the filter search path, then answers batches.
 - Messages are length-prefixed pickles over the worker's stdin/stdout (the
   worker points its own fd 1 at stderr, so a stray print cannot corrupt the
   stream).  Request: ``("match", jail, lines, now)``; reply: ``("ok", matches,
@@ -38,15 +38,13 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
+from edgeward.config.schema import JailSettings
 from edgeward.guard.types import FailMatch
-
-if TYPE_CHECKING:
-    from edgeward.guard.service import JailConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +90,16 @@ class ProcessMatcher:
     """
 
     def __init__(
-        self, jails: Sequence[JailConfig], filter_dirs: Sequence[str], *, timeout: float = 2.0
+        self,
+        jails: Mapping[str, JailSettings],
+        search_path: Sequence[str],
+        *,
+        timeout: float = 2.0,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"match timeout must be positive, not {timeout!r}")
         self.timeout = timeout
-        self._init = ("init", tuple(filter_dirs), tuple(jails))
+        self._init = ("init", tuple(search_path), tuple(jails.items()))
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -265,8 +267,8 @@ def worker_main() -> None:
     inp = os.fdopen(0, "rb")
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a print() must not corrupt the replies
+    from edgeward.guard.build import GuardError, build_filter
     from edgeward.guard.filter import Filter
-    from edgeward.guard.service import GuardError, build_filter
 
     filters: dict[str, Filter] = {}
     while True:
@@ -293,14 +295,14 @@ def worker_main() -> None:
             elif kind == "init":
                 _, dirs, jails = msg
                 problems: dict[str, str] = {}
-                for jc in jails:
+                for name, settings in jails:
                     try:
-                        flt2 = build_filter(jc, tuple(dirs))
+                        flt2 = build_filter(name, settings, tuple(dirs))
                     except GuardError as exc:
-                        problems[jc.name] = str(exc)
+                        problems[name] = str(exc)
                         continue
                     if flt2 is not None:
-                        filters[jc.name] = flt2
+                        filters[name] = flt2
                 _write(out, ("ready", problems))
             else:
                 _write(out, ("error", f"unknown request {kind!r}"))

@@ -9,6 +9,9 @@ with incremental element commands, batched into one ``nft`` run per burst.
 Only bans that protect every listener are mirrored: the kernel rule drops all
 of the source's traffic, which is right for "banned everywhere" and wrong for
 a ban limited to some listeners (those stay enforced at admit only).
+
+The settings (table, hook, priority, how nft is run) are `NftSettings` of the
+config schema: ``[guard.nft]``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
+from edgeward.config.schema import NftSettings
 from edgeward.guard.banset import normalize_addr
 
 log = logging.getLogger(__name__)
@@ -29,34 +32,6 @@ log = logging.getLogger(__name__)
 
 class NftError(RuntimeError):
     """``nft`` refused a ruleset or could not be run."""
-
-
-@dataclass(frozen=True, slots=True)
-class NftConfig:
-    """nftables enforcement settings.
-
-    - `enabled` (False): mirror bans into nftables.
-    - `table` ("edgeward"): table name (family ``inet``, so one table serves v4 and v6).
-    - `hook` ("prerouting"): ``prerouting`` also drops traffic the host forwards
-      (transparent mode, DNAT); ``input`` only traffic to local sockets.
-    - `priority` (-300): before conntrack (-200), so banned sources do not even
-      create conntrack entries.
-    - `command` (("nft",)): how to run nft; e.g. ``("ip", "netns", "exec", "ns1", "nft")``.
-    - `timeout` (10 s): for one nft run.
-    """
-
-    enabled: bool = False
-    table: str = "edgeward"
-    hook: str = "prerouting"
-    priority: int = -300
-    command: tuple[str, ...] = ("nft",)
-    timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.hook not in ("prerouting", "input"):
-            raise ValueError("nft hook must be 'prerouting' or 'input'")
-        if not self.table.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"invalid nft table name {self.table!r}")
 
 
 SET4 = "banned4"
@@ -81,7 +56,7 @@ def _group(elements: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return out
 
 
-def render_table(cfg: NftConfig, bans: Iterable[tuple[str, float | None]] = ()) -> str:
+def render_table(cfg: NftSettings, bans: Iterable[tuple[str, float | None]] = ()) -> str:
     """The whole table as an ``nft -f`` script; `bans` are (address, seconds left or None)."""
     groups = _group(e for a, t in bans if (e := _element(a, t)) is not None)
     t = cfg.table
@@ -109,12 +84,12 @@ def render_table(cfg: NftConfig, bans: Iterable[tuple[str, float | None]] = ()) 
     return "\n".join(lines) + "\n"
 
 
-def render_delete_table(cfg: NftConfig) -> str:
+def render_delete_table(cfg: NftSettings) -> str:
     return f"add table inet {cfg.table}\ndelete table inet {cfg.table}\n"
 
 
 def render_changes(
-    cfg: NftConfig, adds: Sequence[tuple[str, float | None]], deletes: Sequence[str]
+    cfg: NftSettings, adds: Sequence[tuple[str, float | None]], deletes: Sequence[str]
 ) -> str:
     """Element commands for one batch.
 
@@ -137,7 +112,7 @@ def render_changes(
     return "\n".join(out) + ("\n" if out else "")
 
 
-async def run_nft(cfg: NftConfig, script: str) -> str:
+async def run_nft(cfg: NftSettings, script: str) -> str:
     """Run ``nft -f -`` with `script`; returns stdout, raises NftError on failure."""
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -171,7 +146,7 @@ class NftSync:
     the ban set at admit stays the authority.
     """
 
-    def __init__(self, cfg: NftConfig) -> None:
+    def __init__(self, cfg: NftSettings) -> None:
         self.cfg = cfg
         self._adds: dict[str, float | None] = {}  # address -> absolute end (epoch) or None
         self._deletes: set[str] = set()

@@ -14,8 +14,10 @@ then added to the `BanSet` - a ban is never reported as enforced before it
 would survive ``kill -9``. Its `on_ban` subscribers (the data plane) close the
 address's connections right there.
 
-Configuration arrives as the plain dataclasses below (`GuardConfig`,
-`JailConfig`); the config schema maps TOML onto them.
+Configuration arrives as the config schema's own models (`GuardSettings`
+and a `JailSettings` per jail name, edgeward/config/schema.py: the one
+description of every option, its default and unit); guard/build.py turns
+them into filters and jails, guard/validate.py says what is wrong with them.
 """
 
 from __future__ import annotations
@@ -27,176 +29,36 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.banset import BanSet, normalize_addr
-from edgeward.guard.filter import DEFAULT_SEARCH_DIRS, Filter, FilterError, load_filter
-from edgeward.guard.jail import BanDecision, BanHistory, BanIncrement, Jail, JailError
+from edgeward.guard.build import (
+    MANUAL_JAIL,
+    GuardError,
+    build_filter,
+    build_jail,
+    filter_search_path,
+)
+from edgeward.guard.filter import Filter
+from edgeward.guard.jail import BanDecision, BanHistory, Jail
 from edgeward.guard.matcher import MatcherClosed, MatcherError, MatchTimeout, ProcessMatcher
-from edgeward.guard.nft import NftConfig, NftError, NftSync
+from edgeward.guard.nft import NftError, NftSync
 from edgeward.guard.sources import EventSource, FileFollower, JournalSource
 from edgeward.guard.store import BanRecord, Position, Store
 from edgeward.guard.types import FailMatch
+from edgeward.guard.validate import jail_problems
+
+__all__ = ["MANUAL_JAIL", "Guard", "GuardError"]
 
 log = logging.getLogger(__name__)
-
-MANUAL_JAIL = "manual"
-MATCH_ISOLATION = ("process", "thread", "inline")
-
-
-class GuardError(ValueError):
-    """A guard configuration that cannot run, or a bad admin request."""
-
-
-@dataclass(frozen=True, slots=True)
-class JailConfig:
-    """One jail. Defaults follow fail2ban's where it has one.
-
-    - `name` (required): unique jail name ("manual" is reserved).
-    - `enabled` (True).
-    - `logpath` (()): log files to follow (``tail -F`` semantics).
-    - `sources` (()): other sources: ``"edge:<kind>"`` (edge-observed events,
-      see `EventSource`; kinds ``sniff``, ``proto``, ``conn``, ``http401``, ...)
-      and ``"journal"`` (the systemd journal, filtered by `journalmatch`).
-    - `filter` (None): fail2ban filter by name (searched in
-      `GuardConfig.filter_dirs`; ``"sshd[mode=aggressive]"`` allowed) or path.
-    - `filter_params` ({}): extra filter parameters (fail2ban's ``filter = x[a=b]``).
-    - `failregex` / `ignoreregex` (()): inline regexes with ``<HOST>``; used
-      when `filter` is None, appended to the filter's otherwise.
-    - `datepattern` (None: auto-detect), `maxlines` (1): for inline filters.
-    - `journalmatch` (()): journalctl matches (default: the filter's own).
-    - `maxretry` (5): failures that trigger a ban.
-    - `findtime` (600 s): window in which `maxretry` failures must fall.
-    - `bantime` (600 s): ban length; negative: forever.
-    - `increment` (off): growing bans, fail2ban's ``bantime.*`` (see `BanIncrement`).
-    - `ignoreip` (()): addresses and CIDRs (v4/v6) never banned by this jail
-      (`GuardConfig.ignoreip` is added).
-    - `listeners` (None: all): names of the listeners the ban protects.
-    - `start` ("head"): where to begin a log file seen for the first time:
-      "head" (everything; entries older than findtime are not counted) or "tail".
-    """
-
-    name: str
-    enabled: bool = True
-    logpath: tuple[str, ...] = ()
-    sources: tuple[str, ...] = ()
-    filter: str | None = None
-    filter_params: Mapping[str, str] = field(default_factory=dict)
-    failregex: tuple[str, ...] = ()
-    ignoreregex: tuple[str, ...] = ()
-    datepattern: str | None = None
-    maxlines: int = 1
-    journalmatch: tuple[str, ...] = ()
-    maxretry: int = 5
-    findtime: float = 600.0
-    bantime: float = 600.0
-    increment: BanIncrement = field(default_factory=BanIncrement)
-    ignoreip: tuple[str, ...] = ()
-    listeners: tuple[str, ...] | None = None
-    start: str = "head"
-
-
-@dataclass(frozen=True, slots=True)
-class GuardConfig:
-    """The guard as a whole.
-
-    - `jails` (()): the jails.
-    - `db_path` ("/var/lib/edgeward/guard.sqlite"): the ban store; None keeps
-      bans in memory only (they do not survive a restart).
-    - `db_synchronous` ("NORMAL"): SQLite synchronous mode; NORMAL survives
-      ``kill -9`` (see store.py), FULL also survives power loss (+1 fsync per ban).
-    - `filter_dirs` (("/etc/fail2ban/filter.d", edgeward's own)): where filters
-      named without a path are searched.
-    - `ignoreip` (()): addresses and CIDRs never banned by any jail.
-    - `poll_interval` (0.25 s): log polling period where inotify is missing.
-    - `use_inotify` (True): False forces polling.
-    - `max_tracked` (100000): addresses counted per jail before the least
-      recently seen is forgotten (bounds memory under a spoofed-source flood).
-    - `history_max_age` (7 days): how long past bans count for growing bans.
-    - `match_isolation` ("process"): where filters run. "process": in one
-      matcher process per guard (see matcher.py), so a regex that backtracks
-      catastrophically cannot stall the event loop, and each batch is bounded
-      by `match_timeout`; "thread": on a matcher thread (no process, but `re`
-      holds the GIL, so a runaway regex stalls the loop, unbounded); "inline":
-      on the loop itself (tests and benchmarks).
-    - `match_timeout` (2 s): deadline of one batch of lines in "process" mode;
-      past it the matcher process is killed and restarted, the batch dropped
-      and counted in the jail's ``filter_timeouts``.
-    - `nft` (disabled): mirror bans into an nftables set (see `NftConfig`).
-    """
-
-    jails: tuple[JailConfig, ...] = ()
-    db_path: str | None = "/var/lib/edgeward/guard.sqlite"
-    db_synchronous: str = "NORMAL"
-    filter_dirs: tuple[str, ...] = DEFAULT_SEARCH_DIRS
-    ignoreip: tuple[str, ...] = ()
-    poll_interval: float = 0.25
-    use_inotify: bool = True
-    max_tracked: int = 100_000
-    history_max_age: float = 7 * 86400.0
-    match_isolation: str = "process"
-    match_timeout: float = 2.0
-    nft: NftConfig = field(default_factory=NftConfig)
-
-
-def build_filter(cfg: JailConfig, filter_dirs: tuple[str, ...]) -> Filter | None:
-    """The jail's filter, or None for a jail fed only by edge events. Raises GuardError."""
-    try:
-        if cfg.filter:
-            if cfg.failregex or cfg.ignoreregex:
-                raise GuardError(f"jail {cfg.name}: give a filter or an inline failregex, not both")
-            return load_filter(cfg.filter, search_dirs=filter_dirs, params=dict(cfg.filter_params))
-        if cfg.failregex:
-            return Filter.from_inline(
-                list(cfg.failregex), list(cfg.ignoreregex), cfg.datepattern, cfg.maxlines
-            )
-    except FilterError as exc:
-        raise GuardError(f"jail {cfg.name}: {exc}") from exc
-    if cfg.logpath or any(s.startswith("journal") for s in cfg.sources):
-        raise GuardError(f"jail {cfg.name}: a log source needs a filter or failregex")
-    return None
-
-
-def validate_config(config: GuardConfig) -> list[str]:
-    """Every problem of `config` as a message (empty: fine). For ``edgeward check``."""
-    problems: list[str] = []
-    if config.match_isolation not in MATCH_ISOLATION:
-        problems.append(
-            f"match_isolation {config.match_isolation!r}: one of {', '.join(MATCH_ISOLATION)}"
-        )
-    if not config.match_timeout > 0:
-        problems.append(f"match_timeout {config.match_timeout!r}: must be positive")
-    names: set[str] = set()
-    for jc in config.jails:
-        if jc.name in names or jc.name == MANUAL_JAIL:
-            problems.append(f"jail {jc.name}: duplicate or reserved name")
-        names.add(jc.name)
-        for src in jc.sources:
-            if not (src.startswith("edge:") and len(src) > 5) and src != "journal":
-                problems.append(f"jail {jc.name}: unknown source {src!r} (edge:<kind> or journal)")
-        if not jc.logpath and not jc.sources:
-            problems.append(f"jail {jc.name}: no logpath and no sources")
-        try:
-            flt = build_filter(jc, config.filter_dirs)
-            Jail(
-                jc.name,
-                flt,
-                maxretry=jc.maxretry,
-                findtime=jc.findtime,
-                bantime=jc.bantime,
-                ignoreip=(*config.ignoreip, *jc.ignoreip),
-                increment=jc.increment,
-            )
-            if flt is not None:
-                problems += [f"jail {jc.name}: {u}" for u in flt.unsupported]
-        except (GuardError, JailError) as exc:
-            problems.append(str(exc) if str(exc).startswith("jail ") else f"jail {jc.name}: {exc}")
-    return problems
 
 
 @dataclass(slots=True)
 class _JailRuntime:
-    cfg: JailConfig
+    name: str
+    cfg: JailSettings
     jail: Jail
     filter: Filter | None
     listeners: frozenset[str] | None
@@ -223,56 +85,59 @@ class Guard:
 
     def __init__(
         self,
-        config: GuardConfig,
+        settings: GuardSettings,
+        jails: Mapping[str, JailSettings] | None = None,
         *,
+        db_path: str | None,
         banset: BanSet | None = None,
         events: EventSource | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        problems = [p for p in validate_config(config) if "may backtrack" not in p]
+        """`db_path` is the ban store (None: in memory only, bans do not survive a
+        restart). Raises GuardError for every problem `validate.jail_problems` finds."""
+        jails = dict(jails or {})
+        problems = [msg for _where, msg, _hint in jail_problems(settings, jails)]
         if problems:
             raise GuardError("; ".join(problems))
-        self.config = config
+        self.settings = settings
+        self.jail_settings = jails
+        self.db_path = db_path
         self._clock = clock
         self.banset = banset if banset is not None else BanSet(clock=clock)
         self.events = events if events is not None else EventSource(clock=clock)
         self.history = BanHistory()
         self.store: Store | None = None
-        self.nft: NftSync | None = NftSync(config.nft) if config.nft.enabled else None
+        self.nft: NftSync | None = NftSync(settings.nft) if settings.nft.enabled else None
+        search_path = filter_search_path(settings)
         self._jails: dict[str, _JailRuntime] = {}
-        for jc in config.jails:
+        for name, jc in jails.items():
             if not jc.enabled:
                 continue
-            flt = build_filter(jc, config.filter_dirs)
-            jail = Jail(
-                jc.name,
-                flt,
-                maxretry=jc.maxretry,
-                findtime=jc.findtime,
-                bantime=jc.bantime,
-                ignoreip=(*config.ignoreip, *jc.ignoreip),
-                increment=jc.increment,
-                history=self.history,
-                max_tracked=config.max_tracked,
-            )
+            flt = build_filter(name, jc, search_path)
+            jail = build_jail(name, jc, settings, flt, self.history)
             listeners = None if jc.listeners is None else frozenset(jc.listeners)
-            self._jails[jc.name] = _JailRuntime(jc, jail, flt, listeners)
+            self._jails[name] = _JailRuntime(name, jc, jail, flt, listeners)
         self._bans: dict[tuple[str, str], BanRecord] = {}
         self._matcher: ThreadPoolExecutor | None = None
         self._process: ProcessMatcher | None = None
-        if config.match_isolation == "process":
-            filtered = [rt.cfg for rt in self._jails.values() if rt.filter is not None]
+        if settings.match_isolation == "process":
+            filtered = {n: rt.cfg for n, rt in self._jails.items() if rt.filter is not None}
             if filtered:  # no process for a guard without log jails
-                self._process = ProcessMatcher(
-                    filtered, config.filter_dirs, timeout=config.match_timeout
-                )
-        elif config.match_isolation == "thread":
+                self._process = ProcessMatcher(filtered, search_path, timeout=settings.match_timeout)
+        elif settings.match_isolation == "thread":
             self._matcher = self._thread_matcher()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None
         self._started = False
         self.ban_latency: list[float] = []  # seconds from match to enforcement, last 1000
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
+        """The guard of a whole config: its [guard] and [jails.*] tables, bans kept in
+        edge.state_dir/guard.sqlite."""
+        return cls(cfg.guard, cfg.jails, db_path=str(Path(cfg.edge.state_dir) / "guard.sqlite"),
+                   clock=clock)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -316,17 +181,17 @@ class Guard:
     async def _restore(self) -> None:
         """Open the store, restore bans and history, apply the nftables table."""
         loop = asyncio.get_running_loop()
-        path = self.config.db_path or ":memory:"
+        path = self.db_path or ":memory:"
         self.store = await loop.run_in_executor(
-            None, lambda: Store(path, synchronous=self.config.db_synchronous)
+            None, lambda: Store(path, synchronous=self.settings.db_synchronous)
         )
         store = self.store
         now = self._clock()
         expired = await store.call(store.remove_expired, now)
         # History older than history_max_age no longer grows bans: keep the table small.
-        await store.call(store.purge_history, now - self.config.history_max_age)
+        await store.call(store.purge_history, now - self.settings.history_max_age)
         records = await store.call(store.active_bans, now)
-        for a, j, s, _ in await store.call(store.history, now - self.config.history_max_age):
+        for a, j, s, _ in await store.call(store.history, now - self.settings.history_max_age):
             self.history.record(a, j, s)
         for rec in records:
             self._enforce(rec)
@@ -342,7 +207,7 @@ class Guard:
                 )
 
     def _start_sources(self, rt: _JailRuntime) -> None:
-        cfg = rt.cfg
+        cfg, name = rt.cfg, rt.name
         store = self.store
 
         async def on_lines(lines: list[str], rt: _JailRuntime = rt) -> None:
@@ -351,10 +216,10 @@ class Guard:
         for path in cfg.logpath:
             f = FileFollower(
                 path,
-                state=_KeyedPositions(store, f"{cfg.name}:") if store is not None else None,
-                poll_interval=self.config.poll_interval,
+                state=_KeyedPositions(store, f"{name}:") if store is not None else None,
+                poll_interval=self.settings.poll_interval,
                 start=cfg.start,
-                use_inotify=self.config.use_inotify,
+                use_inotify=self.settings.use_inotify,
             )
             rt.followers.append(f)
             f.start_task(on_lines)
@@ -363,14 +228,14 @@ class Guard:
                 rt.unsubscribe.append(self.events.subscribe(src[5:], self._event_handler(rt)))
             elif src == "journal":
                 if not JournalSource.available():
-                    log.warning("jail %s: journalctl not found; journal source skipped", cfg.name)
+                    log.warning("jail %s: journalctl not found; journal source skipped", name)
                     continue
-                matches = cfg.journalmatch or tuple(
+                matches = tuple(cfg.journalmatch) or tuple(
                     rt.filter.journalmatch if rt.filter is not None else ()
                 )
                 j = JournalSource(
                     matches,
-                    state=_KeyedPositions(store, f"{cfg.name}:") if store is not None else None,
+                    state=_KeyedPositions(store, f"{name}:") if store is not None else None,
                 )
                 rt.journals.append(j)
                 j.start_task(on_lines)
@@ -434,7 +299,7 @@ class Guard:
     async def _match_in_process(self, rt: _JailRuntime, lines: list[str]) -> list[FailMatch]:
         assert self._process is not None
         try:
-            res = await self._process.match(rt.cfg.name, lines, time.time())
+            res = await self._process.match(rt.name, lines, time.time())
         except MatchTimeout as exc:
             rt.filter_timeouts += 1
             log.log(
@@ -448,14 +313,14 @@ class Guard:
             return []
         except MatcherError as exc:
             rt.filter_errors += 1
-            log.error("jail %s: %s; %d line(s) skipped", rt.cfg.name, exc, len(lines))
+            log.error("jail %s: %s; %d line(s) skipped", rt.name, exc, len(lines))
             return []
         for k, v in res.stats.items():
             rt.filter_stats[k] = rt.filter_stats.get(k, 0) + v
         broken = res.stats.get("errors", 0)
         if broken:
             rt.filter_errors += broken
-            log.error("jail %s: the filter failed on %d line(s); skipped", rt.cfg.name, broken)
+            log.error("jail %s: the filter failed on %d line(s); skipped", rt.name, broken)
         return res.matches
 
     @staticmethod
@@ -687,7 +552,7 @@ class Guard:
                     "maxretry": cfg.maxretry,
                     "findtime": cfg.findtime,
                     "bantime": cfg.bantime,
-                    "increment": cfg.increment.enabled,
+                    "increment": cfg.increment is not None and cfg.increment.enabled,
                     "listeners": None if rt.listeners is None else sorted(rt.listeners),
                     "failures": rt.jail.failures(now),
                     "counters": {
@@ -727,13 +592,13 @@ class Guard:
             out["matcher"] = {
                 "isolation": "process" if self._process is not None else (
                     "thread" if self._matcher is not None else "inline"),
-                "timeout": self.config.match_timeout,
+                "timeout": self.settings.match_timeout,
                 "pid": self._process.pid if self._process is not None else None,
                 "restarts": max(0, self._process.starts - 1) if self._process is not None else 0,
             }
             if self.nft is not None:
                 out["nft"] = {
-                    "table": self.config.nft.table,
+                    "table": self.settings.nft.table,
                     "runs": self.nft.runs,
                     "errors": self.nft.errors,
                 }
@@ -753,7 +618,7 @@ def _match_lines(flt: Filter, lines: list[str], rt: _JailRuntime) -> list[FailMa
     broken = flt.stats["errors"] - before
     if broken:
         rt.filter_errors += broken
-        log.error("jail %s: the filter failed on %d line(s); skipped", rt.cfg.name, broken)
+        log.error("jail %s: the filter failed on %d line(s); skipped", rt.name, broken)
     return out
 
 

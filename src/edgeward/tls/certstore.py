@@ -33,7 +33,7 @@ import os
 import ssl
 import stat
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgeward.codec.errors import NEED_MORE, TLSError
 from edgeward.codec.tls import parse_client_hello
-from edgeward.config.schema import TlsSettings
+from edgeward.config.schema import Config, TlsSettings
 
 log = logging.getLogger("edgeward.tls")
 
@@ -524,3 +524,13 @@ def _offered_alpn(handshake_message: bytes) -> tuple[str, ...]:
     if hello is NEED_MORE:
         return ()
     return hello.alpn
+
+
+def config_problems(cfg: Config) -> Iterator[tuple[tuple[str | int, ...], str, str]]:
+    """Every `[tls] certificates` pair that cannot be served, placed at its entry (a check for
+    `edgeward.config.loader.load`, so `edgeward check` and a reload name the file and the line)."""
+    for i, pair in enumerate(cfg.tls.certificates):
+        try:
+            load_certificate_files(pair.cert, pair.key)
+        except CertificateError as e:
+            yield ("tls", "certificates", i), str(e), "give a readable PEM certificate chain and its unencrypted key"

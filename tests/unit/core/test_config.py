@@ -212,3 +212,19 @@ def test_examples_are_valid(path: Path) -> None:
     from edgeward.config.loader import load
     cfg = load(path)
     build_runtime(cfg)
+
+
+def test_check_names_a_certificate_file_that_cannot_be_served(tmp_path: Path) -> None:
+    from edgeward.app import load_config
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(f"""[tls]
+certificates = [{{ cert = "{tmp_path / 'missing.pem'}", key = "{tmp_path / 'missing.key'}" }}]
+[services.web]
+listen = ["127.0.0.1:8443"]
+names = ["web.test"]
+to = "http://127.0.0.1:8080"
+""")
+    with pytest.raises(ConfigError) as ei:
+        load_config(cfg)
+    (p,) = ei.value.problems
+    assert p.line == 2 and "missing.pem: certificate file not found" in p.message

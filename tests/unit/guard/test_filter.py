@@ -358,17 +358,35 @@ def test_process_text_equals_line_by_line() -> None:
     assert b.stats["lines"] == 4 and b.stats["prefiltered"] == 2
 
 
-@pytest.mark.parametrize("kind", ["re", "re2", "hyperscan", "none"])
+# The other screens (re, re2, hyperscan) are bench-only: tests/unit/bench/test_bench_prefilters.py
+@pytest.mark.parametrize("kind", ["literal", "none"])
 def test_prefilter_choices_agree(kind: str) -> None:
     flt = prosody()
-    try:
-        flt.set_prefilter(kind)
-    except ImportError:
-        pytest.skip(f"{kind} not installed")
+    flt.set_prefilter(kind)
+    assert flt.prefilter == kind
     assert flt.process(PROSODY_FAIL, now=NOW)
     assert not flt.process("Nov 14 21:00:02 c2s1\tinfo\tSuccessful authentication as a@b", now=NOW)
+    assert flt.stats["prefiltered"] == (1 if kind == "literal" else 0)
     with pytest.raises(ValueError):
         flt.set_prefilter("magic")
+
+
+def test_a_screen_plugged_in_decides_which_lines_are_examined() -> None:
+    flt = prosody()
+    seen: list[str] = []
+
+    def screen(line: str) -> bool:
+        seen.append(line)
+        return "Failed" in line
+
+    flt.set_screen("mine", screen)
+    assert flt.prefilter == "mine"
+    assert flt.process(PROSODY_FAIL, now=NOW)
+    assert not flt.process("Nov 14 21:00:02 c2s1\tinfo\tSuccessful authentication as a@b", now=NOW)
+    assert seen == [PROSODY_FAIL, "Nov 14 21:00:02 c2s1\tinfo\tSuccessful authentication as a@b"]
+    assert flt.stats["prefiltered"] == 1
+    flt.set_prefilter("literal")
+    assert flt.process(PROSODY_FAIL, now=NOW) and len(seen) == 2
 
 
 def test_unbounded_date_between_letters_disables_word_screen() -> None:

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
+from edgeward.config.schema import BanIncrementSettings
 from edgeward.guard.jail import (
     BanHistory,
-    BanIncrement,
     IgnoreList,
     Jail,
     JailError,
@@ -122,22 +122,22 @@ def ban_twice(j: Jail, addr: str, now: float) -> float:
 
 
 def test_increment_default_formula_doubles() -> None:
-    j = Jail("j", maxretry=1, findtime=60, bantime=600, increment=BanIncrement(enabled=True))
+    j = Jail("j", maxretry=1, findtime=60, bantime=600, increment=BanIncrementSettings(enabled=True))
     times = [ban_twice(j, "192.0.2.1", T0 + i) for i in range(5)]
     assert times == [600, 1200, 2400, 4800, 9600]
 
 
 def test_increment_factor_maxtime_and_multipliers() -> None:
-    inc = BanIncrement(enabled=True, factor=3, maxtime=10_000)
+    inc = BanIncrementSettings(enabled=True, factor=3, maxtime=10_000)
     j = Jail("j", maxretry=1, findtime=60, bantime=600, increment=inc)
     assert [ban_twice(j, "192.0.2.1", T0 + i) for i in range(4)] == [600, 3600, 7200, 10_000]
-    inc = BanIncrement(enabled=True, multipliers=(1, 5, 30))
+    inc = BanIncrementSettings(enabled=True, multipliers=(1, 5, 30))
     j = Jail("j", maxretry=1, findtime=60, bantime=60, increment=inc)
     assert [ban_twice(j, "192.0.2.1", T0 + i) for i in range(5)] == [60, 300, 1800, 1800, 1800]
 
 
 def test_increment_custom_formula_and_rndtime() -> None:
-    inc = BanIncrement(enabled=True, formula="ban.Time * (ban.Count + 1) * banFactor", rndtime=10)
+    inc = BanIncrementSettings(enabled=True, formula="ban.Time * (ban.Count + 1) * banFactor", rndtime=10)
     j = Jail("j", maxretry=1, findtime=60, bantime=100, increment=inc, rng=random.Random(1))
     first = ban_twice(j, "192.0.2.1", T0)
     second = ban_twice(j, "192.0.2.1", T0 + 1)
@@ -152,7 +152,7 @@ def test_increment_per_jail_or_overall() -> None:
         maxretry=1,
         findtime=60,
         bantime=100,
-        increment=BanIncrement(enabled=True),
+        increment=BanIncrementSettings(enabled=True),
         history=history,
     )
     b = Jail(
@@ -160,12 +160,12 @@ def test_increment_per_jail_or_overall() -> None:
         maxretry=1,
         findtime=60,
         bantime=100,
-        increment=BanIncrement(enabled=True),
+        increment=BanIncrementSettings(enabled=True),
         history=history,
     )
     both = Jail(
         "c", maxretry=1, findtime=60, bantime=100,
-        increment=BanIncrement(enabled=True, overalljails=True), history=history,
+        increment=BanIncrementSettings(enabled=True, overalljails=True), history=history,
     )  # fmt: skip
     ban_twice(a, "192.0.2.1", T0)
     ban_twice(a, "192.0.2.1", T0 + 1)
@@ -174,7 +174,7 @@ def test_increment_per_jail_or_overall() -> None:
 
 
 def test_forever_is_not_incremented() -> None:
-    j = Jail("j", maxretry=1, findtime=60, bantime=-1, increment=BanIncrement(enabled=True))
+    j = Jail("j", maxretry=1, findtime=60, bantime=-1, increment=BanIncrementSettings(enabled=True))
     for i in range(3):
         assert ban_twice(j, "192.0.2.1", T0 + i) == -1
 

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeward.config.schema import Config
-from edgeward.guard.integration import guard_config
+from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.matcher import MatcherClosed, MatcherError, MatchTimeout, ProcessMatcher
-from edgeward.guard.service import Guard, GuardConfig, GuardError, JailConfig
+from edgeward.guard.service import Guard
 
 # (x+x+)+y backtracks exponentially on x...xz: 40 x's would take hours; 3 match at once.
 RUNAWAY_RX = r"^(x+x+)+y from <HOST>$"
@@ -75,9 +74,8 @@ async def wait_until(cond: object, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def runaway_jail(log: Path, **kw: object) -> JailConfig:
-    return JailConfig(name="runaway", logpath=(str(log),), failregex=(RUNAWAY_RX,), maxretry=2,
-                      bantime=-1, **kw)  # type: ignore[arg-type]
+def runaway_jail(log: Path) -> dict[str, JailSettings]:
+    return {"runaway": JailSettings(logpath=[str(log)], failregex=[RUNAWAY_RX], maxretry=2, bantime=-1)}
 
 
 async def test_runaway_regex_is_bounded_and_the_loop_keeps_ticking(
@@ -86,8 +84,7 @@ async def test_runaway_regex_is_bounded_and_the_loop_keeps_ticking(
     log = tmp_path / "app.log"
     log.write_text("")
     before = children()
-    guard = Guard(GuardConfig(jails=(runaway_jail(log),), db_path=str(tmp_path / "g.sqlite"),
-                              match_timeout=1.0))
+    guard = Guard(GuardSettings(match_timeout=1.0), runaway_jail(log), db_path=str(tmp_path / "g.sqlite"))
     await guard.start()
     ticks: list[float] = []
 
@@ -152,7 +149,7 @@ async def test_thread_and_inline_isolation_still_ban(tmp_path: Path) -> None:
     for mode in ("thread", "inline"):
         log = tmp_path / f"{mode}.log"
         log.write_text("")
-        guard = Guard(GuardConfig(jails=(runaway_jail(log),), db_path=None, match_isolation=mode))
+        guard = Guard(GuardSettings(match_isolation=mode), runaway_jail(log), db_path=None)
         await guard.start()
         try:
             assert guard.status()["matcher"] == {"isolation": mode, "timeout": 2.0, "pid": None,
@@ -165,7 +162,7 @@ async def test_thread_and_inline_isolation_still_ban(tmp_path: Path) -> None:
 
 async def test_no_process_without_log_jails(tmp_path: Path) -> None:
     before = children()
-    guard = Guard(GuardConfig(jails=(JailConfig(name="e", sources=("edge:proto",)),), db_path=None))
+    guard = Guard(GuardSettings(), {"e": JailSettings(sources=["edge:proto"])}, db_path=None)
     await guard.start()
     try:
         assert guard.status()["matcher"]["pid"] is None
@@ -175,21 +172,28 @@ async def test_no_process_without_log_jails(tmp_path: Path) -> None:
 
 
 def test_bad_isolation_settings_are_refused() -> None:
-    with pytest.raises(GuardError, match="match_isolation"):
-        Guard(GuardConfig(match_isolation="fork", db_path=None))
-    with pytest.raises(GuardError, match="match_timeout"):
-        Guard(GuardConfig(match_timeout=0, db_path=None))
+    # the schema is where the guard's settings are described, and checked
+    with pytest.raises(ValueError, match="match_isolation"):
+        GuardSettings(match_isolation="fork")
+    with pytest.raises(ValueError, match="match_timeout"):
+        GuardSettings(match_timeout=0)
     with pytest.raises(ValueError):
-        ProcessMatcher((), (), timeout=-1)
+        ProcessMatcher({}, (), timeout=-1)
 
 
-def test_config_maps_isolation_and_timeout(tmp_path: Path) -> None:
+async def test_config_maps_isolation_and_timeout(tmp_path: Path) -> None:
     cfg = Config.model_validate({"edge": {"state_dir": str(tmp_path)},
                                  "guard": {"match_isolation": "thread", "match_timeout": "500ms"}})
-    g = guard_config(cfg)
-    assert g.match_isolation == "thread" and g.match_timeout == 0.5
-    default = guard_config(Config.model_validate({"edge": {"state_dir": str(tmp_path)}}))
-    assert default.match_isolation == "process" and default.match_timeout == 2.0
+    g = Guard.from_config(cfg)
+    assert g.settings.match_isolation == "thread" and g.settings.match_timeout == 0.5
+    assert g.db_path == str(tmp_path / "guard.sqlite")
+    await g.start()
+    try:
+        assert g.status()["matcher"] == {"isolation": "thread", "timeout": 0.5, "pid": None, "restarts": 0}
+    finally:
+        await g.stop()
+    default = Guard.from_config(Config.model_validate({"edge": {"state_dir": str(tmp_path)}}))
+    assert default.settings.match_isolation == "process" and default.settings.match_timeout == 2.0
     with pytest.raises(ValueError):
         Config.model_validate({"guard": {"match_isolation": "fork"}})
     with pytest.raises(ValueError):
@@ -197,8 +201,8 @@ def test_config_maps_isolation_and_timeout(tmp_path: Path) -> None:
 
 
 async def test_matcher_stats_crash_recovery_and_close(tmp_path: Path) -> None:
-    jail = JailConfig(name="j", failregex=(RUNAWAY_RX,), logpath=("/nonexistent",))
-    m = ProcessMatcher((jail,), (), timeout=0.5)
+    jail = JailSettings(failregex=[RUNAWAY_RX], logpath=["/nonexistent"])
+    m = ProcessMatcher({"j": jail}, (), timeout=0.5)
     await m.start()
     try:
         res = await m.match("j", ["xxy from 192.0.2.1", "noise", "xxxy from 2001:db8::1"], time.time())
@@ -244,11 +248,12 @@ async def test_matcher_stats_crash_recovery_and_close(tmp_path: Path) -> None:
 WORKER_ORPHAN = textwrap.dedent(
     """
     import asyncio, sys
-    from edgeward.guard.service import Guard, GuardConfig, JailConfig
+    from edgeward.config.schema import GuardSettings, JailSettings
+    from edgeward.guard.service import Guard
 
     async def main():
-        jail = JailConfig(name="r", logpath=(sys.argv[1],), failregex=(sys.argv[2],))
-        guard = Guard(GuardConfig(jails=(jail,), db_path=None, match_timeout=600))
+        jail = JailSettings(logpath=[sys.argv[1]], failregex=[sys.argv[2]])
+        guard = Guard(GuardSettings(match_timeout=600), {"r": jail}, db_path=None)
         await guard.start()
         print(guard.status()["matcher"]["pid"], flush=True)
         with open(sys.argv[1], "a") as f:

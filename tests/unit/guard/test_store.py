@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeward.guard.jail import BanIncrement
-from edgeward.guard.service import Guard, GuardConfig, GuardError, JailConfig, validate_config
+from edgeward.config.schema import BanIncrementSettings, GuardSettings, JailSettings
+from edgeward.guard.service import Guard, GuardError
 from edgeward.guard.store import BanRecord, Position, Store
+from edgeward.guard.validate import jail_problems
 
 PROSODY_RX = r"Failed authentication attempt \(not-authorized\) for user \S+ from IP: <HOST>$"
 
@@ -116,11 +117,12 @@ def test_commit_cost_is_small(tmp_path: Path) -> None:
 BANNER = textwrap.dedent(
     """
     import asyncio, sys
-    from edgeward.guard.service import Guard, GuardConfig, JailConfig
+    from edgeward.config.schema import GuardSettings, JailSettings
+    from edgeward.guard.service import Guard
 
     async def main() -> None:
-        jail = JailConfig("edge", sources=("edge:test",), maxretry=1, bantime=-1)
-        guard = Guard(GuardConfig(jails=(jail,), db_path=sys.argv[1]))
+        jail = JailSettings(sources=["edge:test"], maxretry=1, bantime=-1)
+        guard = Guard(GuardSettings(), {"edge": jail}, db_path=sys.argv[1])
         await guard.start()
         i = 0
         while True:
@@ -166,17 +168,17 @@ def test_kill_9_loses_no_reported_ban(tmp_path: Path) -> None:
 # -- the Guard ------------------------------------------------------------------------------
 
 
-def xmpp_jail(log: Path, **kw: object) -> JailConfig:
+def xmpp_jail(log: Path, **kw: object) -> dict[str, JailSettings]:
     args: dict[str, object] = {
-        "logpath": (str(log),),
-        "failregex": (PROSODY_RX,),
+        "logpath": [str(log)],
+        "failregex": [PROSODY_RX],
         "maxretry": 3,
         "findtime": 300.0,
         "bantime": -1.0,
-        "ignoreip": ("127.0.0.1", "198.51.100.0/24"),
+        "ignoreip": ["127.0.0.1", "198.51.100.0/24"],
     }
     args.update(kw)
-    return JailConfig("xmpp", **args)  # type: ignore[arg-type]
+    return {"xmpp": JailSettings.model_validate(args)}
 
 
 async def wait_until(cond: object, timeout: float = 5.0) -> None:
@@ -190,8 +192,8 @@ async def wait_until(cond: object, timeout: float = 5.0) -> None:
 async def test_guard_bans_from_log_and_survives_restart(tmp_path: Path) -> None:
     log, db = tmp_path / "prosody.log", tmp_path / "g.sqlite"
     log.write_text("c2s1 info Client connected\n")
-    cfg = GuardConfig(jails=(xmpp_jail(log),), db_path=str(db))
-    guard = Guard(cfg)
+    jails = xmpp_jail(log)
+    guard = Guard(GuardSettings(), jails, db_path=str(db))
     closed: list[str] = []
     guard.banset.on_ban(lambda addr, listeners: closed.append(addr))
     await guard.start()
@@ -218,7 +220,7 @@ async def test_guard_bans_from_log_and_survives_restart(tmp_path: Path) -> None:
     finally:
         await guard.stop()
 
-    guard = Guard(cfg)
+    guard = Guard(GuardSettings(), jails, db_path=str(db))
     await guard.start()
     try:
         # restored before start() returned
@@ -233,7 +235,7 @@ async def test_guard_bans_from_log_and_survives_restart(tmp_path: Path) -> None:
         assert guard.bans() == []
     finally:
         await guard.stop()
-    guard = Guard(cfg)
+    guard = Guard(GuardSettings(), jails, db_path=str(db))
     await guard.start()
     try:
         assert not guard.banset.is_banned("203.0.113.7")  # the unban was stored
@@ -244,9 +246,8 @@ async def test_guard_bans_from_log_and_survives_restart(tmp_path: Path) -> None:
 async def test_guard_timed_bans_expire_and_grow(tmp_path: Path) -> None:
     log, db = tmp_path / "prosody.log", tmp_path / "g.sqlite"
     log.touch()
-    jail = xmpp_jail(log, maxretry=1, bantime=0.3, increment=BanIncrement(enabled=True))
-    cfg = GuardConfig(jails=(jail,), db_path=str(db))
-    guard = Guard(cfg)
+    jails = xmpp_jail(log, maxretry=1, bantime=0.3, increment=BanIncrementSettings())
+    guard = Guard(GuardSettings(), jails, db_path=str(db))
     await guard.start()
     try:
         append(log, prosody_line("203.0.113.9"))
@@ -256,7 +257,7 @@ async def test_guard_timed_bans_expire_and_grow(tmp_path: Path) -> None:
         await guard.wait_idle()
     finally:
         await guard.stop()
-    guard = Guard(cfg)
+    guard = Guard(GuardSettings(), jails, db_path=str(db))
     await guard.start()
     try:
         assert guard.bans() == []  # expired bans are not restored
@@ -270,15 +271,8 @@ async def test_guard_timed_bans_expire_and_grow(tmp_path: Path) -> None:
 
 
 async def test_guard_edge_events_manual_bans_and_listeners(tmp_path: Path) -> None:
-    cfg = GuardConfig(
-        jails=(
-            JailConfig(
-                "sniff", sources=("edge:sniff",), maxretry=2, bantime=60, listeners=("xmpp-c2s",)
-            ),
-        ),
-        db_path=str(tmp_path / "g.sqlite"),
-    )
-    guard = Guard(cfg)
+    sniff = JailSettings(sources=["edge:sniff"], maxretry=2, bantime=60, listeners=["xmpp-c2s"])
+    guard = Guard(GuardSettings(), {"sniff": sniff}, db_path=str(tmp_path / "g.sqlite"))
     await guard.start()
     try:
         guard.events.report("203.0.113.1", "sniff", "garbage")
@@ -309,8 +303,7 @@ async def test_guard_edge_events_manual_bans_and_listeners(tmp_path: Path) -> No
 async def test_guard_never_bans_from_bad_input(tmp_path: Path) -> None:
     log = tmp_path / "prosody.log"
     log.touch()
-    cfg = GuardConfig(jails=(xmpp_jail(log, maxretry=1),), db_path=str(tmp_path / "g.sqlite"))
-    guard = Guard(cfg)
+    guard = Guard(GuardSettings(), xmpp_jail(log, maxretry=1), db_path=str(tmp_path / "g.sqlite"))
     await guard.start()
     try:
         with open(log, "ab") as fh:
@@ -333,31 +326,44 @@ async def test_guard_never_bans_from_bad_input(tmp_path: Path) -> None:
 
 
 def test_config_validation_messages(tmp_path: Path) -> None:
-    bad = GuardConfig(
-        jails=(
-            JailConfig("a", logpath=("/x",)),  # a log without a filter
-            JailConfig("b", sources=("carrier-pigeon",), failregex=("x <HOST>",)),
-            JailConfig("c", failregex=("(unclosed <HOST>",), logpath=("/x",)),
-            JailConfig("d", sources=("edge:sniff",), maxretry=0),
-            JailConfig("d", sources=("edge:sniff",), ignoreip=("nope",)),
-            JailConfig("manual", sources=("edge:sniff",)),
-            JailConfig("e", filter="no-such-filter", logpath=("/x",)),
-        ),
-        db_path=None,
-        filter_dirs=(str(tmp_path),),
-    )
-    problems = validate_config(bad)
-    text = "\n".join(problems)
+    settings = GuardSettings(filter_dirs=[str(tmp_path)])
+    bad = {
+        "a": JailSettings(logpath=["/x"]),  # a log without a filter
+        "b": JailSettings(sources=["carrier-pigeon"], failregex=["x <HOST>"]),
+        "c": JailSettings(failregex=["(unclosed <HOST>"], logpath=["/x"]),
+        "manual": JailSettings(sources=["edge:sniff"]),
+        "e": JailSettings(filter="no-such-filter", logpath=["/x"]),
+        "f": JailSettings(sources=["edge:sniff"], bantime=0),
+        "g": JailSettings(sources=["edge:sniff"], increment={"formula": "__import__('os')"}),
+        "h": JailSettings(failregex=["x <HOST>"], logpath=["/x"], logtimezone="Mars/Olympus"),
+    }
+    problems = list(jail_problems(settings, bad))
+    text = "\n".join(msg for _where, msg, _hint in problems)
     for needle in (
         "jail a:",
         "carrier-pigeon",
         "jail c:",
-        "maxretry",
-        "ignoreip",
         "reserved",
         "no-such-filter",
+        "jail f: bantime must not be 0",
+        "jail g: bantime.formula",
+        "jail h: unknown or unsupported time zone",
     ):
         assert needle in text
+    # each problem names the key it is about, for `edgeward check`'s file:line:col
+    where = {msg.split(":", 1)[0]: loc for loc, msg, _hint in problems}
+    assert where["jail a"] == ("jails", "a")
+    assert where["jail b"] == ("jails", "b", "sources", 0)
+    assert where["jail c"] == ("jails", "c", "failregex")
+    assert where["jail e"] == ("jails", "e", "filter")
+    assert where["jail f"] == ("jails", "f", "bantime")
+    assert where["jail g"] == ("jails", "g", "increment", "formula")
+    assert where["jail h"] == ("jails", "h", "logtimezone")
     with pytest.raises(GuardError):
-        Guard(bad)
-    assert validate_config(GuardConfig(jails=(JailConfig("ok", sources=("edge:conn",)),))) == []
+        Guard(settings, bad, db_path=None)
+    # what a type can say, the schema refuses before the guard sees it
+    with pytest.raises(ValueError, match="maxretry"):
+        JailSettings(sources=["edge:sniff"], maxretry=0)
+    with pytest.raises(ValueError, match="ignoreip"):
+        JailSettings(sources=["edge:sniff"], ignoreip=["nope"])
+    assert list(jail_problems(GuardSettings(), {"ok": JailSettings(sources=["edge:conn"])})) == []
