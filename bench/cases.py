@@ -5,9 +5,13 @@ same order every round (A B C D, A B C D, ...), so slow drift of the machine
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import resource
 import select
+import ssl
 import subprocess
 import sys
 import time
@@ -16,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.contestants import Contestant, supports_udp
+from bench.certs import cert_files
+from bench.contestants import HTTP_BODY, Contestant, supports_udp, template_values
 from bench.hello import client_hello
 from bench.iperf import IperfError, parse_iperf_json, parse_iperf_udp_json
-from bench.procs import Proc, ProcessGroup, cpu_seconds, memory_kb, wait_port
+from bench.procs import Proc, ProcessGroup, children, cpu_seconds, memory_kb, wait_port
+from bench.templating import render_file
+from bench.wrk import WrkError, WrkResult, parse_wrk, wrk_argv
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -53,6 +60,34 @@ METRICS: dict[str, Metric] = {
     "cpu_s_per_1m_pkt_paced": Metric(
         "CPU per 1M UDP datagrams relayed, paced", "CPU s/1M", "lower"
     ),
+    "http_req_per_s": Metric(
+        "HTTP keep-alive requests/s, 100-byte body, c=50 (wrk)", "req/s", "higher"
+    ),
+    "http_p50_ms": Metric("HTTP keep-alive latency p50", "ms", "lower"),
+    "http_p99_ms": Metric("HTTP keep-alive latency p99", "ms", "lower"),
+    "cpu_s_per_1k_http_req": Metric("CPU per 1k HTTP keep-alive requests", "CPU s/1k", "lower"),
+    "https_req_per_s": Metric(
+        "HTTPS keep-alive requests/s (TLS 1.3 at the proxy), c=50 (wrk)", "req/s", "higher"
+    ),
+    "https_p50_ms": Metric("HTTPS keep-alive latency p50", "ms", "lower"),
+    "https_p99_ms": Metric("HTTPS keep-alive latency p99", "ms", "lower"),
+    "cpu_s_per_1k_https_req": Metric("CPU per 1k HTTPS keep-alive requests", "CPU s/1k", "lower"),
+    "tls_handshakes_per_s": Metric(
+        "New TLS 1.3 connections/s (ECDSA P-256, one request each), c=50 (wrk)",
+        "conn/s",
+        "higher",
+    ),
+    "cpu_s_per_1k_handshakes": Metric(
+        "CPU per 1k new TLS connections (handshake + one request)", "CPU s/1k", "lower"
+    ),
+    "kb_per_http_conn": Metric(
+        "Memory per idle HTTP keep-alive client connection (RSS)", "KiB/conn", "lower"
+    ),
+    "pss_kb_per_http_conn": Metric(
+        "Memory per idle HTTP keep-alive client connection (PSS)", "KiB/conn", "lower"
+    ),
+    "kb_per_ws": Metric("Memory per idle websocket (RSS)", "KiB/ws", "lower"),
+    "pss_kb_per_ws": Metric("Memory per idle websocket (PSS)", "KiB/ws", "lower"),
 }
 
 
@@ -451,34 +486,47 @@ def idle_memory(ctx: Context) -> None:
         ctx.group.stop(echo)
 
 
-def _hold(ctx: Context, port: int, count: int) -> tuple[Proc, dict[str, Any]]:
-    """Start an idlehold client (owned by the run's ProcessGroup, so Ctrl-C stops it
-    too) and wait until its connections are open."""
-    argv = [python(), "-m", "bench.idlehold", "--port", str(port), "--count", str(count)]
+def _hold(
+    ctx: Context,
+    port: int,
+    count: int,
+    case: str = "idle_memory",
+    module: str = "bench.idlehold",
+    extra: tuple[str, ...] = (),
+) -> tuple[Proc, dict[str, Any]]:
+    """Start a holder client (bench.idlehold or bench.httphold, owned by the run's
+    ProcessGroup, so Ctrl-C stops it too) and wait until its connections are open."""
+    argv = [python(), "-m", module, "--port", str(port), "--count", str(count), *extra]
     holder = ctx.group.start(
-        "idlehold",
+        module.rsplit(".", 1)[-1],
         argv,
-        cpus=ctx.cpus("client", "idle_memory"),
+        cpus=ctx.cpus("client", case),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=bench_env(),
     )
-    ready = _read_line(holder, prefix="READY ", timeout=90)
+    ready = _read_line(holder, prefix="READY ", timeout=120)
     return holder, json.loads(ready[len("READY ") :])
 
 
-def _release(ctx: Context, holder: Proc) -> None:
-    """Tell the holder to close its connections, wait for it, stop it by PID."""
+def _release(ctx: Context, holder: Proc) -> dict[str, Any]:
+    """Tell the holder to close its connections, wait for it, stop it by PID; the
+    JSON after its `DONE`, if any (bench.httphold says how many were still open)."""
     stdin = holder.popen.stdin
+    done: dict[str, Any] = {}
     try:
         assert stdin is not None
         stdin.write(b"\n")
         stdin.flush()
-        _read_line(holder, prefix="DONE", timeout=30)
-    except (OSError, TimeoutError):
+        line = _read_line(holder, prefix="DONE", timeout=30)
+        rest = line[len("DONE") :].strip()
+        if rest:
+            done = json.loads(rest)
+    except (OSError, TimeoutError, json.JSONDecodeError):
         pass
     finally:
         ctx.group.stop(holder)
+    return done
 
 
 def _read_line(proc: Proc, prefix: str, timeout: float) -> str:
@@ -543,6 +591,297 @@ def _one_idle(ctx: Context, c: Contestant, rnd: int) -> None:
             f"only {n} of {ctx.idle_connections} connections relayed ({opened['failed']} failed)"
         )
     ctx.record("idle_memory", c.name, rnd, metrics, raw, error=error)
+
+
+# --- HTTP cases (issue 8): http_keepalive, https_keepalive, tls_handshakes, http_idle_memory
+
+
+def start_http_upstream(ctx: Context, case: str) -> Proc:
+    """The nginx web upstream (bench/configs/nginx-upstream.conf.tmpl): a fixed
+    100-byte body on plain HTTP and, for `direct`, on TLS."""
+    values = template_values("nginx-upstream", ctx.ports, ctx.workdir)
+    cfg = render_file("nginx-upstream.conf", values, ctx.workdir)
+    proc = ctx.group.start(
+        "nginx-upstream",
+        ["nginx", "-p", str(ctx.workdir), "-e", "stderr", "-c", str(cfg)],
+        cpus=ctx.cpus("upstream", case),
+    )
+    for name in ("http_upstream", "https_upstream"):
+        wait_port(ctx.ports[name], proc=proc)
+    return proc
+
+
+def start_wsecho(ctx: Context, case: str) -> Proc:
+    argv = [python(), "-m", "bench.wsecho", "--port", str(ctx.ports["ws_upstream"])]
+    proc = ctx.group.start("wsecho", argv, cpus=ctx.cpus("upstream", case), env=bench_env())
+    wait_port(ctx.ports["ws_upstream"], proc=proc)
+    return proc
+
+
+@dataclass(frozen=True)
+class WrkCase:
+    """One wrk measurement: which listener, keep-alive or one request per connection."""
+
+    name: str
+    listener: str  # "http" or "https" (the contestant's listener, and the URL scheme)
+    close: bool  # `Connection: close` on every request: a new connection each time
+
+    def metrics(self, result: WrkResult, proxy_cpu: float | None) -> dict[str, float]:
+        """Good (2xx/3xx) responses per second, wrk's latency percentiles, and the
+        proxy's CPU per 1k good responses."""
+        ok = result.requests - result.non_2xx
+        if self.close:
+            # Each response ends its connection: responses/s = new connections/s. wrk's
+            # latency clock starts after the handshake, so it is left to the raw data.
+            metrics = {"tls_handshakes_per_s": result.ok_per_s}
+            if proxy_cpu is not None and ok > 0:
+                metrics["cpu_s_per_1k_handshakes"] = proxy_cpu / (ok / 1000)
+            return metrics
+        p = self.listener
+        metrics = {f"{p}_req_per_s": result.ok_per_s}
+        for q in ("p50", "p99"):
+            if q in result.latency_ms:
+                metrics[f"{p}_{q}_ms"] = result.latency_ms[q]
+        if proxy_cpu is not None and ok > 0:
+            metrics[f"cpu_s_per_1k_{p}_req"] = proxy_cpu / (ok / 1000)
+        return metrics
+
+
+WRK_CASES = {
+    "http_keepalive": WrkCase("http_keepalive", "http", close=False),
+    "https_keepalive": WrkCase("https_keepalive", "https", close=False),
+    "tls_handshakes": WrkCase("tls_handshakes", "https", close=True),
+}
+
+
+class ProbeError(RuntimeError):
+    pass
+
+
+def probe_http(port: int, tls: bool, cert_der: bytes | None = None) -> dict[str, Any]:
+    """One GET through a contestant before it is measured: status 200, the upstream's
+    exact body, and with TLS the run's certificate and TLS 1.3. A proxy that answers
+    fast with an error page or the wrong certificate never gets a number."""
+    conn: http.client.HTTPConnection
+    if tls:
+        ctx = ssl.create_default_context()
+        # The certificate is checked below by its bytes, not by a chain.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": "bench.test", "User-Agent": "bench-probe"})
+        resp = conn.getresponse()
+        body = resp.read()
+        info: dict[str, Any] = {"status": resp.status, "server": resp.getheader("Server")}
+        if tls:
+            sock = conn.sock
+            assert isinstance(sock, ssl.SSLSocket)
+            info["tls_version"] = sock.version()
+            cipher = sock.cipher()
+            info["cipher"] = cipher[0] if cipher else None
+            if cert_der is not None and sock.getpeercert(binary_form=True) != cert_der:
+                raise ProbeError("the server's certificate is not the run's certificate")
+            if info["tls_version"] != "TLSv1.3":
+                raise ProbeError(f"negotiated {info['tls_version']}, not TLSv1.3")
+    except (OSError, http.client.HTTPException) as e:
+        raise ProbeError(f"{type(e).__name__}: {e}") from e
+    finally:
+        conn.close()
+    if resp.status != 200 or body != HTTP_BODY:
+        raise ProbeError(f"status {resp.status}, body {body[:80]!r} (expected the upstream's)")
+    return info
+
+
+def _url(c: Contestant, spec: WrkCase) -> str:
+    return f"{spec.listener}://127.0.0.1:{c.port(spec.listener)}/"
+
+
+def wrk_case(ctx: Context, spec: WrkCase) -> None:
+    """wrk through every contestant, interleaved; each contestant is probed once first
+    and warmed up with a 1 s run (pools filled, lazy code paths taken) not counted."""
+    seconds = 3 if ctx.quick else 10
+    upstream = start_http_upstream(ctx, spec.name)
+    ctx.place_proxies(spec.name)
+    cert_der = cert_files(ctx.workdir).der()
+    try:
+        measured: list[tuple[Contestant, dict[str, Any]]] = []
+        for c in ctx.contestants:
+            if not _has_listener(ctx, spec.name, c, spec.listener):
+                continue
+            try:
+                probe = probe_http(c.port(spec.listener), spec.listener == "https", cert_der)
+            except ProbeError as e:
+                ctx.record(spec.name, c.name, 0, {}, {"url": _url(c, spec)}, error=f"probe: {e}")
+                continue
+            measured.append((c, probe))
+        for c, _ in measured:
+            warm = wrk_argv(_url(c, spec), 1, close=spec.close)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                _run_pinned(warm, ctx.cpus("client", spec.name), timeout=30)
+        for rnd in range(ctx.rounds):
+            for c, probe in measured:
+                _one_wrk(ctx, spec, c, rnd, seconds, probe, upstream)
+                # Connection: close runs leave thousands of TIME_WAIT sockets behind.
+                _settle(2.0 if spec.close else 1.0)
+    finally:
+        ctx.group.stop(upstream)
+
+
+def _has_listener(ctx: Context, case: str, c: Contestant, listener: str) -> bool:
+    """Whether the contestant's config opens this listener; if not, say so in the
+    results (an error run without metrics) rather than leaving it silently out."""
+    if listener in c.ports:
+        return True
+    why = f"no {listener} listener in its config (bench/configs/): not measured"
+    ctx.record(case, c.name, 0, {}, {}, error=why)
+    return False
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _one_wrk(
+    ctx: Context,
+    spec: WrkCase,
+    c: Contestant,
+    rnd: int,
+    seconds: int,
+    probe: dict[str, Any],
+    upstream: Proc,
+) -> None:
+    argv = wrk_argv(_url(c, spec), seconds, close=spec.close)
+    pids = c.pids()
+    raw: dict[str, Any] = {"argv": argv, "probe": probe}
+    cpu0 = cpu_seconds(pids)
+    up0 = cpu_seconds([upstream.pid, *children(upstream.pid)])
+    # wrk is the only child reaped meanwhile (the servers run on): its own CPU time.
+    client0 = _children_cpu()
+    try:
+        out = _run_pinned(argv, ctx.cpus("client", spec.name), timeout=seconds + 60)
+        result = parse_wrk(out.stdout)
+    except (subprocess.TimeoutExpired, WrkError) as e:
+        ctx.record(spec.name, c.name, rnd, {}, raw, error=f"wrk: {e}")
+        return
+    cpu = cpu_seconds(pids) - cpu0
+    raw.update(
+        wrk=result.as_dict(),
+        upstream_cpu_s=cpu_seconds([upstream.pid, *children(upstream.pid)]) - up0,
+        client_cpu_s=_children_cpu() - client0,
+    )
+    if pids:
+        raw["proxy_cpu_s"] = cpu
+    failures = result.non_2xx + result.socket_errors
+    error = None
+    if result.requests == 0:
+        ctx.record(spec.name, c.name, rnd, {}, raw, error="wrk: no response")
+        return
+    if failures > 0.01 * result.requests:
+        # Counted out of the rate already (good responses only); said loudly too.
+        error = f"{failures} failed requests of {result.requests}: {result.errors}"
+    ctx.record(
+        spec.name, c.name, rnd, spec.metrics(result, cpu if pids else None), raw, error=error
+    )
+
+
+def http_keepalive(ctx: Context) -> None:
+    wrk_case(ctx, WRK_CASES["http_keepalive"])
+
+
+def https_keepalive(ctx: Context) -> None:
+    wrk_case(ctx, WRK_CASES["https_keepalive"])
+
+
+def tls_handshakes(ctx: Context) -> None:
+    wrk_case(ctx, WRK_CASES["tls_handshakes"])
+
+
+# http_idle_memory: (kind, the contestant's listener, metric names by RSS and PSS)
+HTTP_IDLE_KINDS = (
+    ("http", "http", "kb_per_http_conn", "pss_kb_per_http_conn"),
+    ("ws", "ws", "kb_per_ws", "pss_kb_per_ws"),
+)
+
+
+def http_idle_memory(ctx: Context) -> None:
+    """Memory per idle keep-alive client connection (one request made) and per idle
+    websocket (upgraded, one message echoed), each on a freshly started proxy."""
+    upstream = start_http_upstream(ctx, "http_idle_memory")
+    wsecho = start_wsecho(ctx, "http_idle_memory")
+    try:
+        for rnd in range(ctx.rounds):
+            for kind, listener, rss_metric, pss_metric in HTTP_IDLE_KINDS:
+                for c in ctx.contestants:
+                    if c.name == "direct":
+                        continue  # no proxy process to weigh
+                    if listener not in c.ports:
+                        if rnd == 0:
+                            _has_listener(ctx, "http_idle_memory", c, listener)
+                        continue
+                    _one_http_idle(ctx, c, rnd, kind, listener, rss_metric, pss_metric)
+                    _settle(1.0)
+    finally:
+        ctx.group.stop(wsecho)
+        ctx.group.stop(upstream)
+
+
+def _one_http_idle(
+    ctx: Context,
+    c: Contestant,
+    rnd: int,
+    kind: str,
+    listener: str,
+    rss_metric: str,
+    pss_metric: str,
+) -> None:
+    case = "http_idle_memory"
+    # A fresh proxy per measurement, also between the two kinds: memory freed by the
+    # first kind's connections and kept by the allocator would hide the second's cost.
+    c.stop(ctx.group)
+    c.start(ctx.group, ctx.ports, ctx.workdir, ctx.cpus("proxy", case))
+    port = c.port(listener)
+    extra = ("--mode", kind)
+    time.sleep(0.5)
+    pids = c.pids()
+    start = memory_kb(pids)
+    # Warm-up: the first connections pay one-off costs (lazy imports, pools, the
+    # upstream keep-alive pool); charged to the baseline, not to the N.
+    holder, _ = _hold(ctx, port, 100, case, "bench.httphold", extra)
+    _release(ctx, holder)
+    time.sleep(0.5)
+    idle = memory_kb(pids)
+    raw: dict[str, Any] = {"kind": kind, "mem_start": start, "mem_idle": idle}
+    holder, opened = _hold(ctx, port, ctx.idle_connections, case, "bench.httphold", extra)
+    try:
+        time.sleep(1.0)  # let the proxy finish whatever it does after the last response
+        pids = c.pids()
+        with_conns = memory_kb(pids)
+        raw.update(mem_with=with_conns, hold=opened)
+    finally:
+        done = _release(ctx, holder)
+    time.sleep(0.5)
+    raw.update(mem_after_close=memory_kb(c.pids()), release=done)
+    n = opened["open"]
+    metrics: dict[str, float] = {}
+    errors = []
+    if n:
+        metrics[rss_metric] = (with_conns["rss_kb"] - idle["rss_kb"]) / n
+        metrics[pss_metric] = (with_conns["pss_kb"] - idle["pss_kb"]) / n
+    if n < ctx.idle_connections:
+        errors.append(
+            f"only {n} of {ctx.idle_connections} {kind} connections opened "
+            f"({opened['failed']} failed: {opened.get('errors')})"
+        )
+    still = done.get("still_open")
+    if still is not None and still < n:
+        # Weighed while some were already closed: the per-connection figure is wrong.
+        errors.append(f"the proxy closed {n - still} of {n} idle {kind} connections while held")
+        metrics = {}
+    ctx.record(case, c.name, rnd, metrics, raw, error="; ".join(errors) or None)
 
 
 # --- script cases: bench/jail_lines.py, bench/ban_latency.py (written separately) ------
@@ -657,4 +996,8 @@ CASES: dict[str, Callable[[Context], None]] = {
     "udp": udp,
     "jail_lines": jail_lines,
     "ban_latency": ban_latency,
+    "http_keepalive": http_keepalive,
+    "https_keepalive": https_keepalive,
+    "tls_handshakes": tls_handshakes,
+    "http_idle_memory": http_idle_memory,
 }

@@ -24,7 +24,20 @@ from bench.report import absolute_chart, chart, markdown, summarize_results
 from bench.templating import allocate_ports
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_CASES = ("tcp_bulk", "conn_rate", "idle_memory", "udp", "jail_lines", "ban_latency")
+DEFAULT_CASES = (
+    "tcp_bulk",
+    "conn_rate",
+    "idle_memory",
+    "udp",
+    "http_keepalive",
+    "https_keepalive",
+    "tls_handshakes",
+    "http_idle_memory",
+    "jail_lines",
+    "ban_latency",
+)
+# The cases that need wrk (Debian's `wrk`, installed by `make peers`).
+WRK_CASES = frozenset({"http_keepalive", "https_keepalive", "tls_handshakes"})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="one round, short runs (under 3 minutes): for development",
+        help="one round, short runs (about 6 minutes): for development",
     )
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3, 1 with --quick)")
     ap.add_argument(
@@ -54,9 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pin",
         choices=("auto", "all", "off"),
         default="auto",
-        help="auto (on >= 2 CPUs): in conn_rate and idle_memory the clients run on the last "
-        "CPU, proxies and upstream servers on the others; tcp_bulk and udp unpinned. all: pin every "
-        "case. off: the scheduler places everything",
+        help="auto (on >= 2 CPUs): in conn_rate, idle_memory and the HTTP cases the clients run "
+        "on the last CPU, proxies and upstream servers on the others; tcp_bulk and udp unpinned. "
+        "all: pin every case. off: the scheduler places everything",
     )
     ap.add_argument(
         "--tools",
@@ -91,9 +104,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Cases pinned by `--pin auto`. tcp_bulk (and udp, both iperf3) is not: pinning the two iperf3 ends to
 # different CPUs halves the direct single-stream rate on small VMs, which would
-# flatter every proxy's ratio to direct; in the short-connection and idle cases
-# the client must get the same CPU for every contestant.
-AUTO_PINNED = frozenset({"conn_rate", "idle_memory"})
+# flatter every proxy's ratio to direct; in the short-connection, idle and HTTP
+# cases (wrk is a request/response client like connrate) the client must get the
+# same CPU for every contestant.
+AUTO_PINNED = frozenset(
+    {
+        "conn_rate",
+        "idle_memory",
+        "http_keepalive",
+        "https_keepalive",
+        "tls_handshakes",
+        "http_idle_memory",
+    }
+)
 
 
 def cpu_plan(pin: str) -> tuple[set[int] | None, set[int] | None, frozenset[str], str]:
@@ -165,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in args.case_list and shutil.which("iperf3") is None:
             args.case_list.remove(name)
             notes.append(f"{name} skipped: iperf3 not installed (make peers)")
+    for name in sorted(WRK_CASES):
+        if name in args.case_list and shutil.which("wrk") is None:
+            args.case_list.remove(name)
+            notes.append(f"{name} skipped: wrk not installed (make peers)")
     load1 = os.getloadavg()[0]
     if load1 > 0.75 * (os.cpu_count() or 1):
         # Other work on a small shared machine moves wall-clock rates more than the
@@ -174,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             "work, or a previous run still decaying): rates may be noisier than usual; the "
             "CPU rows are the steadier comparison"
         )
+    # A relayed connection (or websocket) holds two descriptors in the proxy.
     needed = 2 * args.idle_connections + 200
-    if "idle_memory" in args.case_list and soft < needed:
-        notes.append(f"open-files limit {soft} < {needed}: idle_memory may fail")
+    for name in ("idle_memory", "http_idle_memory"):
+        if name in args.case_list and soft < needed:
+            notes.append(f"open-files limit {soft} < {needed}: {name} may fail")
     workdir = Path(tempfile.mkdtemp(prefix="edgeward-bench-"))
     try:
         return _run(args, argv, workdir, started, t0, contestants, notes, soft, log)

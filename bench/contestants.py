@@ -1,10 +1,13 @@
 """The contestants: a direct connection and three proxies doing the same work.
 
 Each proxy gets one listener per case in front of the shared upstreams
-(iperf3 servers, echo server); `direct` points the client straight at the
-upstream. The `udp` listener is TCP and UDP on one port (iperf3's control
-connection is TCP on the port its datagrams go to); HAProxy 2.6 does not proxy
-UDP, so it has no `udp` listener. Configs come from bench/configs/*.tmpl.
+(iperf3 servers, echo server, the nginx web upstream, the websocket echo
+server); `direct` points the client straight at the upstream. The `udp`
+listener is TCP and UDP on one port (iperf3's control connection is TCP on the
+port its datagrams go to); HAProxy 2.6 does not proxy UDP, so it has no `udp`
+listener. The HTTP cases use `http` (plain), `https` (TLS terminated at the
+proxy with the run's certificate, plain HTTP to the upstream) and `ws`
+(websockets to the echo server). Configs come from bench/configs/*.tmpl.
 """
 
 from __future__ import annotations
@@ -17,12 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.certs import ensure_certificate
 from bench.procs import Proc, ProcessGroup, tree, wait_port
-from bench.templating import render_file
+from bench.templating import CONFIG_DIR, holes, render_file
 
 EDGEWARD_SNI = "bench.example.org"
-# Listeners every proxy opens, one per case.
-LISTENERS = ("bulk", "rate", "idle", "udp")
+# Listeners every proxy opens, one per kind of client.
+LISTENERS = ("bulk", "rate", "idle", "udp", "http", "https", "ws")
+# The fixed response of the nginx web upstream: 99 characters (the config adds
+# the newline), 100 bytes on the wire, for every request of the HTTP cases.
+HTTP_BODY_LINE = (
+    "edgeward bench: the same small body for every request and contestant, from the nginx upstream"
+).ljust(99, ".")
+HTTP_BODY = (HTTP_BODY_LINE + "\n").encode()
 # Proxies that cannot forward UDP: no `udp` listener, absent from the udp case.
 NO_UDP = frozenset({"haproxy"})
 NGINX_STREAM_MODULES = (
@@ -109,9 +119,22 @@ class Contestant:
         return self.ports[case]
 
 
+# Each proxy's config template in bench/configs/.
+TEMPLATES = {"haproxy": "haproxy.cfg", "nginx": "nginx.conf", "edgeward": "edgeward.toml"}
+
+
 def listeners(name: str) -> tuple[str, ...]:
-    """The listeners this proxy opens (HAProxy has no UDP one)."""
-    return tuple(case for case in LISTENERS if not (case == "udp" and name in NO_UDP))
+    """The listeners this proxy opens: those whose `{{<listener>_port}}` its template
+    has (HAProxy has no UDP one; an edgeward template from before the HTTP edge has
+    no HTTP ones, and edgeward then sits out the HTTP cases instead of failing to
+    start)."""
+    template = TEMPLATES.get(name)
+    offered = holes((CONFIG_DIR / f"{template}.tmpl").read_text()) if template else set()
+    return tuple(
+        case
+        for case in LISTENERS
+        if f"{case}_port" in offered and not (case == "udp" and name in NO_UDP)
+    )
 
 
 def supports_udp(name: str) -> bool:
@@ -126,18 +149,34 @@ def contestant_ports(name: str, all_ports: dict[str, int]) -> dict[str, int]:
             "rate": all_ports["echo"],
             "idle": all_ports["echo"],
             "udp": all_ports["iperf_udp"],
+            "http": all_ports["http_upstream"],
+            # Without a proxy the upstream nginx terminates TLS itself.
+            "https": all_ports["https_upstream"],
+            "ws": all_ports["ws_upstream"],
         }
     return {case: all_ports[f"{name}_{case}"] for case in listeners(name)}
 
 
 def template_values(name: str, all_ports: dict[str, int], workdir: Path) -> dict[str, object]:
+    """The holes of bench/configs/<name>'s template. `name` is a proxy or
+    "nginx-upstream" (the web upstream of the HTTP cases)."""
+    certs = ensure_certificate(workdir)
     values: dict[str, object] = {
         "workdir": workdir,
         "iperf_port": all_ports["iperf"],
         "echo_port": all_ports["echo"],
         "iperf_udp_port": all_ports["iperf_udp"],
-        **{f"{case}_port": all_ports[f"{name}_{case}"] for case in listeners(name)},
+        "http_upstream_port": all_ports["http_upstream"],
+        "https_upstream_port": all_ports["https_upstream"],
+        "ws_upstream_port": all_ports["ws_upstream"],
+        "cert_file": certs.cert,
+        "key_file": certs.key,
+        "cert_key_file": certs.combined,
+        "http_body": HTTP_BODY_LINE,
     }
+    if name == "nginx-upstream":
+        return values
+    values.update({f"{case}_port": all_ports[f"{name}_{case}"] for case in listeners(name)})
     if name == "edgeward":
         values["admin_port"] = all_ports["edgeward_admin"]
     if name == "nginx":
@@ -147,7 +186,15 @@ def template_values(name: str, all_ports: dict[str, int], workdir: Path) -> dict
 
 def port_names() -> list[str]:
     """Every port a run needs, named for allocate_ports()."""
-    names = ["iperf", "iperf_udp", "echo", "edgeward_admin"]
+    names = [
+        "iperf",
+        "iperf_udp",
+        "echo",
+        "http_upstream",
+        "https_upstream",
+        "ws_upstream",
+        "edgeward_admin",
+    ]
     for proxy in ("haproxy", "nginx", "edgeward"):
         names += [f"{proxy}_{case}" for case in listeners(proxy)]
     return names

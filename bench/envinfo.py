@@ -52,6 +52,13 @@ def _sysctl(name: str) -> str | None:
         return None
 
 
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(contestants: list[Contestant]) -> dict[str, Any]:
     try:
         uvloop_version: str | None = importlib.metadata.version("uvloop")
@@ -67,6 +74,9 @@ def environment(contestants: list[Contestant]) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "uvloop": uvloop_version,
         "iperf3": _version(["iperf3", "--version"]),
+        "wrk": _version(["wrk", "-v"]),
+        "openssl": _version(["openssl", "version"]),
+        "websockets": _dist_version("websockets"),
         "versions": {c.name: c.version() for c in contestants if c.name != "direct"},
         "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
         "loadavg_at_start": os.getloadavg(),

@@ -14,6 +14,7 @@ CONTESTANTS = ("direct", "haproxy", "nginx", "edgeward")
 PEERS = ("direct", "haproxy", "nginx")
 # Cases run by a separate script: their own tables, no contestant columns.
 SCRIPT_CASES = frozenset(SCRIPT_ARGS)
+HTTP_CASES = ("http_keepalive", "https_keepalive", "tls_handshakes", "http_idle_memory")
 # Under the table when the udp case ran.
 UDP_NOTE = (
     "UDP rows: `iperf3 -u -l 200` through each proxy (TCP control and UDP datagrams on one "
@@ -22,6 +23,22 @@ UDP_NOTE = (
     "sequence number), so a datagram lost "
     "anywhere (client socket, proxy, server socket) counts. HAProxy 2.6 does not proxy "
     "UDP: no haproxy numbers in the UDP rows."
+)
+# Under the table when an HTTP case ran.
+HTTP_NOTE = (
+    "HTTP rows: `wrk -t1 -c50 -d10s --latency` (`-d3s` with --quick) through each proxy to one "
+    "nginx upstream answering a fixed 100-byte body (`direct`: wrk straight to that nginx, which "
+    "terminates TLS itself for the HTTPS rows). Requests/s count 2xx/3xx responses only (wrk's "
+    '"Non-2xx or 3xx" are left out); p50/p99 are '
+    "wrk's latency percentiles. wrk keeps 50 requests in flight (closed loop), so each "
+    "contestant runs at its own saturation and its p50 is about 50 / its rate. HTTPS: TLS 1.3 terminated at the proxy with an ECDSA P-256 "
+    "certificate made for the run, plain HTTP to the upstream. New TLS connections: the same with "
+    "`-H 'Connection: close'`, so every request opens a connection with a full handshake (wrk "
+    "resumes no session); when the client's CPU caps the rate, proxies come close to `direct`, "
+    "while the CPU row (the proxy's own time per new connection) has no such cap. Idle HTTP "
+    "memory: keep-alive connections that each made one request; idle websockets: connections "
+    "upgraded to a websocket echo server (the `websockets` library) behind the proxy, one "
+    "message echoed on each."
 )
 # En dash for ranges in the table (an escape, so the source stays ASCII-unambiguous).
 DASH = "\u2013"
@@ -36,6 +53,9 @@ class Goal:
     versus: str | None  # peer for a ratio goal, None for an absolute edgeward value
     at_least: float | None = None
     at_most: float | None = None
+    issue: int = 2
+    # For a rate the rig may cap: the CPU metric whose ratio is shown beside it.
+    cpu_metric: str | None = None
 
     def check(self, case: Mapping[str, Any]) -> tuple[float | None, bool | None]:
         if self.versus is None:
@@ -51,17 +71,44 @@ class Goal:
         return value, ok
 
 
-# Issue 2's benchmark goals.
+# The benchmark goals of issue 2 (TCP/UDP edge) and issue 8 (HTTP edge).
 GOALS = (
     Goal("gbit_s_p1", "TCP bulk 1 stream >= 0.85 of direct", "direct", at_least=0.85),
     Goal("gbit_s_p8", "TCP bulk 8 streams >= 0.85 of direct", "direct", at_least=0.85),
     Goal("conn_per_s", "short connections/s >= 0.8 of HAProxy", "haproxy", at_least=0.8),
     Goal("kb_per_conn", "memory per idle relayed connection <= 3 KB", None, at_most=3.0),
+    Goal(
+        "http_req_per_s",
+        "HTTP keep-alive requests/s >= 0.7 of HAProxy",
+        "haproxy",
+        at_least=0.7,
+        issue=8,
+        cpu_metric="cpu_s_per_1k_http_req",
+    ),
+    Goal("http_p99_ms", "HTTP keep-alive p99 <= 1.5x HAProxy's", "haproxy", at_most=1.5, issue=8),
+    Goal(
+        "https_req_per_s",
+        "HTTPS keep-alive requests/s >= 0.7 of HAProxy",
+        "haproxy",
+        at_least=0.7,
+        issue=8,
+        cpu_metric="cpu_s_per_1k_https_req",
+    ),
+    Goal("https_p99_ms", "HTTPS keep-alive p99 <= 1.5x HAProxy's", "haproxy", at_most=1.5, issue=8),
+    Goal(
+        "tls_handshakes_per_s",
+        "new TLS connections/s >= 0.7 of HAProxy",
+        "haproxy",
+        at_least=0.7,
+        issue=8,
+        cpu_metric="cpu_s_per_1k_handshakes",
+    ),
 )
 
 
-def goal_lines(doc: Mapping[str, Any]) -> list[str]:
-    out: list[str] = []
+def checked_goals(doc: Mapping[str, Any]) -> list[tuple[Goal, str]]:
+    """(goal, its line) for every goal this run has the numbers for."""
+    out: list[tuple[Goal, str]] = []
     for goal in GOALS:
         case = next((c for c in doc["cases"].values() if goal.metric in c.get("ratios", {})), None)
         if case is None:
@@ -70,20 +117,30 @@ def goal_lines(doc: Mapping[str, Any]) -> list[str]:
         if value is None:
             continue
         line = f"- {goal.text}: {value:.2f} — {'met' if ok else 'NOT met'}"
-        if goal.versus == "direct":
+        if goal.versus is not None:
             # How far the C proxies get on the same rig tells what the machine allows.
             summary = case.get("summary", {})
-            base = summary.get("direct", {}).get(goal.metric)
+            base = summary.get(goal.versus, {}).get(goal.metric)
             peers = []
             for peer in ("haproxy", "nginx"):
+                if peer == goal.versus:
+                    continue
                 s = summary.get(peer, {}).get(goal.metric)
                 r = ratio(s["median"] if s else None, base["median"] if base else None)
                 if r is not None:
                     peers.append(f"{peer} {r:.2f}")
             if peers:
-                line += f" (same rig: {', '.join(peers)} of direct)"
-        out.append(line)
+                line += f" (same rig: {', '.join(peers)} of {goal.versus})"
+        if goal.cpu_metric is not None and goal.versus is not None:
+            cpu = case.get("ratios", {}).get(goal.cpu_metric, {}).get(f"edgeward/{goal.versus}")
+            if cpu is not None:
+                line += f"; CPU per unit of work: {cpu:.2f}x {goal.versus}'s"
+        out.append((goal, line))
     return out
+
+
+def goal_lines(doc: Mapping[str, Any]) -> list[str]:
+    return [line for _, line in checked_goals(doc)]
 
 
 def summarize_results(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,10 +233,13 @@ def markdown(doc: Mapping[str, Any]) -> str:
             "`direct`: the client straight to the upstream, same CPU placement, no proxy. "
             "CPU rows are the proxy's own CPU time (utime+stime), the least noisy comparison "
             "on a shared machine; memory rows are for "
-            f"{meta.get('idle_connections', 9000):,} idle relayed connections.",
+            f"{meta.get('idle_connections', 9000):,} idle connections (relayed TCP, HTTP "
+            "keep-alive clients, websockets).",
         ]
         if "udp" in doc["cases"]:
             lines += ["", UDP_NOTE]
+        if any(name in doc["cases"] for name in HTTP_CASES):
+            lines += ["", HTTP_NOTE]
     jail = doc["cases"].get("jail_lines")
     if jail and jail.get("summary"):
         lines += ["", *jail_table(jail["summary"].get("jail_lines", {}))]
@@ -187,9 +247,20 @@ def markdown(doc: Mapping[str, Any]) -> str:
         case = doc["cases"].get(name)
         if case and case.get("summary"):
             lines += ["", *script_table(name, case["summary"].get(name, {}))]
-    goals = goal_lines(doc)
+    goals = checked_goals(doc)
     if goals:
-        lines += ["", "Goals (issue 2), from the medians above:", "", *goals]
+        issues = sorted({goal.issue for goal, _ in goals})
+        which = (
+            f"issue {issues[0]}"
+            if len(issues) == 1
+            else "issues " + ", ".join(map(str, issues[:-1])) + f" and {issues[-1]}"
+        )
+        lines += [
+            "",
+            f"Goals ({which}), from the medians above:",
+            "",
+            *(line for _, line in goals),
+        ]
     notes = [f"- {n}" for n in meta.get("notes", [])]
     errors = [
         f"- {name} round {r['round'] + 1}, {r['contestant']}: {r['error']}"

@@ -74,7 +74,14 @@ def test_cpu_plan() -> None:
     client, rest, cases, _ = cpu_plan("auto")
     if len(os.sched_getaffinity(0)) >= 2:
         assert client and rest and not (client & rest)
-        assert cases == {"conn_rate", "idle_memory"}
+        assert cases == {
+            "conn_rate",
+            "idle_memory",
+            "http_keepalive",
+            "https_keepalive",
+            "tls_handshakes",
+            "http_idle_memory",
+        }
         assert cpu_plan("all")[2] >= {"tcp_bulk", "conn_rate", "idle_memory"}
     else:
         assert client is None and not cases

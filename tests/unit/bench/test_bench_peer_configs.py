@@ -48,6 +48,13 @@ def test_nginx_accepts_its_config(ports: dict[str, int], tmp_path: Path) -> None
     _check([nginx, "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(cfg)], tmp_path)
 
 
+def test_nginx_accepts_the_web_upstream_config(ports: dict[str, int], tmp_path: Path) -> None:
+    nginx = require("nginx")
+    values = template_values("nginx-upstream", ports, tmp_path)
+    cfg = render_file("nginx-upstream.conf", values, tmp_path)
+    _check([nginx, "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(cfg)], tmp_path)
+
+
 def test_edgeward_accepts_its_config(ports: dict[str, int], tmp_path: Path) -> None:
     cfg = render_file("edgeward.toml", template_values("edgeward", ports, tmp_path), tmp_path)
     _check([sys.executable, "-m", "edgeward.cli", "check", str(cfg)], tmp_path)

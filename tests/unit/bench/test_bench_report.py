@@ -174,3 +174,43 @@ def test_script_table() -> None:
     assert rows[0] == "ban_latency (bench/ban_latency.py):"
     assert rows[-1] == "| p50_ms | 12.5 (10.0\u201315.0) |"
     assert script_table("ban_latency", {}) == []
+
+
+def test_http_goals_of_issue_8() -> None:
+    def run(c: str, **metrics: float) -> dict[str, Any]:
+        return {"contestant": c, "round": 0, "metrics": metrics, "raw": {}}
+
+    doc = _doc()
+    doc["cases"]["http_keepalive"] = {
+        "runs": [
+            run("direct", http_req_per_s=40000.0, http_p99_ms=1.0),
+            run("haproxy", http_req_per_s=20000.0, http_p99_ms=4.0, cpu_s_per_1k_http_req=0.01),
+            run("nginx", http_req_per_s=18000.0, http_p99_ms=5.0, cpu_s_per_1k_http_req=0.008),
+            run("edgeward", http_req_per_s=15000.0, http_p99_ms=7.0, cpu_s_per_1k_http_req=0.04),
+        ]
+    }
+    doc["cases"]["tls_handshakes"] = {
+        "runs": [
+            run("haproxy", tls_handshakes_per_s=1000.0, cpu_s_per_1k_handshakes=0.2),
+            run("edgeward", tls_handshakes_per_s=600.0, cpu_s_per_1k_handshakes=0.5),
+        ]
+    }
+    doc = summarize_results(doc)
+    lines = goal_lines(doc)
+    assert (
+        "- HTTP keep-alive requests/s >= 0.7 of HAProxy: 0.75 — met (same rig: nginx 0.90 of "
+        "haproxy); CPU per unit of work: 4.00x haproxy's"
+    ) in lines
+    assert (
+        "- HTTP keep-alive p99 <= 1.5x HAProxy's: 1.75 — NOT met (same rig: nginx 1.25 of haproxy)"
+        in lines
+    )
+    assert (
+        "- new TLS connections/s >= 0.7 of HAProxy: 0.60 — NOT met; CPU per unit of work: "
+        "2.50x haproxy's"
+    ) in lines
+    md = markdown(doc)
+    assert "Goals (issues 2 and 8)" in md
+    assert "HTTP rows: `wrk -t1 -c50" in md
+    row = next(line for line in md.splitlines() if line.startswith("| HTTP keep-alive latency p99"))
+    assert row.rstrip(" |").endswith("7.00 | 1.75 | 1.40")

@@ -51,7 +51,7 @@ def no_nginx_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_template_renders_completely(ports: dict[str, int], tmp_path: Path) -> None:
     names = {p.name.removesuffix(".tmpl") for p in CONFIG_DIR.glob("*.tmpl")}
-    assert names == {"haproxy.cfg", "nginx.conf", "edgeward.toml"}
+    assert names == {"haproxy.cfg", "nginx.conf", "edgeward.toml", "nginx-upstream.conf"}
     for proxy, name in (
         ("haproxy", "haproxy.cfg"),
         ("nginx", "nginx.conf"),
@@ -63,6 +63,51 @@ def test_every_template_renders_completely(ports: dict[str, int], tmp_path: Path
             assert f"127.0.0.1:{ports[f'{proxy}_{case}']}" in out
         assert f"127.0.0.1:{ports['echo']}" in out
         assert f"127.0.0.1:{ports['iperf']}" in out
+    upstream = render_file(
+        "nginx-upstream.conf", template_values("nginx-upstream", ports, tmp_path), tmp_path
+    ).read_text()
+    assert holes(upstream) == set()
+    assert f"127.0.0.1:{ports['http_upstream']}" in upstream
+    assert f"127.0.0.1:{ports['https_upstream']} ssl" in upstream
+
+
+def test_every_proxy_has_the_http_listeners(ports: dict[str, int], tmp_path: Path) -> None:
+    for proxy, name in (
+        ("haproxy", "haproxy.cfg"),
+        ("nginx", "nginx.conf"),
+        ("edgeward", "edgeward.toml"),
+    ):
+        out = render_file(name, template_values(proxy, ports, tmp_path), tmp_path).read_text()
+        for listener in ("http", "https", "ws"):
+            assert f"127.0.0.1:{ports[f'{proxy}_{listener}']}" in out
+        assert f"127.0.0.1:{ports['http_upstream']}" in out
+        assert f"127.0.0.1:{ports['ws_upstream']}" in out
+        assert str(tmp_path / "bench-cert") in out
+
+
+def test_edgeward_http_config(ports: dict[str, int], tmp_path: Path) -> None:
+    path = render_file("edgeward.toml", template_values("edgeward", ports, tmp_path), tmp_path)
+    doc = tomllib.loads(path.read_text())
+    assert doc["tls"]["certificates"] == [
+        {"cert": str(tmp_path / "bench-cert.pem"), "key": str(tmp_path / "bench-key.pem")}
+    ]
+    assert doc["tls"]["default_certificate"] == "bench.test"
+    assert doc["acme"]["enabled"] is False  # nothing leaves loopback
+    assert doc["http"]["redirect"] == "off"
+    assert doc["http"]["upstream_keepalive"] == 64
+    services = doc["services"]
+    upstream = f"http://127.0.0.1:{ports['http_upstream']}"
+    assert services["web"] == {"listen": [f"127.0.0.1:{ports['edgeward_http']}"], "to": upstream}
+    assert services["webtls"]["listen"] == [f"127.0.0.1:{ports['edgeward_https']}"]
+    assert services["webtls"]["to"] == upstream
+    assert services["ws"]["to"] == f"http://127.0.0.1:{ports['ws_upstream']}"
+
+
+def test_upstream_body_is_100_bytes() -> None:
+    assert len(contestants.HTTP_BODY) == 100
+    assert contestants.HTTP_BODY.endswith(b"\n")
+    # It goes into an nginx quoted string: nothing nginx would interpret.
+    assert not set(contestants.HTTP_BODY_LINE) & set('"$\\{};')
 
 
 def test_edgeward_config_sniffs_sni_for_the_rate_case(
@@ -93,6 +138,13 @@ def test_peer_configs_are_tuned_fairly(ports: dict[str, int], tmp_path: Path) ->
     assert "req.ssl_sni -i bench.example.org" in h
     assert "ssl_preread on;" in n
     assert n.startswith("#") and "load_module /x/ngx_stream_module.so;" in n
+    # HTTP: a pooled, keep-alive upstream for every proxy, no per-connection request cap.
+    assert "http-reuse always" in h and "mode http" in h and "default `http-reuse safe`" in h
+    assert "keepalive 64;" in n and 'proxy_set_header Connection "";' in n
+    assert "keepalive_requests 1000000;" in n and "Defaults are 1000" in n
+    # Idle keep-alive clients and websockets outlive the idle-memory measurement.
+    assert "timeout http-keep-alive 1h" in h and "timeout tunnel 1h" in h
+    assert "proxy_read_timeout 1h;" in n and "keepalive_timeout 1h;" in n
 
 
 def test_contestant_ports_direct_goes_to_upstreams(ports: dict[str, int]) -> None:
@@ -101,6 +153,9 @@ def test_contestant_ports_direct_goes_to_upstreams(ports: dict[str, int]) -> Non
         "rate": ports["echo"],
         "idle": ports["echo"],
         "udp": ports["iperf_udp"],
+        "http": ports["http_upstream"],
+        "https": ports["https_upstream"],
+        "ws": ports["ws_upstream"],
     }
     assert contestant_ports("nginx", ports)["rate"] == ports["nginx_rate"]
 
@@ -120,3 +175,16 @@ def test_allocate_ports_skips_busy_ports() -> None:
 def test_allocate_ports_rejects_duplicate_names() -> None:
     with pytest.raises(ValueError):
         allocate_ports(["a", "a"])
+
+
+def test_listeners_are_the_ports_a_template_offers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy template without the HTTP holes (edgeward's before its HTTP edge) opens
+    # no HTTP listener, so the harness neither waits for one nor measures it.
+    (tmp_path / "edgeward.toml.tmpl").write_text(
+        'listen = ["127.0.0.1:{{bulk_port}}"]\nto = "{{iperf_port}}"\n'
+    )
+    monkeypatch.setattr(contestants, "CONFIG_DIR", tmp_path)
+    assert contestants.listeners("edgeward") == ("bulk",)
+    assert contestants.listeners("direct") == ()
