@@ -689,6 +689,10 @@ class Exchange:
         c.exchange_done(self)
 
 
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop reading a connection that is closing."""
+
+
 def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
     t = conn.transport
     sslobj = t.get_extra_info("ssl_object") if t is not None else None
@@ -779,7 +783,9 @@ class ClientConnection(asyncio.Protocol):
             except httptools.HttpParserCallbackError as e:
                 self._drop_held()
                 cause = e.__context__
-                if isinstance(cause, Rejected):
+                if isinstance(cause, _StopParsing):
+                    pass
+                elif isinstance(cause, Rejected):
                     self.reject(cause.status, cause.reason)
                 else:
                     log.error("HTTP client %s: error while handling its request", self.client_ip, exc_info=cause)
@@ -862,6 +868,10 @@ class ClientConnection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.lingering or self.closed or self.rejected is not None:
+            # The connection ends after what was answered: bytes after it in the same read are
+            # not another request.
+            raise _StopParsing()
         ex = Exchange(self)
         self.parsing = ex
         self.head_size = 0
@@ -966,6 +976,9 @@ class ClientConnection(asyncio.Protocol):
         proxy = self.proxy
         proxy.counters["bad_requests"] += 1
         log.debug("HTTP client %s: %d %s", self.client_ip, status, reason)
+        if self.lingering or self.closed:
+            self.close()  # already answered and closing: the rest was only being drained
+            return
         ex = self.parsing
         cur = self.current
         self.parsing = None
