@@ -4,8 +4,8 @@ uvloop) against nginx, beside nginx direct and HAProxy `mode http` in front of t
     .venv/bin/python -m bench.http_layer [--rounds 3] [--duration 5] [--connections 32]
 
 Interleaved rounds (direct, haproxy, edgeward-http, ...); prints each run and the medians as JSON,
-with requests/s, latency p50/p99 (wrk's), and each proxy's CPU seconds per 10k requests. Measured,
-never asserted. The edge here is the HTTP layer in its own process, without the rest of the edge.
+with requests/s, latency p50/p99 (wrk's), each proxy's CPU seconds per 10k requests, and its RSS
+per idle keep-alive client connection (after one request each). Measured, never asserted. The edge here is the HTTP layer in its own process, without the rest of the edge.
 """
 
 from __future__ import annotations
@@ -48,11 +48,39 @@ def wrk(port: int, seconds: int, connections: int) -> dict[str, float]:
     return {"rps": rps, "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": float(errors.group(1)) if errors else 0.0}
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def idle_memory(port: int, pid: int, n: int) -> float:
+    """KiB of the proxy's RSS per idle keep-alive client connection (each made one request)."""
+    before = rss_kib(pid)
+    conns = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            conns.append(s)
+        for s in conns:
+            s.settimeout(10)
+            got = b""
+            while BODY.encode() not in got:
+                got += s.recv(4096)
+        return (rss_kib(pid) - before) / n
+    finally:
+        for s in conns:
+            s.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--idle", type=int, default=2000, help="idle keep-alive client connections for the memory figure")
     args = ap.parse_args()
     for tool in ("wrk", "nginx", "haproxy"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -108,7 +136,7 @@ to = "http://127.0.0.1:{ngx_port}"
                 wait_port(port, proc=proc)
             ports = {"direct": ngx_port, "haproxy": hap_port, "edgeward-http": edge_port}
             pids = {"direct": [], "haproxy": [hap.pid], "edgeward-http": [edge.pid]}
-            for name, port in ports.items():  # warm-up (keep-alive pools, caches)
+            for port in ports.values():  # warm-up (keep-alive pools, caches)
                 wrk(port, 1, args.connections)
             for rnd in range(args.rounds):
                 for name, port in ports.items():
@@ -118,6 +146,7 @@ to = "http://127.0.0.1:{ngx_port}"
                     r["cpu_s_per_10k"] = cpu / (r["rps"] * args.duration) * 10_000 if pids[name] else 0.0
                     runs[name].append(r)
                     print(json.dumps({"round": rnd, "contestant": name, **r}), flush=True)
+            idle = {name: idle_memory(ports[name], pids[name][0], args.idle) for name in ("haproxy", "edgeward-http")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
@@ -126,8 +155,8 @@ to = "http://127.0.0.1:{ngx_port}"
         "edgeward_http_vs_haproxy_rps": med["edgeward-http"]["rps"] / med["haproxy"]["rps"],
         "edgeward_http_vs_haproxy_p99": med["edgeward-http"]["p99_ms"] / med["haproxy"]["p99_ms"],
     }
-    print(json.dumps({"median": med, "rounds": args.rounds, "duration_s": args.duration,
-                      "connections": args.connections}, indent=1))
+    print(json.dumps({"median": med, "idle_kib_per_connection": idle, "rounds": args.rounds,
+                      "duration_s": args.duration, "connections": args.connections}, indent=1))
     return 0
 
 

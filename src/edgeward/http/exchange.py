@@ -24,7 +24,6 @@ import logging
 import socket
 import ssl
 import time
-from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -771,7 +770,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.last_parsed: Exchange | None = None
         self.current: Exchange | None = None
-        self.queue: deque[Exchange] = deque()
+        self.queue: list[Exchange] = []  # pipelined requests waiting (rare, short)
         self.pause_bits = 0
         self.read_timer = Timer(self.loop, self._read_timeout)
         self.write_timer = Timer(self.loop, self._write_timeout)
@@ -822,6 +821,7 @@ class ClientConnection(asyncio.Protocol):
                         continue
                     return
                 self.tunnel = ex
+                self.last_parsed = None
                 rest = data[e.args[0]:]
                 if rest:
                     ex.tunnel_from_client(rest)
@@ -846,6 +846,7 @@ class ClientConnection(asyncio.Protocol):
                     self.reject(431, "header field too large")
                 else:
                     self._flush_held()
+                    self.last_parsed = None  # only the upgrade case above needs it; idle connections keep nothing
                     p = self.parsing
                     if p is not None and p.head is None and p is self.current and self.read_timer.kind != "header":
                         # A head left incomplete by this read: from now on it has header_timeout.
@@ -1104,7 +1105,7 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
             return
         if self.queue:
-            nxt = self.queue.popleft()
+            nxt = self.queue.pop(0)
             self.current = nxt
             if not self.queue:
                 self.resume(PAUSE_QUEUE)
