@@ -241,6 +241,7 @@ class _Reader:
 
     def on_message_begin(self) -> None:
         self.cur = Response(0, [], b"")
+        self.parts: list[bytes] = []
 
     def on_header(self, n: bytes, v: bytes) -> None:
         assert self.cur is not None
@@ -255,11 +256,11 @@ class _Reader:
             raise StopIteration  # a HEAD response has no body; the caller stops here
 
     def on_body(self, b: bytes) -> None:
-        assert self.cur is not None
-        self.cur.body += b
+        self.parts.append(b)  # joined once at the end: large bodies stay linear
 
     def on_message_complete(self) -> None:
         assert self.cur is not None
+        self.cur.body = b"".join(self.parts)
         if self.cur.status < 200:
             self.interim.append(self.cur.status)
             return
@@ -283,6 +284,7 @@ def read_response(s: socket.socket, *, head_request: bool = False, timeout: floa
         if not data:
             cur = r.cur
             if cur is not None and cur.status >= 200 and not cur.keep_alive:
+                cur.body = b"".join(r.parts)
                 return cur  # a body delimited by the close
             return None
         try:

@@ -24,7 +24,6 @@ import logging
 import socket
 import ssl
 import time
-from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -55,6 +54,7 @@ LINGER = 5.0  # after an early final response, how long the rest of a request bo
 DISCARD_LIMIT = 64 * 1024  # a body rest this small is read and dropped after a local answer, keeping the connection
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CHUNK_END = b"\r\n"
+_STATUS_KEYS = {i: f"responses_{i}xx" for i in range(1, 6)}
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -389,7 +389,10 @@ class Exchange:
         self.held = []
         if (reuse or not self.wrote_upstream) and not conn.closed:
             # Reusable, or never written to (the request was refused before anything went out).
-            self.client.proxy.put_idle(conn)
+            if conn.feeding:
+                conn.idle_after_feed = True
+            else:
+                self.client.proxy.put_idle(conn)
         elif self.resp_done:
             conn.close()
         else:
@@ -654,6 +657,15 @@ class Exchange:
         self.bytes_out += len(data)
         self.maybe_finish()
 
+    def server_name(self) -> str | None:
+        if self.server is None or self.route is None:
+            return None
+        names = self.client.proxy.server_names
+        name = names.get(self.server)
+        if name is None:
+            name = names[self.server] = self.server.name
+        return name
+
     def abort(self) -> None:
         """Give up on the exchange: the client connection closes (a response may be cut short)."""
         if self.connect_task is not None:
@@ -675,7 +687,7 @@ class Exchange:
         c = self.client
         proxy = c.proxy
         status = self.status if self.resp_started else 499
-        proxy.counters[f"responses_{status // 100}xx"] += 1
+        proxy.counters[_STATUS_KEYS[status // 100] if 1 <= status // 100 <= 5 else "responses_other"] += 1
         if proxy.on_request is not None:
             head = self.head
             if head is not None:
@@ -690,11 +702,15 @@ class Exchange:
                     self.started_wall, c.client_ip, c.client_port, c.via_proxy, c.local, c.scheme,
                     route.service if route is not None else None, host, method, path, query, status,
                     self.head_bytes + self.body_in, self.bytes_out, c.loop.time() - self.started,
-                    self.server.name if self.server is not None and route is not None else None,
+                    self.server_name(),
                     self.switched, self.error, c.listener))
             except Exception:
                 log.exception("on_request callback failed")
         c.exchange_done(self)
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop reading a connection that is closing."""
 
 
 def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
@@ -705,11 +721,42 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("client_addr", "client_ip", "client_key", "client_port", "closed", "closing", "current",
-                 "fed", "feeding", "head_size", "held", "https_port", "last_parsed", "lingering", "listener", "local",
-                 "loop", "parser",
-                 "parsing", "pause_bits", "proxy", "queue", "read_timer", "redirect", "rejected", "routes",
-                 "scheme", "settings", "transport", "trusted", "tunnel", "via_proxy", "write_timer")
+    __slots__ = (
+        "client_addr",
+        "client_ip",
+        "client_key",
+        "client_port",
+        "closed",
+        "closing",
+        "corked",
+        "current",
+        "fed",
+        "feeding",
+        "head_size",
+        "held",
+        "https_port",
+        "last_parsed",
+        "lingering",
+        "listener",
+        "local",
+        "loop",
+        "parser",
+        "parsing",
+        "pause_bits",
+        "proxy",
+        "queue",
+        "read_timer",
+        "redirect",
+        "rejected",
+        "routes",
+        "scheme",
+        "settings",
+        "transport",
+        "trusted",
+        "tunnel",
+        "via_proxy",
+        "write_timer",
+    )
 
     def __init__(self, proxy: HttpProxy, routes: HttpRoutes, client: tuple[str, int], local: tuple[str, int], *,
                  scheme: str, redirect: bool, https_port: int, via_proxy: bool, listener: str = "") -> None:
@@ -733,7 +780,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.last_parsed: Exchange | None = None
         self.current: Exchange | None = None
-        self.queue: deque[Exchange] = deque()
+        self.queue: list[Exchange] = []  # pipelined requests waiting (rare, short)
         self.pause_bits = 0
         self.read_timer = Timer(self.loop, self._read_timeout)
         self.write_timer = Timer(self.loop, self._write_timeout)
@@ -746,6 +793,7 @@ class ClientConnection(asyncio.Protocol):
         self.rejected: tuple[int, str, Exchange | None] | None = None
         self.feeding = False  # inside parser.feed_data: writes upstream are held (Exchange._send)
         self.held: Exchange | None = None  # the exchange holding such writes
+        self.corked: list[bytes] | None = None  # writes collected while an upstream read is parsed
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -783,13 +831,16 @@ class ClientConnection(asyncio.Protocol):
                         continue
                     return
                 self.tunnel = ex
+                self.last_parsed = None
                 rest = data[e.args[0]:]
                 if rest:
                     ex.tunnel_from_client(rest)
             except httptools.HttpParserCallbackError as e:
                 self._drop_held()
                 cause = e.__context__
-                if isinstance(cause, Rejected):
+                if isinstance(cause, _StopParsing):
+                    pass
+                elif isinstance(cause, Rejected):
                     self.reject(cause.status, cause.reason)
                 else:
                     log.error("HTTP client %s: error while handling its request", self.client_ip, exc_info=cause)
@@ -805,6 +856,11 @@ class ClientConnection(asyncio.Protocol):
                     self.reject(431, "header field too large")
                 else:
                     self._flush_held()
+                    self.last_parsed = None  # only the upgrade case above needs it; idle connections keep nothing
+                    p = self.parsing
+                    if p is not None and p.head is None and p is self.current and self.read_timer.kind != "header":
+                        # A head left incomplete by this read: from now on it has header_timeout.
+                        self.read_timer.start("header", self.settings.header_timeout, idle=False)
             return
 
     def _flush_held(self) -> None:
@@ -838,8 +894,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.read_timer.stop()
-        self.write_timer.stop()
+        self.corked = None
+        self.read_timer.cancel()
+        self.write_timer.cancel()
         self.proxy.connection_lost(self)
         for ex in (self.current, *self.queue):
             if ex is not None and not ex.finished:
@@ -872,14 +929,16 @@ class ClientConnection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.lingering or self.closed or self.rejected is not None:
+            # The connection ends after what was answered: bytes after it in the same read are
+            # not another request.
+            raise _StopParsing()
         ex = Exchange(self)
         self.parsing = ex
         self.head_size = 0
         self.fed = 0
         if self.current is None:
             self.current = ex
-            if self.read_timer.kind != "header":
-                self.read_timer.start("header", self.settings.header_timeout, idle=False)
         else:
             self.queue.append(ex)
             self.pause(PAUSE_QUEUE)
@@ -942,12 +1001,29 @@ class ClientConnection(asyncio.Protocol):
     # --- used by exchanges ------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        if self.corked is not None:
+            self.corked.append(data)
+        elif not self.closed and self.transport is not None:
             self.transport.write(data)
 
     def writelines(self, data: tuple[bytes, ...]) -> None:
-        if not self.closed and self.transport is not None:
+        if self.corked is not None:
+            self.corked += data
+        elif not self.closed and self.transport is not None:
             self.transport.writelines(data)
+
+    def cork(self) -> None:
+        """Collect writes (while one upstream read is parsed) so that a response head and body go
+        out in one send."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        out = self.corked
+        if out is not None:
+            self.corked = None
+            if out and not self.closed and self.transport is not None:
+                self.transport.writelines(out)
 
     def pause(self, bit: int) -> None:
         if not self.pause_bits and not self.closed and self.transport is not None:
@@ -964,9 +1040,10 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
+            self.uncork()
             self.closed = True
-            self.read_timer.stop()
-            self.write_timer.stop()
+            self.read_timer.cancel()
+            self.write_timer.cancel()
             if self.transport is not None:
                 self.transport.close()
 
@@ -976,6 +1053,9 @@ class ClientConnection(asyncio.Protocol):
         proxy = self.proxy
         proxy.counters["bad_requests"] += 1
         log.debug("HTTP client %s: %d %s", self.client_ip, status, reason)
+        if self.lingering or self.closed:
+            self.close()  # already answered and closing: the rest was only being drained
+            return
         ex = self.parsing
         cur = self.current
         self.parsing = None
@@ -1023,6 +1103,7 @@ class ClientConnection(asyncio.Protocol):
             if (ex.head is not None and ex.head.has_body and not ex.req_done and not ex.switched
                     and (ex.error is None or ex.error == "no_route")
                     and t is not None and t.can_write_eof() and not t.is_closing()):
+                self.uncork()
                 # Lingering close: the client may still be sending the body; reading and dropping it
                 # for a moment lets it see the response instead of a reset.
                 t.write_eof()
@@ -1034,7 +1115,7 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
             return
         if self.queue:
-            nxt = self.queue.popleft()
+            nxt = self.queue.pop(0)
             self.current = nxt
             if not self.queue:
                 self.resume(PAUSE_QUEUE)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from .request import Headers, Rejected, RequestHead
+from .request import _SLOTS, Headers, Rejected, RequestHead, connection_tokens
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -39,10 +39,16 @@ def _forwarded_node(ip: str) -> bytes:
     return f'"[{ip}]"'.encode() if ":" in ip else ip.encode()
 
 
+_FORWARDED_VALUES: dict[bytes, bytes] = {}  # Host values repeat: quoted once (bounded)
+
+
 def _forwarded_value(value: bytes) -> bytes:
-    if _TOKEN.fullmatch(value):
-        return value
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    out = _FORWARDED_VALUES.get(value)
+    if out is None:
+        out = value if _TOKEN.fullmatch(value) else b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        if len(_FORWARDED_VALUES) < 4096:
+            _FORWARDED_VALUES[value] = out
+    return out
 
 
 def upstream_request_head(req: RequestHead, *, client_ip: str, scheme: str, trusted: bool) -> bytes:
@@ -118,18 +124,17 @@ def validate_response(status: int, reason: bytes, headers: Headers, *, version: 
         raise Rejected(502, f"upstream status {status}")
     if version not in ("1.1", "1.0"):
         raise Rejected(502, f"upstream HTTP/{version}")
-    cl_values: list[bytes] = []
-    te_values: list[bytes] = []
-    conn_values: list[bytes] = []
+    found: tuple[list[bytes], ...] = ([], [], [], [], [], [])
+    slot = _SLOTS.get
     for name, value in headers:
-        n = name.lower()
-        if n == b"content-length":
-            cl_values.append(value)
-        elif n == b"transfer-encoding":
-            te_values.append(value)
-        elif n == b"connection":
-            conn_values.append(value)
-    tokens = frozenset(t.strip(b" \t").lower() for v in conn_values for t in v.split(b",") if t.strip(b" \t"))
+        i = slot(name)
+        if i is None:
+            i = slot(name.lower())
+            if i is None:
+                continue
+        found[i].append(value)
+    _, cl_values, te_values, conn_values, _, _ = found
+    tokens = connection_tokens(conn_values)
     content_length: int | None = None
     if te_values and cl_values:
         raise Rejected(502, "upstream sent both Content-Length and Transfer-Encoding")

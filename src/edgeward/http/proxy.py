@@ -18,12 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from ..config.schema import HttpSettings
+from ..upstream.pool import Server
 from .exchange import ClientConnection
 from .log import HttpRequestLog
 from .routes import HttpRoutes, HttpUpstream, IPAddress
 
 if TYPE_CHECKING:
-    from ..upstream.pool import Server
     from .upstream import UpstreamConnection
 
 log = logging.getLogger("edgeward.http")
@@ -47,6 +47,7 @@ class HttpProxy:
         self._accepting: set[asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]] = set()
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in settings.trusted_proxies)
         self._trust_cache: dict[IPAddress, bool] = {}
+        self.server_names: dict[Server, str] = {}  # the servers of this runtime's pools, named once
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

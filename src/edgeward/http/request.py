@@ -33,6 +33,13 @@ _TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form; llhttp refuses CTLs, spa
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+_SLOTS = {b"host": 0, b"content-length": 1, b"transfer-encoding": 2, b"connection": 3, b"expect": 4, b"upgrade": 5}
+_SLOTS.update({k.title(): v for k, v in list(_SLOTS.items())})  # the usual spelling skips lower()
+_SLOTS[b"Content-Length"] = 1
+_SLOTS[b"Transfer-Encoding"] = 2
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 class Rejected(Exception):
     """The request cannot be forwarded; answer `status` and close (reason is for the log only)."""
 
@@ -64,6 +71,23 @@ class RequestHead:
         return self.chunked or bool(self.content_length)
 
 
+_TOKEN_SETS: dict[bytes, frozenset[bytes]] = {}  # Connection values repeat: parsed once (bounded)
+
+
+def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+    """The lowercased tokens of Connection fields (names listed there are hop-by-hop too)."""
+    if not values:
+        return _NO_TOKENS
+    if len(values) == 1:
+        out = _TOKEN_SETS.get(values[0])
+        if out is None:
+            out = frozenset(_comma_tokens(values))
+            if len(_TOKEN_SETS) < 1024:
+                _TOKEN_SETS[values[0]] = out
+        return out
+    return frozenset(_comma_tokens(values))
+
+
 def _comma_tokens(values: list[bytes]) -> list[bytes]:
     out = []
     for v in values:
@@ -74,8 +98,22 @@ def _comma_tokens(values: list[bytes]) -> list[bytes]:
     return out
 
 
+_HOSTS: dict[bytes, str | None] = {}  # Host values repeat: parsed once (bounded)
+
+
 def parse_host(value: bytes) -> str | None:
     """Host header value → normalized name (no port), None for an empty value; Rejected when invalid."""
+    try:
+        return _HOSTS[value]
+    except KeyError:
+        pass
+    host = _parse_host(value)
+    if len(_HOSTS) < 4096:
+        _HOSTS[value] = host
+    return host
+
+
+def _parse_host(value: bytes) -> str | None:
     if not value:
         return None
     if value.startswith(b"["):
@@ -117,26 +155,17 @@ def validate_request(method: bytes, target: bytes, version: str, headers: Header
     if not _TARGET.fullmatch(target) or b"#" in target:
         raise Rejected(400, "bad request target")
 
-    host_values: list[bytes] = []
-    cl_values: list[bytes] = []
-    te_values: list[bytes] = []
-    conn_values: list[bytes] = []
-    expect_values: list[bytes] = []
-    upgrade_values: list[bytes] = []
+    # One pass; only the fields that decide framing, routing and the connection are collected.
+    found: tuple[list[bytes], ...] = ([], [], [], [], [], [])
+    slot = _SLOTS.get
     for name, value in headers:
-        n = name.lower()
-        if n == b"host":
-            host_values.append(value)
-        elif n == b"content-length":
-            cl_values.append(value)
-        elif n == b"transfer-encoding":
-            te_values.append(value)
-        elif n == b"connection":
-            conn_values.append(value)
-        elif n == b"expect":
-            expect_values.append(value)
-        elif n == b"upgrade":
-            upgrade_values.append(value)
+        i = slot(name)
+        if i is None:
+            i = slot(name.lower())
+            if i is None:
+                continue
+        found[i].append(value)
+    host_values, cl_values, te_values, conn_values, expect_values, upgrade_values = found
 
     if len(host_values) > 1:
         raise Rejected(400, "more than one Host")
@@ -166,7 +195,7 @@ def validate_request(method: bytes, target: bytes, version: str, headers: Header
             raise Rejected(400, "bad Content-Length")
         content_length = int(cl)
 
-    tokens = frozenset(_comma_tokens(conn_values))
+    tokens = connection_tokens(conn_values)
     keep_alive = (b"close" not in tokens) if v11 else (b"keep-alive" in tokens and b"close" not in tokens)
 
     expect_continue = False

@@ -35,8 +35,13 @@ class _HeadResponseDone(Exception):
     Content-Length bytes that never come; the parser is replaced instead."""
 
 
+class _Unsolicited(Exception):
+    """A response begins where none was asked for (the edge never pipelines to upstreams)."""
+
+
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("closed", "eof", "exchange", "fed", "head_size", "headers", "key", "parser", "proxy",
+    __slots__ = ("closed", "eof", "exchange", "fed", "feeding", "head_size", "headers", "idle_after_feed", "key",
+                 "parser", "proxy",
                  "read_paused", "reason", "requests", "route", "server", "status", "timer", "transport",
                  "tunnel", "write_paused")
 
@@ -55,6 +60,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.eof = False
         self.tunnel = False
         self.requests = 0
+        self.feeding = False  # inside parser.feed_data
+        self.idle_after_feed = False  # reusable: goes to the idle list once the read is parsed
         self.fed = 0
         self.status = 0
         self.reason = b""
@@ -80,6 +87,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.timer.touch()
         ex.upstream_bytes += len(data)
         self.fed += len(data)
+        client = ex.client
+        client.cork()
+        self.feeding = True
+        try:
+            self._feed(ex, data)
+        finally:
+            self.feeding = False
+            client.uncork()
+        if self.idle_after_feed:
+            # Pooled only now that the whole read is parsed: nothing in it may pass for the
+            # response to another request.
+            self.idle_after_feed = False
+            if not self.closed:
+                self.proxy.put_idle(self)
+
+    def _feed(self, ex: Exchange, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -89,7 +112,11 @@ class UpstreamConnection(asyncio.Protocol):
             ex.switch_protocols(self.reason, self.headers, data[e.args[0]:])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
-            if isinstance(cause, _HeadResponseDone):
+            if isinstance(cause, _Unsolicited):
+                self.proxy.counters["upstream_unsolicited"] += 1
+                self.idle_after_feed = False
+                self.close()
+            elif isinstance(cause, _HeadResponseDone):
                 self.parser = httptools.HttpResponseParser(self)
                 self.fed = 0
                 # Nothing may follow a HEAD response's head: the edge sends no other request yet.
@@ -114,7 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.timer.stop()
+        self.timer.cancel()
         ex = self.exchange
         if ex is not None:
             ex.upstream_lost(self)
@@ -136,6 +163,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            raise _Unsolicited()  # bytes after the response, in the same read
         self.status = 0
         self.reason = b""
         self.headers = []
@@ -199,7 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.timer.stop()
+            self.timer.cancel()
             if self.transport is not None:
                 self.transport.close()
             self.proxy.drop_idle(self)
@@ -208,7 +237,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Close at once, dropping unsent bytes (the exchange on it failed)."""
         if not self.closed:
             self.closed = True
-            self.timer.stop()
+            self.timer.cancel()
             if self.transport is not None:
                 self.transport.abort()
             self.proxy.drop_idle(self)

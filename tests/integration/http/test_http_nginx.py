@@ -279,7 +279,31 @@ def test_every_request_is_logged(env: Env) -> None:
 
 
 def test_no_descriptor_leak_after_all_that(env: Env) -> None:
+    env.edge.stats()  # (the first signal also opens uvloop's wakeup pair)
     base = env.edge.fds()
     for i in range(30):
         get(env.port, f"/leak/{i}", host=["a.test", "down.test", "nothere.test"][i % 3])
     assert wait_until(lambda: env.edge.fds() <= base + 1, 5), (base, env.edge.fds())
+
+
+def test_failed_tls_handshakes_leave_nothing(env: Env) -> None:
+    before = env.edge.counter("tls_handshake_failed")  # (the first signal also opens uvloop's wakeup pair)
+    base = env.edge.fds()
+    for i in range(20):
+        with socket.create_connection(("127.0.0.1", env.tls_port)) as s:
+            if i % 3 == 0:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")  # plain HTTP to a TLS port
+            elif i % 3 == 1:
+                s.sendall(bytes.fromhex("1603010200010001fc0303") + os.urandom(40))  # a truncated hello
+            s.settimeout(0.3)
+            try:
+                s.recv(100)
+            except (TimeoutError, OSError):
+                pass
+    ctx = ssl.create_default_context()  # does not trust the edge's CA: the client aborts
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", env.tls_port)) as raw, pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(raw, server_hostname="a.test")
+    assert get(env.tls_port, "/", host="a.test", tls_host="a.test", ca=env.ca_pem).status == 200
+    assert wait_until(lambda: env.edge.fds() <= base + 1, 10), (base, env.edge.fds())
+    assert env.edge.counter("tls_handshake_failed") - before >= 10

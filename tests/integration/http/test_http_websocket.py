@@ -197,6 +197,7 @@ def test_upgrade_to_a_path_not_routed_is_404(env: Env) -> None:
 
 
 def test_closing_either_side_frees_both(env: Env) -> None:
+    env.edge.stats()  # (the first signal also opens uvloop's wakeup pair)
     base = env.edge.fds()
     with contextlib.ExitStack() as stack:
         conns = [stack.enter_context(ws(env)) for _ in range(10)]

@@ -97,9 +97,9 @@ def test_edgeward_http_config(ports: dict[str, int], tmp_path: Path) -> None:
     assert doc["http"]["upstream_keepalive"] == 64
     services = doc["services"]
     upstream = f"http://127.0.0.1:{ports['http_upstream']}"
-    assert services["web"] == {"listen": [f"127.0.0.1:{ports['edgeward_http']}"], "to": upstream}
-    assert services["webtls"]["listen"] == [f"127.0.0.1:{ports['edgeward_https']}"]
-    assert services["webtls"]["to"] == upstream
+    # One service on both listeners: TLS clients terminated, plain ones served plain.
+    assert services["web"] == {"listen": [f"127.0.0.1:{ports['edgeward_http']}", f"127.0.0.1:{ports['edgeward_https']}"],
+                               "to": upstream}
     assert services["ws"]["to"] == f"http://127.0.0.1:{ports['ws_upstream']}"
 
 
