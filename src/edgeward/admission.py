@@ -114,14 +114,21 @@ class Admission:
         if listener_max is not None and listener_active >= listener_max:
             return "listener_limit"
         per = s.max_udp_sessions_per_client if udp else s.max_connections_per_client
-        if per and (self.udp if udp else self.tcp).count(ip) >= per:
-            return "udp_client_limit" if udp else "client_limit"
+        if per:
+            mine = (self.udp if udp else self.tcp).by_ip.get(ip)
+            if mine is not None and len(mine) >= per:
+                return "udp_client_limit" if udp else "client_limit"
         return None
 
     # ------------------------------------------------------------------ registries
     def add_tcp(self, conn: Admitted) -> None:
         self.tcp_count += 1
-        self.tcp.add(conn.peer.ip, conn)
+        by_ip = self.tcp.by_ip
+        ip = conn.peer.ip
+        s = by_ip.get(ip)  # _Registry.add, inlined: once per connection
+        if s is None:
+            s = by_ip[ip] = set()
+        s.add(conn)
 
     def remove_tcp(self, conn: Admitted) -> None:
         self.tcp_count -= 1

@@ -8,14 +8,15 @@ and choosing it in `RuntimeBuilder`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .accesslog import AccessLog
 from .admin.api import AdminAPI
-from .config.loader import ConfigError, load
+from .config.loader import ConfigError, Problem, load, service_scheme
 from .config.schema import Config, ServiceSettings
 from .edge import BindError, Edge
 from .events import EventBus
@@ -25,9 +26,11 @@ from .net.forward import Forward
 from .routing import Action
 from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
-from .tls.certstore import config_problems as certificate_problems
 from .upstream.pool import Pool, Upstreams
-from .webfront import CertificateError, Site, WebFront, is_http_service
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .webfront import Site, WebFront
 
 log = logging.getLogger("edgeward")
 
@@ -36,35 +39,84 @@ class StartError(Exception):
     """The edge cannot start (cannot bind, cannot open the admin API...); the message says why."""
 
 
+def _certificate_problems(cfg: Config) -> Iterable[tuple[tuple[str | int, ...], str, str]]:
+    if not cfg.tls.certificates:
+        return ()
+    from .tls.certstore import (
+        config_problems,  # cryptography is imported only for configs with certificates
+    )
+    return config_problems(cfg)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and check a config file (the guard checks its jails and filters, the certificate store
     its certificate files). Raises ConfigError with every problem at file:line:col."""
-    return load(path, checks=(jail_problems, certificate_problems))
+    return load(path, checks=(jail_problems, _certificate_problems))
+
+
+def has_http_services(cfg: Config) -> bool:
+    return any(service_scheme(cfg, svc) is not None for svc in cfg.services.values())
 
 
 class RuntimeBuilder:
     """Config → runtime, deciding each service's action: `Forward` for addresses and pools of
     host:port servers, `ServeHttp` (webfront.py) for http:// and https:// upstreams.
 
-    With a `WebFront` (a running edge), the HTTP part of the last runtime built waits in `site`
-    until the edge applies that runtime; without one (`edgeward check`) a throwaway is used."""
+    The web front (TLS, ACME, the HTTP proxy) is made, and its modules imported, only once a
+    config has HTTP services. The HTTP part of the last runtime built waits in `site` until the
+    edge applies that runtime (`apply_web`)."""
 
-    def __init__(self, front: WebFront | None = None) -> None:
-        self.front = front
+    def __init__(self, bus: EventBus | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                 state_dir: str = "") -> None:
+        self.bus = bus if bus is not None else EventBus()
+        self.loop = loop
+        self.state_dir = state_dir
+        self.admission: Admission | None = None
+        self.front: WebFront | None = None
         self.site: Site | None = None
 
+    def web(self) -> WebFront:
+        if self.front is None:
+            from .webfront import WebFront
+            self.front = WebFront(self.bus, self.loop)
+            self.front.admission = self.admission
+        return self.front
+
     def __call__(self, cfg: Config, upstreams: Upstreams) -> Runtime:
-        front = self.front if self.front is not None else WebFront(EventBus())
-        site = front.new_site(cfg)
+        if not has_http_services(cfg):
+            self.site = None
+            return _build_runtime(cfg, upstreams, forward_action)
+        from .webfront import CertificateError
+        front = self.web()
+        try:
+            site = front.new_site(cfg)
+        except CertificateError as e:
+            raise ConfigError([Problem("[tls]", 1, 1, str(e), "check the certificate files")]) from None
 
         def make_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
-            if is_http_service(cfg, svc):
+            if service_scheme(cfg, svc) is not None:
                 return site.action(service, svc, pool)
-            return Forward(pool, svc.proxy_protocol or pool.proxy_protocol, svc.connect_timeout or pool.connect_timeout)
+            return forward_action(service, svc, pool)
 
         rt = _build_runtime(cfg, upstreams, make_action, site.finish)
         self.site = site
         return rt
+
+    def apply_web(self, _rt: Runtime) -> None:
+        """The edge serves the runtime built last: its HTTP part starts serving too."""
+        if self.site is not None and self.front is not None:
+            self.front.apply(self.site, self.state_dir)
+
+    def web_status(self) -> dict[str, object]:
+        return self.front.status() if self.front is not None else {}
+
+    async def close(self) -> None:
+        if self.front is not None:
+            await self.front.close()
+
+
+def forward_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
+    return Forward(pool, svc.proxy_protocol or pool.proxy_protocol, svc.connect_timeout or pool.connect_timeout)
 
 
 def build_runtime(cfg: Config, upstreams: Upstreams | None = None) -> Runtime:
@@ -79,23 +131,17 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         from .demo import start_demo_upstreams
         demo_servers = await start_demo_upstreams()
     loop = asyncio.get_running_loop()
-    bus = EventBus()
-    front = WebFront(bus, loop)
+    builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir)
     try:
-        front.prepare(cfg)
-    except CertificateError as e:
+        edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
+    except ConfigError as e:
         raise StartError(str(e)) from None
-    builder = RuntimeBuilder(front)
-    edge = Edge(path, cfg, builder, load_config, loop, bus)
-    front.admission = edge.admission
-    state_dir = cfg.edge.state_dir
-
-    def apply_web(_rt: Runtime) -> None:
-        if builder.site is not None:
-            front.apply(builder.site, state_dir)
-    apply_web(edge.runtime)
-    edge.on_reload.append(apply_web)
-    edge.extra_status["web"] = front.status
+    builder.admission = edge.admission
+    if builder.front is not None:
+        builder.front.admission = edge.admission
+    builder.apply_web(edge.runtime)
+    edge.on_reload.append(builder.apply_web)
+    edge.extra_status["web"] = builder.web_status
     access_log: AccessLog | None = None
     if cfg.edge.access_log:
         try:
@@ -124,11 +170,15 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         await guard.stop()
         raise StartError(f"cannot open the admin API on {cfg.edge.admin}: {e.strerror or e}") from None
     edge.install_signals()
+    # Everything built so far (modules, config, runtime) lives as long as the process: move it out
+    # of the cyclic collector's sight, so that collections triggered by per-connection objects do
+    # not walk it again and again.
+    gc.freeze()
     try:
         await edge.wait_stopped()
     finally:
         await admin.stop()
-        await front.close()
+        await builder.close()
         await guard.stop()
         if access_log is not None:
             access_log.close()

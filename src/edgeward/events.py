@@ -158,22 +158,28 @@ E = TypeVar("E")
 class EventBus:
     """Subscribers per event type; `publish` calls them in subscription order."""
 
-    __slots__ = ("_subs",)
+    __slots__ = ("_subs", "kinds")
 
     def __init__(self) -> None:
         self._subs: dict[type, tuple[Callable[[object], None], ...]] = {}
+        # The event types someone listens to: `Kind in bus.kinds` lets a hot path skip building
+        # an event nobody reads, for the price of one set lookup.
+        self.kinds: set[type] = set()
 
     def subscribe(self, kind: type[E], fn: Callable[[E], None]) -> Callable[[], None]:
         """Call `fn` with every event of type `kind`; returns the function that unsubscribes."""
         self._subs[kind] = (*self._subs.get(kind, ()), fn)  # type: ignore[arg-type]
+        self.kinds.add(kind)
 
         def unsubscribe() -> None:
-            self._subs[kind] = tuple(f for f in self._subs.get(kind, ()) if f is not fn)
+            self._subs[kind] = rest = tuple(f for f in self._subs.get(kind, ()) if f is not fn)
+            if not rest:
+                self.kinds.discard(kind)
         return unsubscribe
 
     def wants(self, kind: type) -> bool:
         """True if someone listens: lets a publisher skip building an event nobody reads."""
-        return bool(self._subs.get(kind))
+        return kind in self.kinds
 
     def publish(self, event: object) -> None:
         for fn in self._subs.get(type(event), ()):

@@ -37,13 +37,13 @@ from .http.exchange import ClientConnection
 from .http.log import HttpRequestLog
 from .routing import Route, make_route
 from .runtime import ListenerKey
-from .tls.acme import AcmeManager
 from .tls.certstore import CertificateError, CertStore, load_configured_files, tls_version
 from .upstream.pool import Pool
 
 if TYPE_CHECKING:
     from .admission import Admission
     from .net.tcp import TcpConn
+    from .tls.acme import AcmeManager
 
 log = logging.getLogger("edgeward.web")
 
@@ -134,6 +134,7 @@ class Site:
     def __init__(self, front: WebFront, cfg: Config) -> None:
         self.front = front
         self.cfg = cfg
+        self.files = load_configured_files(cfg.tls)  # read now: a reload with a bad file is refused
         self.routes: dict[ListenerKey, list[HttpRoute]] = {}
         self.names: set[str] = set()  # every name of an HTTP service: terminated when TLS arrives
         self.https_ports: Counter[int] = Counter()
@@ -221,16 +222,6 @@ class WebFront:
     def server_context(self) -> ssl.SSLContext | None:
         return self.certs.server_context(ALPN) if self.certs is not None else None
 
-    def prepare(self, cfg: Config) -> None:
-        """Load `[tls]` certificate files (raises CertificateError naming every bad one)."""
-        files = load_configured_files(cfg.tls)
-        certs = self.certs
-        if certs is None or certs.minimum_version != tls_version(cfg.tls.min_version):
-            certs = CertStore(minimum_version=tls_version(cfg.tls.min_version), default_name=cfg.tls.default_certificate)
-        certs.set_file_certificates(files)
-        certs.set_default_name(cfg.tls.default_certificate)
-        self.certs = certs
-
     def apply(self, site: Site, state_dir: str) -> None:
         """Make `site` the one serving new connections; hand ACME the names without a file certificate."""
         old = self.site
@@ -238,22 +229,34 @@ class WebFront:
         if old is not None and old is not site and old._proxy is not None:
             old._proxy.retire()
         cfg = site.cfg
-        if self.certs is None:
+        certs = self.certs
+        if certs is None or certs.minimum_version != tls_version(cfg.tls.min_version):
+            # A new TLS policy needs a new store; the ACME manager keeps its certificates in the
+            # store it was given, so it is made anew too (it reloads them from the state dir).
+            certs = self.certs = CertStore(minimum_version=tls_version(cfg.tls.min_version))
+            self._retire_acme()
+        certs.set_file_certificates(site.files)
+        certs.set_default_name(cfg.tls.default_certificate)
+        wanted = sorted(n for n in site.names if not certs.covers(n))
+        if not (cfg.acme.enabled and wanted):
+            if self.acme is not None:
+                self.acme.manage(())
             return
-        wanted = sorted(n for n in site.names if not self.certs.covers(n))
-        if cfg.acme.enabled and wanted:
-            if self.acme is None or self.acme.settings != cfg.acme:
-                old_acme = self.acme
-                self.acme = AcmeManager(cfg.acme, Path(state_dir), self.certs)
-                if old_acme is not None and self.loop is not None:
-                    self.loop.create_task(old_acme.close())
-                if self.loop is not None:
-                    self.loop.create_task(self.acme.start())
-            self.acme.manage(wanted)
-            # The proxy answers HTTP-01 challenges from the current manager.
-            site.proxy.acme_http01 = self.acme.http01_response
-        elif self.acme is not None:
-            self.acme.manage(())
+        if self.acme is not None and self.acme.settings != cfg.acme:
+            self._retire_acme()
+        if self.acme is None:
+            from .tls.acme import AcmeManager  # the acme library is imported only when ACME is used
+            self.acme = AcmeManager(cfg.acme, Path(state_dir), certs)
+            if self.loop is not None:
+                self.loop.create_task(self.acme.start())
+        self.acme.manage(wanted)
+        # The proxy answers HTTP-01 challenges from the current manager.
+        site.proxy.acme_http01 = self.acme.http01_response
+
+    def _retire_acme(self) -> None:
+        old, self.acme = self.acme, None
+        if old is not None and self.loop is not None:
+            self.loop.create_task(old.close())
 
     async def close(self) -> None:
         if self.site is not None and self.site._proxy is not None:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..status import edge_status
-from .metrics import render_metrics
 
 if TYPE_CHECKING:
     from ..edge import Edge
@@ -110,6 +109,7 @@ class AdminAPI:
         path = unquote(url.path)
         query = parse_qs(url.query)
         if method == "GET" and path == "/metrics":
+            from .metrics import render_metrics  # prometheus_client is imported at the first scrape
             return 200, render_metrics(self.edge), "text/plain; version=0.0.4"
         handler = self.routes.get((method, path))
         if handler is None and method == "POST" and path.startswith("/pools/"):

@@ -88,7 +88,6 @@ class Forwarding:
         raise NotImplementedError
 
     def forward(self, action: Forward) -> None:
-        self.state = CONNECTING
         self._connect_next(action)
 
     def _connect_next(self, action: Forward) -> None:

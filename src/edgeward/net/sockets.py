@@ -74,7 +74,7 @@ def upstream_tcp(target: Target, default_port: int) -> tuple[socket.socket, obje
         return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix_path
     host = target.host
     assert host is not None
-    s = socket.socket(family_of(host), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:

@@ -28,7 +28,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .. import codec
-from ..admission import peer_from_sockaddr
+from ..admission import normalise_ip, peer_from_sockaddr
 from ..events import ConnAccepted, ConnClosed, ConnRefused, Peer
 from ..routing import Facts, Route
 from ..upstream.pool import Server
@@ -91,11 +91,15 @@ class TcpListener:
                     plane.loop.call_later(0.1, self._retry_accept)
                     log.error("accept on %s:%d failed: %s; pausing 100ms", self.host, self.port, e)
                 return
-            self._admit(sock, peer_from_sockaddr(addr))
+            ip = addr[0]
+            # The Peer of this client, built once (admission.peer_from_sockaddr, inlined: hot path).
+            peer = Peer(normalise_ip(ip) if "%" in ip or ip.startswith("::ffff:") else ip, addr[1])
+            self._admit(sock, peer)
 
     def _admit(self, sock: socket.socket, peer: Peer) -> None:
         plane = self.plane
-        reason = plane.admission.refusal("tcp", self.name, self.active, self.rt.settings.max_connections, peer.ip)
+        admission = plane.admission
+        reason = admission.refusal("tcp", self.name, self.active, self.rt.settings.max_connections, peer.ip)
         if reason is not None:
             plane.bus.publish(ConnRefused(self.name, peer, reason))
             refusal.reset(sock)
@@ -103,10 +107,11 @@ class TcpListener:
         sock.setblocking(False)
         conn = TcpConn(plane, self, sock, peer)
         plane.conns.add(conn)
-        plane.admission.add_tcp(conn)
+        admission.add_tcp(conn)
         self.active += 1
-        if plane.bus.wants(ConnAccepted):
-            plane.bus.publish(ConnAccepted(self.name, peer))
+        bus = plane.bus
+        if ConnAccepted in bus.kinds:
+            bus.publish(ConnAccepted(self.name, peer))
         conn.start()
 
     def _retry_accept(self) -> None:
@@ -384,7 +389,10 @@ class TcpConn(Forwarding):
         if self.up is not None:
             self.up.close()
         self.client.close()
-        self._unregister()
+        plane = self.plane
+        plane.conns.discard(self)
+        plane.admission.remove_tcp(self)
+        self.listener.active -= 1
         bi = bo = 0
         upstream = service = ""
         server = self.server
@@ -397,8 +405,8 @@ class TcpConn(Forwarding):
                 server.bytes_out += bo
         if self.route is not None:
             service = self.route.service
-        self.plane.bus.publish(ConnClosed(self.listener.name, self.peer, service, upstream, bi, bo,
-                                          self.plane.loop.time() - self.t0, reason))
+        plane.bus.publish(ConnClosed(self.listener.name, self.peer, service, upstream, bi, bo,
+                                     plane.loop.time() - self.t0, reason))
 
     def _unregister(self) -> None:
         plane = self.plane

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config.schema import PoolSettings
 from ..config.units import Target, parse_target
@@ -41,10 +41,11 @@ class Server:
     bytes_out: int = 0
     # smooth weighted round-robin state
     current_weight: int = 0
+    # str(target), made once: events name the server of every connection
+    name: str = field(init=False, default="")
 
-    @property
-    def name(self) -> str:
-        return str(self.target)
+    def __post_init__(self) -> None:
+        self.name = str(self.target)
 
     def available(self, now: float) -> bool:
         return self.healthy and not self.drain and self.weight > 0 and now >= self.down_until
