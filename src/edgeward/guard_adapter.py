@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config.schema import Config
 from .events import BanAdded, BanLifted, ConnAccepted, HttpRequest, ProtocolError, UdpSessionStarted
-from .guard.build import GuardError
+from .guard.build import BanNotStored, GuardError
 from .guard.service import Guard
 
 if TYPE_CHECKING:
@@ -107,6 +107,9 @@ class GuardAdapter:
             ipaddress.ip_address(str(body["addr"]).strip("[]"))
             rec = await self.guard.ban(str(body.get("jail") or "manual"), str(body["addr"]),
                                        str(body.get("reason") or "manual ban"), body.get("bantime"))
+        except BanNotStored as e:
+            # Enforced, but the store (disk full?) could not keep it: 507 Insufficient Storage.
+            return 507, {"error": str(e), "ban": e.ban, "enforced": True, "stored": False}
         except (GuardError, ValueError, KeyError) as e:
             return 400, {"error": str(e)}
         return 200, rec

@@ -77,6 +77,9 @@ class AdminAPI:
                 status, body, ctype = await self._serve(reader)
         except (TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
             status, body, ctype = 400, b'{"error": "bad request"}', "application/json"
+        except Exception as e:  # a handler's failure is an answer, never a dropped connection
+            log.exception("admin API: request failed")
+            status, body, ctype = 500, json.dumps({"error": f"internal error: {e}"}).encode(), "application/json"
         try:
             writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
@@ -140,4 +143,5 @@ class AdminAPI:
         return 200, {"pool": pool, "server": server, "drain": drain}
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 422: "Unprocessable Entity"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 422: "Unprocessable Entity",
+            500: "Internal Server Error", 507: "Insufficient Storage"}

@@ -22,6 +22,16 @@ class GuardError(ValueError):
     """A guard configuration that cannot run, or a bad admin request."""
 
 
+class BanNotStored(Exception):
+    """A ban is enforced (in memory, and in nftables if mirrored) but the ban store could not keep it:
+    it will not survive a restart. `ban` is the ban as the admin API shows it."""
+
+    def __init__(self, ban: dict[str, object], error: str) -> None:
+        super().__init__(f"enforced in memory but not stored (lost at restart): {error}")
+        self.ban = ban
+        self.error = error
+
+
 def filter_search_path(settings: GuardSettings) -> tuple[str, ...]:
     """Where filters named without a path are looked for: the configured directories,
     then fail2ban's and edgeward's own (each once)."""

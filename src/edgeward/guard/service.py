@@ -36,6 +36,7 @@ from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.banset import BanSet, normalize_addr
 from edgeward.guard.build import (
     MANUAL_JAIL,
+    BanNotStored,
     GuardError,
     build_filter,
     build_jail,
@@ -131,6 +132,7 @@ class Guard:
         self._expiry_at: float | None = None
         self._started = False
         self.ban_latency: list[float] = []  # seconds from match to enforcement, last 1000
+        self.store_errors = 0  # bans the store failed to keep (enforced in memory only)
 
     @classmethod
     def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
@@ -353,7 +355,9 @@ class Guard:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _commit(self, d: BanDecision, received: float | None = None) -> BanRecord:
+    async def _commit(self, d: BanDecision, received: float | None = None, *, report: bool = False) -> BanRecord:
+        """Store, then enforce, a ban. A failing store does not stop enforcement; with `report`
+        (the admin API's ban) it raises BanNotStored after enforcing."""
         rt = self._jails.get(d.jail)
         listeners = rt.listeners if rt is not None else None
         rec = BanRecord(
@@ -371,13 +375,16 @@ class Guard:
         store = self.store
         if store is None:
             raise GuardError("guard is not running")
+        stored: Exception | None = None
         try:
             await store.call(store.add_ban, rec, d.bantime)
-        except Exception:
-            if rt is not None:
-                rt.banned.discard(d.address)
-            log.exception("guard: storing the ban of %s failed; not enforced", d.address)
-            raise
+        except Exception as exc:
+            # Disk full, a read-only or broken database: the ban still holds (a client that earned
+            # it is refused), but only in memory; it is said loudly and counted.
+            stored = exc
+            self.store_errors += 1
+            log.error("guard: storing the ban of %s failed (%s); enforced in memory only, lost at restart",
+                      d.address, exc)
         self.history.record(d.address, d.jail, d.start)
         self._enforce(rec)
         if received is not None:
@@ -385,6 +392,8 @@ class Guard:
             del self.ban_latency[:-1000]
         end = "forever" if d.end is None else f"{d.bantime:g}s"
         log.warning("guard: banned %s in jail %s for %s (%s)", d.address, d.jail, end, d.reason)
+        if stored is not None and report:
+            raise BanNotStored(self._ban_dict(rec, self._clock()), str(stored))
         return rec
 
     def _enforce(self, rec: BanRecord) -> None:
@@ -458,7 +467,7 @@ class Guard:
             )
         else:
             raise GuardError(f"no jail named {jail!r}")
-        rec = await self._commit(d)
+        rec = await self._commit(d, report=True)
         return self._ban_dict(rec, now)
 
     async def unban(
@@ -580,6 +589,7 @@ class Guard:
         out: dict[str, Any] = {"jails": jails}
         if jail is None:
             out["banned"] = len(self.banset)
+            out["store_errors"] = self.store_errors
             out["events"] = {
                 "reported": self.events.stats.reported,
                 "delivered": self.events.stats.delivered,

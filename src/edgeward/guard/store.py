@@ -217,7 +217,8 @@ class Store:
                 self._write_position(db, *position)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on some errors (disk full): keep the first error
+                db.execute("ROLLBACK")
             raise
 
     def remove_ban(self, address: str | None = None, jail: str | None = None) -> int:
@@ -352,7 +353,8 @@ class Store:
                 self._write_position(db, key, pos)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on some errors (disk full): keep the first error
+                db.execute("ROLLBACK")
             raise
 
     @staticmethod

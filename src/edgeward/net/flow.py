@@ -10,7 +10,8 @@ is held per direction, whatever the peers do.
 
 Half-close: when `src` sends FIN, the flow finishes writing what it holds, then
 shuts down `dst` for writing; the other direction keeps flowing until it ends
-too. The owning connection is told through `on_done` / `on_error`.
+too. The owning connection is told through `on_done` / `on_error` (with the socket that
+failed, so it can tell an upstream reset from a client's).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Flow:
                  "pending", "sfd", "src", "stopped")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                 on_done: Callable[[], None], on_error: Callable[[BaseException], None],
+                 on_done: Callable[[], None], on_error: Callable[[BaseException, socket.socket], None],
                  on_activity: Callable[[], None]) -> None:
         self.loop = loop
         self.src = src
@@ -94,7 +95,7 @@ class SpliceFlow(Flow):
     __slots__ = ("pipe", "pipes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                 on_done: Callable[[], None], on_error: Callable[[BaseException], None],
+                 on_done: Callable[[], None], on_error: Callable[[BaseException, socket.socket], None],
                  on_activity: Callable[[], None], pipes: PipePool) -> None:
         super().__init__(loop, src, dst, on_done, on_error, on_activity)
         self.pipes = pipes
@@ -122,7 +123,7 @@ class SpliceFlow(Flow):
             except BlockingIOError:
                 break
             except OSError as e:
-                self.on_error(e)
+                self.on_error(e, self.src)
                 return
             if n == 0:
                 self.eof = True
@@ -134,7 +135,7 @@ class SpliceFlow(Flow):
                 m = 0
             except OSError as e:
                 self.pending = n
-                self.on_error(e)
+                self.on_error(e, self.dst)
                 return
             if m < n:
                 self.pending = n - m
@@ -156,7 +157,7 @@ class SpliceFlow(Flow):
         except BlockingIOError:
             return
         except OSError as e:
-            self.on_error(e)
+            self.on_error(e, self.dst)
             return
         self.on_activity()
         self.pending -= m
@@ -170,7 +171,7 @@ class BufferedFlow(Flow):
     __slots__ = ("buf", "start_at", "view")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                 on_done: Callable[[], None], on_error: Callable[[BaseException], None],
+                 on_done: Callable[[], None], on_error: Callable[[BaseException, socket.socket], None],
                  on_activity: Callable[[], None]) -> None:
         super().__init__(loop, src, dst, on_done, on_error, on_activity)
         self.buf: bytearray | None = None
@@ -196,7 +197,7 @@ class BufferedFlow(Flow):
             except BlockingIOError:
                 break
             except OSError as e:
-                self.on_error(e)
+                self.on_error(e, self.src)
                 return
             if n == 0:
                 self.eof = True
@@ -207,7 +208,7 @@ class BufferedFlow(Flow):
             except BlockingIOError:
                 m = 0
             except OSError as e:
-                self.on_error(e)
+                self.on_error(e, self.dst)
                 return
             if m < n:
                 self.start_at = m
@@ -229,7 +230,7 @@ class BufferedFlow(Flow):
         except BlockingIOError:
             return
         except OSError as e:
-            self.on_error(e)
+            self.on_error(e, self.dst)
             return
         self.on_activity()
         self.pending -= m

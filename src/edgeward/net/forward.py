@@ -202,5 +202,6 @@ class Forwarding:
         if flows is not None and flows[0].eof and flows[1].eof and not flows[0].pending and not flows[1].pending:
             self.close("done")
 
-    def _flow_error(self, exc: BaseException) -> None:
-        self.close("reset")
+    def _flow_error(self, exc: BaseException, sock: socket.socket) -> None:
+        side = "upstream" if sock is self.up else "client"
+        self.close(f"{side}_reset" if isinstance(exc, ConnectionResetError) else f"{side}_error")

@@ -388,7 +388,12 @@ class TcpConn(Forwarding):
                 loop.remove_writer(self.up.fileno())
         if self.up is not None:
             self.up.close()
-        self.client.close()
+        if was == RELAYING and reason.startswith("upstream_"):
+            # The upstream died under a live client: a clean close (FIN after what was already
+            # sent), not the reset a close with the client's bytes unread would be.
+            _Lingering(self.plane.loop, self.client)
+        else:
+            self.client.close()
         plane = self.plane
         plane.conns.discard(self)
         plane.admission.remove_tcp(self)
@@ -413,6 +418,51 @@ class TcpConn(Forwarding):
         plane.conns.discard(self)
         plane.admission.remove_tcp(self)
         self.listener.active -= 1
+
+
+_SCRATCH = bytearray(65536)
+
+
+class _Lingering:
+    """A client socket closed cleanly: FIN now, then what the client still sends is read and dropped
+    until it closes too, LINGER_BYTES were dropped or LINGER_TIME passed (nginx's lingering_close)."""
+
+    LINGER_TIME = 2.0
+    LINGER_BYTES = 64 << 20
+
+    __slots__ = ("left", "loop", "sock", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.left = self.LINGER_BYTES
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        loop.add_reader(sock.fileno(), self._drain)
+        self.timer = loop.call_later(self.LINGER_TIME, self._done)
+
+    def _drain(self) -> None:
+        view = memoryview(_SCRATCH)
+        while self.left > 0:
+            try:
+                n = self.sock.recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError:
+                break
+            if n == 0:
+                break
+            self.left -= n
+        self.timer.cancel()
+        self._done()
+
+    def _done(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 def _kind_of(data: bytes) -> str:
