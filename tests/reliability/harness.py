@@ -118,9 +118,10 @@ class _Conn:
 
 
 def drive(port: int, scripts: list[Script], *, deadline: float, concurrency: int = 500,
-          host: str = "127.0.0.1", close_when_served: bool = True) -> Outcome:
-    """Run every script against host:port, at most `concurrency` at once; each ends when the edge
-    closes it (or it is served) or `deadline` seconds after its connect."""
+          host: str = "127.0.0.1", close_when_served: bool = True, rate: float | None = None) -> Outcome:
+    """Run every script against host:port, at most `concurrency` at once and (with `rate`) at most
+    `rate` new connections a second; each ends when the edge closes it (or it is served) or
+    `deadline` seconds after its connect."""
     out = Outcome()
     sel = selectors.DefaultSelector()
     timers: list[tuple[float, int, _Conn, str]] = []
@@ -128,6 +129,8 @@ def drive(port: int, scripts: list[Script], *, deadline: float, concurrency: int
     live: set[_Conn] = set()
     todo = list(reversed(scripts))
     buf = bytearray(65536)
+    t_start = time.monotonic()
+    started = 0
 
     def finish(c: _Conn, how: str) -> None:
         live.discard(c)
@@ -148,8 +151,9 @@ def drive(port: int, scripts: list[Script], *, deadline: float, concurrency: int
         heapq.heappush(timers, (at, seq, c, what))
 
     while todo or live:
-        while todo and len(live) < concurrency:
+        while todo and len(live) < concurrency and (rate is None or started < (time.monotonic() - t_start) * rate):
             sc = todo.pop()
+            started += 1
             s = socket.socket()
             try:
                 s.bind((sc.src, 0))
@@ -170,6 +174,8 @@ def drive(port: int, scripts: list[Script], *, deadline: float, concurrency: int
             schedule(c.t0 + deadline, c, "deadline")
         now = time.monotonic()
         wait = 0.05 if not timers else max(0.0, min(0.05, timers[0][0] - now))
+        if rate is not None and todo:
+            wait = min(wait, 0.005)
         for key, _ in sel.select(wait):
             c = key.data
             try:

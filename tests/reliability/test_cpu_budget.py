@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from badinput import HELLO, SNIFF_TIMEOUT, TRUSTED, classes, silent
 from harness import Script, counters, diff, drive, measured, raise_nofile
 
-from edgeward.codec.testing import build_client_hello
 from support import (
     EdgeProcess,
     ThreadServer,
@@ -34,81 +33,14 @@ from support import (
     settles_to,
 )
 
-SNIFF_TIMEOUT = 2.0
-HELLO = build_client_hello("a.example.org", ["h2"])
 N = 300
 SILENT_N = 2000
-UNTRUSTED, TRUSTED = "127.0.0.1", "127.0.0.2"
 
 # A spin regression costs ~1 CPU-s per second of waiting; these bounds are far above
 # normal costs (measured: tens to a few hundred microseconds per connection).
 PER_CONN_FLOOR = 0.002  # s of edge CPU per bad connection, whatever a good one costs
 PER_CONN_TIMES_GOOD = 10
 MAX_BUSY = 0.5  # edge CPU / wall time over a waiting class
-
-
-def _random_bytes(rng: random.Random) -> Script:
-    return Script([(0.0, rng.randbytes(rng.randint(1, 3000)))])
-
-
-def _truncated_silence(rng: random.Random) -> Script:
-    return Script([(0.0, HELLO[: rng.randint(6, len(HELLO) - 1)])])
-
-
-def _truncated_fin(rng: random.Random) -> Script:
-    return Script([(0.0, HELLO[: rng.randint(6, len(HELLO) - 1)])], fin_at=0.02)
-
-
-def _trickle(rng: random.Random) -> Script:
-    # One byte a second until the sniff timeout cuts the client off.
-    return Script([(float(i), HELLO[i : i + 1]) for i in range(int(SNIFF_TIMEOUT) + 2)])
-
-
-def _oversized(rng: random.Random) -> Script:
-    return Script([(0.0, b"\x16\x03\x01\xff\xff\x01\xff\xff\xfb" + rng.randbytes(20000))])
-
-
-_BAD_PROXY = [
-    b"PROXY TCP4 192.0.2.1 192.0.2.2 99999 443\r\n",
-    b"PROXY " + b"9" * 200 + b"\r\n",
-    # v2 announcing 65535 bytes of addresses and sending 30: the edge waits for the rest
-    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff" + bytes(30),
-    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04" + bytes(4),  # shorter than an IPv4 address block
-    # v2 announcing an IPv6 block (36 bytes) and sending 20: the edge waits for the rest
-    b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24" + bytes(20),
-    b"PROXY TCP4 192.0.2.1 192.0.2.2 1000",  # no CRLF yet: the edge waits for it
-]
-
-
-def _bad_proxy(rng: random.Random) -> Script:
-    return Script([(0.0, rng.choice(_BAD_PROXY))], src=TRUSTED)
-
-
-def _untrusted_proxy(rng: random.Random) -> Script:
-    hdr = b"PROXY TCP4 203.0.113.9 192.0.2.2 5000 443\r\n"
-    return Script([(0.0, hdr + HELLO)], src=UNTRUSTED)
-
-
-def _endless_head(rng: random.Random) -> Script:
-    return Script([(0.0, b"GET / HTTP/1.1\r\nHost: a.example.org\r\nX: " + b"x" * 70000)])
-
-
-def _silent(rng: random.Random) -> Script:
-    return Script([])
-
-
-# name → (script maker, how many, waits for the client: asserted)
-CLASSES: dict[str, tuple[Callable[[random.Random], Script], int, bool]] = {
-    "random bytes": (_random_bytes, N, False),
-    "truncated hello, then silence": (_truncated_silence, N, True),
-    "truncated hello, then FIN": (_truncated_fin, N, True),
-    "trickle, 1 byte/s": (_trickle, N, True),
-    "oversized hello (20 KB record)": (_oversized, N, False),
-    "bad PROXY lengths (trusted)": (_bad_proxy, N, True),
-    "PROXY from an untrusted source": (_untrusted_proxy, N, False),
-    "endless HTTP head (70 KB)": (_endless_head, N, False),
-    "connects that send nothing": (_silent, SILENT_N, True),
-}
 
 
 @pytest.fixture
@@ -153,7 +85,8 @@ def test_cpu_per_bad_connection_is_bounded(edge) -> None:  # type: ignore[no-unt
     good = m["cpu"] / good_n
     rows = [("good: SNI-routed hello, echoed", good_n, m["cpu"], m["wall"], good, 1.0, "", "")]
     failures = []
-    for name, (make, n, waits) in CLASSES.items():
+    for name, (make, waits) in classes(SNIFF_TIMEOUT).items():
+        n = SILENT_N if make is silent else N
         before = e.status()
         with measured(e.pid) as m:
             res = drive(port, [make(rng) for _ in range(n)], deadline=SNIFF_TIMEOUT + 5,
