@@ -1,8 +1,9 @@
 """CPU budgets under adversarial input: what one bad connection costs the edge, against a good one.
 
 For each class of bad input a few hundred clients (two thousand for the silent
-ones) run against a sniffing listener; the edge's own CPU time (utime+stime
-from /proc, not wall time) over the class, divided by the number of
+ones) run against a sniffing listener; the edge's own CPU time (its threads'
+time on CPU from /proc/PID/task/*/schedstat, i.e. utime+stime at nanosecond
+resolution; not wall time) over the class, divided by the number of
 connections, is compared with the cost of a good connection (SNI-routed TLS
 hello relayed to an echo upstream and back). The table is printed (pytest -s).
 
