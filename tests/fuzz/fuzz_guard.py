@@ -133,6 +133,22 @@ PATTERNS: tuple[str | None, ...] = (
 )
 
 
+_DETECTORS: dict[str | None, DateDetector] = {}
+
+
+def _detector(pattern: str | None) -> DateDetector:
+    """A detector as fresh as a new one: it remembers which template worked last and where, and an
+    input's outcome must not depend on the inputs before it (a crash must reproduce alone).
+    Built once per pattern (building one compiles dozens of regexes) and its memory reset."""
+    det = _DETECTORS.get(pattern)
+    if det is None:
+        det = _DETECTORS[pattern] = DateDetector(pattern)
+    det._last = None
+    det._last_pos = 1
+    det._distance = {}
+    return det
+
+
 def date_lines(data: bytes) -> Dated:
     """First byte: which detector (or, with its top bits set, compile the rest as a pattern)."""
     if not data:
@@ -146,9 +162,7 @@ def date_lines(data: bytes) -> Dated:
         except DatePatternError:
             return Dated(-1, 0)
         return Dated(0, 0)
-    # A fresh detector per input: it remembers the template that worked last, and an
-    # input's outcome must not depend on the inputs before it (reproducible crashes).
-    det = DateDetector(PATTERNS[data[0] % len(PATTERNS)])
+    det = _detector(PATTERNS[data[0] % len(PATTERNS)])
     found = parsed = 0
     for line in text.split("\n"):
         m, tpl = det.match(line)
