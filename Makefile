@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-quick peers clean
+.PHONY: run test lint typecheck unit bench bench-quick peers clean soak fuzz
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench,fuzz]'
 	touch $(STAMP)
 
 peers:
@@ -35,6 +35,19 @@ bench: $(STAMP) peers
 
 bench-quick: $(STAMP) peers
 	$(BIN)/python -m bench --quick
+
+# The reliability suite (tests/soak/): full-size soak, slowloris, bad-input storm, reload under load,
+# ban durability and fault cases; each prints its figures and PASS/FAIL against its goal.
+# Minutes, not seconds: outside `make test` (which runs small versions of the same cases).
+soak: $(STAMP) peers
+	EDGEWARD_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/soak tests/reliability/test_faults.py $(SOAK_ARGS)
+
+# Coverage-guided fuzzing (atheris) of every codec and the guard's filter engine and date
+# parser, FUZZ_RUNS inputs each, from and back into the kept corpus in tests/fuzz/corpus/.
+FUZZ_RUNS ?= 10000000
+FUZZ_MAX_TIME ?= 0
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/fuzzer.py --target all --runs $(FUZZ_RUNS) --max-time $(FUZZ_MAX_TIME) --merge
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,9 @@
 
     python tests/fuzz/fuzz_codecs.py --target tls|proxy|http|xmpp|ssh|sniff --iterations N
 
+(tests/fuzz/fuzzer.py is the full driver: coverage-guided, every codec and the guard's
+parsers, kept corpus; this file defines the codec targets and the built-in mutator.)
+
 Uses atheris (coverage-guided) when it is importable, else a built-in mutation
 fuzzer seeded with valid messages: bit flips, byte sets, truncation, insertion,
 deletion, duplication, length-field tweaks and splicing of two seeds. Inputs
@@ -188,7 +191,11 @@ class Stats:
 
 def run(name: str, iterations: int, seed: int = 0) -> Stats:
     """Built-in mutation fuzzing of one target; raises Escaped on the first failure."""
-    target = TARGETS[name]
+    return run_target(TARGETS[name], iterations, seed)
+
+
+def run_target(target: Target, iterations: int, seed: int = 0) -> Stats:
+    """Built-in mutation fuzzing from `target.seeds()`; raises Escaped on the first failure."""
     rng = random.Random(seed)
     corpus = target.seeds()
     stats = Stats()
