@@ -21,9 +21,9 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-import socket
 import ssl
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -56,6 +56,20 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 _CHUNK_END = b"\r\n"
 _STATUS_KEYS = {i: f"responses_{i}xx" for i in range(1, 6)}
 _LAST_CHUNK = b"0\r\n\r\n"
+
+
+JOIN_LIMIT = 16 * 1024  # pieces up to this size together are copied into one write
+
+
+def write_parts(transport: asyncio.Transport, parts: Sequence[bytes]) -> None:
+    """Write `parts` with one call: small ones (a head, a chunk's framing, a small body) joined,
+    so a socket gets one send and a TLS connection one record; large ones as they are (no copy)."""
+    if len(parts) == 1:
+        transport.write(parts[0])
+    elif sum(map(len, parts)) <= JOIN_LIMIT:
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines(parts)
 
 
 def _client_address(host: str) -> tuple[str, IPAddress | None]:
@@ -153,7 +167,7 @@ class Exchange:
         self.tunnel_buf: list[bytes] = []
         self.tunnel_buf_size = 0
         self.tunnel_eof = 0  # bit 1: client sent EOF, bit 2: upstream sent EOF
-        self.held: list[bytes] = []  # for the upstream, until the client's bytes carrying it parsed cleanly
+        self.held: tuple[bytes, ...] = ()  # for the upstream, until the client's bytes carrying it parsed cleanly
         self.wrote_upstream = False
 
     # --- request side (called by the client's parser) ---------------------------------------
@@ -190,14 +204,15 @@ class Exchange:
         if up.transport is None or up.closed:
             return
         self.wrote_upstream = True
-        up.transport.writelines(parts)
+        write_parts(up.transport, parts)
 
     def flush_held(self) -> None:
         up = self.upstream
-        held, self.held = self.held, []
+        held = self.held
+        self.held = ()
         if held and up is not None and up.transport is not None and not up.closed:
             self.wrote_upstream = True
-            up.transport.writelines(held)
+            write_parts(up.transport, held)
 
     def _send_body(self, up: UpstreamConnection, data: bytes) -> None:
         assert self.head is not None
@@ -367,7 +382,8 @@ class Exchange:
                 self._send_body(conn, chunk)
             self.body_buf = []
             self.body_buf_size = 0
-        c.resume(PAUSE_BUFFER)
+        if c.pause_bits & PAUSE_BUFFER:
+            c.resume(PAUSE_BUFFER)
         if self.req_done:
             self._send_end(conn)
         elif head.expect_continue and not self.body_in:
@@ -386,7 +402,7 @@ class Exchange:
             self.server.bytes_out += self.upstream_bytes
         conn.exchange = None
         conn.timer.stop()
-        self.held = []
+        self.held = ()
         if (reuse or not self.wrote_upstream) and not conn.closed:
             # Reusable, or never written to (the request was refused before anything went out).
             if conn.feeding:
@@ -422,8 +438,8 @@ class Exchange:
         c = self.client
         resp = forwarding.validate_response(status, reason, headers, version=version, request_method=head.method,
                                             parser_keep_alive=keep_alive)
-        client_keep_alive = (head.keep_alive and (self.req_done or not head.has_body) and head.upgrade is None
-                             and not c.closing and not c.proxy.closing)
+        client_keep_alive = (head.keep_alive and (self.req_done or not (head.chunked or head.content_length))
+                             and head.upgrade is None and not c.closing and not c.proxy.closing)
         data, framing = forwarding.client_response_head(resp, client_v11=head.version == b"1.1",
                                                         keep_alive=client_keep_alive)
         self.status = status
@@ -798,13 +814,8 @@ class ClientConnection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        # uvloop's transports do not subclass asyncio's. Both loops set TCP_NODELAY themselves.
+        self.transport = cast(asyncio.Transport, transport)
         self.proxy.connection_made(self)
         self.read_timer.start("header", self.settings.header_timeout, idle=False)
 
@@ -855,7 +866,10 @@ class ClientConnection(asyncio.Protocol):
                     self._drop_held()
                     self.reject(431, "header field too large")
                 else:
-                    self._flush_held()
+                    held = self.held
+                    if held is not None:
+                        self.held = None
+                        held.flush_held()
                     self.last_parsed = None  # only the upgrade case above needs it; idle connections keep nothing
                     p = self.parsing
                     if p is not None and p.head is None and p is self.current and self.read_timer.kind != "header":
@@ -877,7 +891,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             self.held = None
             if ex is self.parsing or not ex.req_done:
-                ex.held = []
+                ex.held = ()
             else:
                 ex.flush_held()
 
@@ -1010,7 +1024,7 @@ class ClientConnection(asyncio.Protocol):
         if self.corked is not None:
             self.corked += data
         elif not self.closed and self.transport is not None:
-            self.transport.writelines(data)
+            write_parts(self.transport, data)
 
     def cork(self) -> None:
         """Collect writes (while one upstream read is parsed) so that a response head and body go
@@ -1023,7 +1037,7 @@ class ClientConnection(asyncio.Protocol):
         if out is not None:
             self.corked = None
             if out and not self.closed and self.transport is not None:
-                self.transport.writelines(out)
+                write_parts(self.transport, out)
 
     def pause(self, bit: int) -> None:
         if not self.pause_bits and not self.closed and self.transport is not None:

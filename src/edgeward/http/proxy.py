@@ -134,14 +134,17 @@ class HttpProxy:
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         conn.exchange = None
-        if self.retired or self.closing or conn.closed or self.settings.upstream_keepalive == 0:
+        if self.retired or self.closing or conn.closed:
             conn.close()
             return
-        conns = self._idle.setdefault(conn.key, [])
+        conns = self._idle.get(conn.key)
+        if conns is None:
+            conns = self._idle[conn.key] = []
         if len(conns) >= self.settings.upstream_keepalive:
             conn.close()
             return
-        conn.resume_reading()  # an idle connection is read, so that its close is seen
+        if conn.read_paused:
+            conn.resume_reading()  # an idle connection is read, so that its close is seen
         conn.timer.start("idle", self.settings.upstream_idle_timeout, idle=False)
         conns.append(conn)
 

@@ -91,7 +91,12 @@ class UpstreamConnection(asyncio.Protocol):
         client.cork()
         self.feeding = True
         try:
-            self._feed(ex, data)
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            self._feed_failed(ex, data, e)
+        else:
+            if self.fed > MAX_RESPONSE_HEAD and self.exchange is ex:
+                ex.upstream_failed(self, 502, "upstream: response head too large")
         finally:
             self.feeding = False
             client.uncork()
@@ -102,15 +107,14 @@ class UpstreamConnection(asyncio.Protocol):
             if not self.closed:
                 self.proxy.put_idle(self)
 
-    def _feed(self, ex: Exchange, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
+    def _feed_failed(self, ex: Exchange, data: bytes, e: Exception) -> None:
+        """llhttp stopped: an upgrade, a callback's exception, or a malformed response."""
+        if isinstance(e, httptools.HttpParserUpgrade):
             if self.status != 101:
                 ex.upstream_failed(self, 502, "upstream: unexpected protocol switch")
                 return
             ex.switch_protocols(self.reason, self.headers, data[e.args[0]:])
-        except httptools.HttpParserCallbackError as e:
+        elif isinstance(e, httptools.HttpParserCallbackError):
             cause = e.__context__
             if isinstance(cause, _Unsolicited):
                 self.proxy.counters["upstream_unsolicited"] += 1
@@ -126,11 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 log.error("HTTP upstream %s: error while handling its response", self.server.name, exc_info=cause)
                 ex.upstream_failed(self, 502, "upstream: edge error")
-        except httptools.HttpParserError as e:
-            ex.upstream_failed(self, 502, f"upstream: malformed response ({e})")
         else:
-            if self.fed > MAX_RESPONSE_HEAD and self.exchange is ex:
-                ex.upstream_failed(self, 502, "upstream: response head too large")
+            ex.upstream_failed(self, 502, f"upstream: malformed response ({e})")
 
     def eof_received(self) -> bool | None:
         self.eof = True
