@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from ..events import EventBus, HttpRequest, Peer
 from ..net.sockets import upstream_tcp
 from ..upstream.pool import Server
 from . import forwarding, pages
@@ -56,6 +57,7 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 _CHUNK_END = b"\r\n"
 _STATUS_KEYS = {i: f"responses_{i}xx" for i in range(1, 6)}
 _LAST_CHUNK = b"0\r\n\r\n"
+_METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")}
 
 
 JOIN_LIMIT = 16 * 1024  # pieces up to this size together are copied into one write
@@ -704,25 +706,45 @@ class Exchange:
         proxy = c.proxy
         status = self.status if self.resp_started else 499
         proxy.counters[_STATUS_KEYS[status // 100] if 1 <= status // 100 <= 5 else "responses_other"] += 1
+        events = proxy.events
+        if (events is not None and events.wants(HttpRequest)) or proxy.on_request is not None:
+            self._report(status, events)
+        c.exchange_done(self)
+
+    def _report(self, status: int, events: EventBus | None) -> None:
+        """The request's record: an HttpRequest event on the bus (when someone subscribed), and an
+        HttpRequestLog for `on_request`."""
+        c = self.client
+        proxy = c.proxy
+        head = self.head
+        if head is not None:
+            method = _METHODS.get(head.method) or head.method.decode("latin-1")
+            path = head.path.decode("latin-1")
+            query = head.query.decode("latin-1") if head.query else ""
+            host = head.host
+        else:
+            url = b"".join(self.url)
+            method, path, query, host = "-", url[:1024].decode("latin-1") or "-", "", None
+        route = self.route
+        service = route.service if route is not None else None
+        bytes_in = self.head_bytes + self.body_in
+        duration = c.loop.time() - self.started
+        upstream = self.server_name()
+        if events is not None and events.wants(HttpRequest):
+            try:
+                events.publish(HttpRequest(c.listener, c.peer(), service or "", c.scheme, host or "", method, path,
+                                           query, status, bytes_in, self.bytes_out, duration, upstream or "",
+                                           self.switched, self.error or ""))
+            except Exception:
+                log.exception("HttpRequest subscriber failed")
         if proxy.on_request is not None:
-            head = self.head
-            if head is not None:
-                method, path, query, host = (head.method.decode("latin-1"), head.path.decode("latin-1"),
-                                             head.query.decode("latin-1"), head.host)
-            else:
-                url = b"".join(self.url)
-                method, path, query, host = "-", url[:1024].decode("latin-1") or "-", "", None
-            route = self.route
             try:
                 proxy.on_request(HttpRequestLog(
-                    self.started_wall, c.client_ip, c.client_port, c.via_proxy, c.local, c.scheme,
-                    route.service if route is not None else None, host, method, path, query, status,
-                    self.head_bytes + self.body_in, self.bytes_out, c.loop.time() - self.started,
-                    self.server_name(),
-                    self.switched, self.error, c.listener))
+                    self.started_wall, c.client_ip, c.client_port, c.via_proxy, c.local, c.scheme, service, host,
+                    method, path, query, status, bytes_in, self.bytes_out, duration, upstream, self.switched,
+                    self.error, c.listener))
             except Exception:
                 log.exception("on_request callback failed")
-        c.exchange_done(self)
 
 
 class _StopParsing(Exception):
@@ -759,6 +781,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "parsing",
         "pause_bits",
+        "peer_",
         "proxy",
         "queue",
         "read_timer",
@@ -775,7 +798,8 @@ class ClientConnection(asyncio.Protocol):
     )
 
     def __init__(self, proxy: HttpProxy, routes: HttpRoutes, client: tuple[str, int], local: tuple[str, int], *,
-                 scheme: str, redirect: bool, https_port: int, via_proxy: bool, listener: str = "") -> None:
+                 scheme: str, redirect: bool, https_port: int, via_proxy: bool, listener: str = "",
+                 peer: Peer | None = None) -> None:
         self.proxy = proxy
         self.settings = proxy.settings
         self.loop = proxy.loop
@@ -791,6 +815,8 @@ class ClientConnection(asyncio.Protocol):
         self.redirect = redirect
         self.https_port = https_port
         self.via_proxy = via_proxy
+        # The edge's Peer of this client, for the HttpRequest events (built on first use otherwise).
+        self.peer_ = peer if peer == (self.client_ip, self.client_port, via_proxy) else None
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
@@ -810,6 +836,12 @@ class ClientConnection(asyncio.Protocol):
         self.feeding = False  # inside parser.feed_data: writes upstream are held (Exchange._send)
         self.held: Exchange | None = None  # the exchange holding such writes
         self.corked: list[bytes] | None = None  # writes collected while an upstream read is parsed
+
+    def peer(self) -> Peer:
+        p = self.peer_
+        if p is None:
+            p = self.peer_ = Peer(self.client_ip, self.client_port, self.via_proxy)
+        return p
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from ..config.schema import HttpSettings
+from ..events import EventBus, Peer
 from ..upstream.pool import Server
 from .exchange import ClientConnection
 from .log import HttpRequestLog
@@ -33,10 +34,11 @@ class HttpProxy:
     def __init__(self, routes: HttpRoutes, settings: HttpSettings, *,
                  on_request: Callable[[HttpRequestLog], None] | None = None,
                  acme_http01: Callable[[str], str | None] | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, events: EventBus | None = None) -> None:
         self.routes = routes
         self.settings = settings
         self.on_request = on_request
+        self.events = events  # gets an HttpRequest per request, when someone subscribed to them
         self.acme_http01 = acme_http01
         self._loop = loop
         self.counters: dict[str, int] = defaultdict(int)
@@ -60,7 +62,8 @@ class HttpProxy:
     def serve(self, sock: socket.socket, client: tuple[str, int], local: tuple[str, int], *,
               ssl_context: ssl.SSLContext | None, scheme: Literal["http", "https"],
               redirect_to_https: bool = False, client_from_trusted_proxy: bool = False,
-              routes: HttpRoutes | None = None, https_port: int = 443, listener: str = "") -> ClientConnection:
+              routes: HttpRoutes | None = None, https_port: int = 443, listener: str = "",
+              peer: Peer | None = None) -> ClientConnection:
         """Run one accepted client connection (non-blocking socket; unread bytes, the TLS
         ClientHello included, may still be in it). Takes ownership of `sock`.
 
@@ -69,7 +72,7 @@ class HttpProxy:
         challenges answered); `routes` overrides the proxy's routes for this listener."""
         conn = ClientConnection(self, routes if routes is not None else self.routes, client, local, scheme=scheme,
                                 redirect=redirect_to_https, https_port=https_port, via_proxy=client_from_trusted_proxy,
-                                listener=listener)
+                                listener=listener, peer=peer)
         loop = self.loop
         try:
             if ssl_context is not None:
