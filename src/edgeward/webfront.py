@@ -96,12 +96,16 @@ class EdgeHttpProxy(HttpProxy):
                          loop=site.front.loop)
         self.site = site
         self.admitted: dict[ClientConnection, _Client] = {}
+        self._listeners: dict[str, _Named] = {}  # one per listener, shared by its clients
 
     def admit(self, conn: ClientConnection, peer: Peer, listener: str) -> None:
         admission = self.site.front.admission
         if admission is None:
             return
-        entry = _Client(admission, peer, _Named(listener), conn)
+        named = self._listeners.get(listener)
+        if named is None:
+            named = self._listeners[listener] = _Named(listener)
+        entry = _Client(admission, peer, named, conn)
         self.admitted[conn] = entry
         admission.add_tcp(entry)
 

@@ -24,7 +24,7 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import httptools
 
@@ -51,6 +51,7 @@ PAUSE_QUEUE = 4  # a pipelined request waits for the one before it
 PAUSE_TUNNEL = 8  # bytes after an upgrade request wait for the upstream's 101
 
 HIGH_WATER = 64 * 1024  # body bytes held while no upstream connection can take them
+RELEASE_AFTER = 1.0  # an idle keep-alive client connection keeps its parser this long (seconds)
 LINGER = 5.0  # after an early final response, how long the rest of a request body is read and dropped
 DISCARD_LIMIT = 64 * 1024  # a body rest this small is read and dropped after a local answer, keeping the connection
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -81,7 +82,17 @@ def _client_address(host: str) -> tuple[str, IPAddress | None]:
         return host, None
     if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
         a = a.ipv4_mapped
-    return str(a), a
+    text = str(a)
+    return (host if text == host else text), a
+
+
+def _client_ip(host: str) -> str:
+    """The client's address as the logs and the forwarded headers spell it (IPv4-mapped reduced,
+    zone id dropped, IPv6 compressed). An IPv4 address is already spelled so (ipaddress accepts
+    only the canonical dotted form): no parsing, and no address object kept per connection."""
+    if ":" not in host and "%" not in host:
+        return host
+    return _client_address(host)[0]
 
 
 class Exchange:
@@ -270,7 +281,8 @@ class Exchange:
                     self.local_response(404, error="acme:unknown_token")
                     return
         routes = c.routes
-        route = None if c.redirect else routes.lookup(head.host, routing_path(head.path), c.client_addr)
+        route = None if c.redirect else routes.lookup(head.host, routing_path(head.path),
+                                                        c.client_addr if routes.uses_source else None)
         if route is None:
             if head.host is not None and ((c.redirect and routes.serves(head.host)) or routes.redirects(head.host)):
                 self.redirect_response(head)
@@ -295,7 +307,9 @@ class Exchange:
         route = self.route
         assert route is not None
         c = self.client
-        server = route.pool.pick(c.client_key, self.excluded, time.monotonic())
+        pool = route.pool
+        # Only source-hash balancing reads the client's key (Pool.pick).
+        server = pool.pick(c.client_key() if pool.balance == "source-hash" else b"", self.excluded, time.monotonic())
         if server is None:
             if not self.excluded:
                 self.local_response(503, error="upstream:no_server")
@@ -760,9 +774,8 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "client_addr",
+        "addr_",
         "client_ip",
-        "client_key",
         "client_port",
         "closed",
         "closing",
@@ -804,12 +817,11 @@ class ClientConnection(asyncio.Protocol):
         self.settings = proxy.settings
         self.loop = proxy.loop
         self.routes = routes
-        self.client_ip, self.client_addr = _client_address(client[0])
+        self.client_ip = _client_ip(client[0])
         self.client_port = client[1]
-        self.client_key = self.client_addr.packed if self.client_addr is not None else self.client_ip.encode()
-        self.trusted = proxy.trusts(self.client_addr)
-        lhost = local[0]
-        self.local = f"[{lhost}]:{local[1]}" if ":" in lhost else f"{lhost}:{local[1]}"
+        self.addr_: IPAddress | Literal[False] | None = False  # False: not parsed yet (see client_addr)
+        self.trusted = proxy.trusts(self.client_addr) if proxy.trusts_anyone else False
+        self.local = proxy.local_name(local)
         self.listener = listener or self.local  # the edge's name for the listener, for the logs
         self.scheme = scheme
         self.redirect = redirect
@@ -818,14 +830,14 @@ class ClientConnection(asyncio.Protocol):
         # The edge's Peer of this client, for the HttpRequest events (built on first use otherwise).
         self.peer_ = peer if peer == (self.client_ip, self.client_port, via_proxy) else None
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
         self.last_parsed: Exchange | None = None
         self.current: Exchange | None = None
-        self.queue: list[Exchange] = []  # pipelined requests waiting (rare, short)
+        self.queue: list[Exchange] | None = None  # pipelined requests waiting (rare, short)
         self.pause_bits = 0
-        self.read_timer = Timer(self.loop, self._read_timeout)
-        self.write_timer = Timer(self.loop, self._write_timeout)
+        self.read_timer = Timer(proxy.wheel, self, ClientConnection._read_timeout)
+        self.write_timer: Timer[ClientConnection] | None = None  # made when the client first stops reading what the edge writes
         self.fed = 0
         self.head_size = 0
         self.tunnel: Exchange | None = None
@@ -836,6 +848,20 @@ class ClientConnection(asyncio.Protocol):
         self.feeding = False  # inside parser.feed_data: writes upstream are held (Exchange._send)
         self.held: Exchange | None = None  # the exchange holding such writes
         self.corked: list[bytes] | None = None  # writes collected while an upstream read is parsed
+
+    @property
+    def client_addr(self) -> IPAddress | None:
+        """The client's address as an object (source routes, trusted proxies), parsed when first
+        needed: most connections never need it."""
+        a = self.addr_
+        if a is False:
+            a = self.addr_ = _client_address(self.client_ip)[1]
+        return a
+
+    def client_key(self) -> bytes:
+        """The client for source-hash balancing (packed address)."""
+        a = self.client_addr
+        return a.packed if a is not None else self.client_ip.encode()
 
     def peer(self) -> Peer:
         p = self.peer_
@@ -858,10 +884,13 @@ class ClientConnection(asyncio.Protocol):
         if self.lingering or self.closed or self.rejected is not None:
             return
         self.fed += len(data)
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         while True:
             self.feeding = True
             try:
-                self.parser.feed_data(data)
+                parser.feed_data(data)
             except httptools.HttpParserUpgrade as e:
                 self.feeding = False
                 self._flush_held()
@@ -942,9 +971,10 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.corked = None
         self.read_timer.cancel()
-        self.write_timer.cancel()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
         self.proxy.connection_lost(self)
-        for ex in (self.current, *self.queue):
+        for ex in (self.current, *(self.queue or ())):
             if ex is not None and not ex.finished:
                 if ex.connect_task is not None:
                     ex.connect_task.cancel()
@@ -953,19 +983,22 @@ class ClientConnection(asyncio.Protocol):
                     ex.error = "client_closed"
                 ex.release_upstream(reuse=False)
                 ex.finish()
-        self.queue.clear()
+        self.queue = None
         self.current = None
         self.tunnel = None
 
     def pause_writing(self) -> None:
         ex = self.current
         timeout = self.settings.upgraded_timeout if self.tunnel is not None else self.settings.body_timeout
+        if self.write_timer is None:
+            self.write_timer = Timer(self.proxy.wheel, self, ClientConnection._write_timeout)
         self.write_timer.start("stall", timeout, idle=False)
         if ex is not None and ex.upstream is not None:
             ex.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self.write_timer.stop()
+        if self.write_timer is not None:
+            self.write_timer.stop()
         ex = self.current
         if ex is not None and ex.upstream is not None:
             ex.upstream.resume_reading()
@@ -986,7 +1019,10 @@ class ClientConnection(asyncio.Protocol):
         if self.current is None:
             self.current = ex
         else:
-            self.queue.append(ex)
+            if self.queue is None:
+                self.queue = [ex]
+            else:
+                self.queue.append(ex)
             self.pause(PAUSE_QUEUE)
 
     def on_url(self, url: bytes) -> None:
@@ -1022,7 +1058,9 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         self.fed = 0
         ex.head_bytes = self.head_size + 16
-        head = validate_request(self.parser.get_method(), b"".join(ex.url), self.parser.get_http_version(), ex.headers)
+        parser = self.parser
+        assert parser is not None  # called by it
+        head = validate_request(parser.get_method(), b"".join(ex.url), parser.get_http_version(), ex.headers)
         ex.head = head
         ex.is_head = head.method == b"HEAD"
         if ex is self.current:
@@ -1089,7 +1127,8 @@ class ClientConnection(asyncio.Protocol):
             self.uncork()
             self.closed = True
             self.read_timer.cancel()
-            self.write_timer.cancel()
+            if self.write_timer is not None:
+                self.write_timer.cancel()
             if self.transport is not None:
                 self.transport.close()
 
@@ -1126,7 +1165,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             ex = Exchange(self)
         self.current = ex
-        self.queue.clear()
+        self.queue = None
         self.closing = True
         ex.local_response(status, error=reason)
         ex.finish()
@@ -1160,10 +1199,11 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.close()
             return
-        if self.queue:
-            nxt = self.queue.pop(0)
+        queue = self.queue
+        if queue:
+            nxt = queue.pop(0)
             self.current = nxt
-            if not self.queue:
+            if not queue:
                 self.resume(PAUSE_QUEUE)
             if nxt.head is None:
                 self.read_timer.start("header", self.settings.header_timeout, idle=False)
@@ -1175,12 +1215,24 @@ class ClientConnection(asyncio.Protocol):
         if self.proxy.closing:
             self.close()
             return
-        self.read_timer.start("keepalive", self.settings.keepalive_timeout, idle=False)
+        timeout = self.settings.keepalive_timeout
+        if timeout > RELEASE_AFTER:
+            # Idle for RELEASE_AFTER first: then the parser is let go of ("rest" in _read_timeout).
+            self.read_timer.start("rest", RELEASE_AFTER, idle=False)
+        else:
+            self.read_timer.start("keepalive", timeout, idle=False)
 
     # --- timeouts ---------------------------------------------------------------------------
 
     def _read_timeout(self, kind: str) -> None:
         if self.closed:
+            return
+        if kind == "rest":
+            if self.current is None and self.parsing is None and not self.queue and self.tunnel is None:
+                # Idle between requests for a while: the parser (llhttp's state and the callbacks it
+                # holds, about 900 bytes) is made again when the next request comes.
+                self.parser = None
+            self.read_timer.start("keepalive", self.settings.keepalive_timeout - RELEASE_AFTER, idle=False)
             return
         proxy = self.proxy
         if kind in ("body", "upgraded") and self.pause_bits & ~PAUSE_QUEUE:

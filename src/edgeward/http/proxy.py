@@ -23,6 +23,7 @@ from ..upstream.pool import Server
 from .exchange import ClientConnection
 from .log import HttpRequestLog
 from .routes import HttpRoutes, HttpUpstream, IPAddress
+from .timer import TimerWheel
 
 if TYPE_CHECKING:
     from .upstream import UpstreamConnection
@@ -41,6 +42,7 @@ class HttpProxy:
         self.events = events  # gets an HttpRequest per request, when someone subscribed to them
         self.acme_http01 = acme_http01
         self._loop = loop
+        self._wheel: TimerWheel | None = None
         self.counters: dict[str, int] = defaultdict(int)
         self.clients: set[ClientConnection] = set()
         self.closing = False
@@ -49,6 +51,7 @@ class HttpProxy:
         self._accepting: set[asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]] = set()
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in settings.trusted_proxies)
         self._trust_cache: dict[IPAddress, bool] = {}
+        self._local_names: dict[tuple[str, int], str] = {}
         self.server_names: dict[Server, str] = {}  # the servers of this runtime's pools, named once
 
     @property
@@ -56,6 +59,13 @@ class HttpProxy:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
+
+    @property
+    def wheel(self) -> TimerWheel:
+        """The timeouts of this proxy's connections."""
+        if self._wheel is None:
+            self._wheel = TimerWheel(self.loop)
+        return self._wheel
 
     # --- the entry point --------------------------------------------------------------------
 
@@ -115,6 +125,20 @@ class HttpProxy:
 
     def connection_failed(self, conn: ClientConnection) -> None:
         """`conn` never started: its TLS handshake failed or the client left first (a hook for the edge)."""
+
+    @property
+    def trusts_anyone(self) -> bool:
+        return bool(self._trusted)
+
+    def local_name(self, local: tuple[str, int]) -> str:
+        """"address:port" of a listening address, one string shared by its connections."""
+        name = self._local_names.get(local)
+        if name is None:
+            host, port = local
+            name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if len(self._local_names) < 1024:
+                self._local_names[local] = name
+        return name
 
     def trusts(self, addr: IPAddress | None) -> bool:
         if addr is None or not self._trusted:

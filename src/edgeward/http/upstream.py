@@ -53,7 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self.timer = Timer(proxy.loop, self._timeout)
+        self.timer = Timer(proxy.wheel, self, UpstreamConnection._timeout)
         self.read_paused = False
         self.write_paused = False
         self.closed = False
