@@ -51,7 +51,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.route = route
         self.key = (server, route)
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)  # None in a tunnel
         self.exchange: Exchange | None = None
         self.timer = Timer(proxy.wheel, self, UpstreamConnection._timeout)
         self.read_paused = False
@@ -89,9 +89,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.fed += len(data)
         client = ex.client
         client.cork()
+        parser = self.parser
+        assert parser is not None  # only a tunnel has none, and its bytes are relayed above
         self.feeding = True
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             self._feed_failed(ex, data, e)
         else:
@@ -186,13 +188,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.fed = 0
         ex = self.exchange
         assert ex is not None
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None  # called by it
+        status = parser.get_status_code()
         self.status = status
         if status < 200:
             if status != 101:  # 101 continues in data_received (HttpParserUpgrade)
                 ex.response_interim(status, self.reason, self.headers)
             return
-        ex.response_head(status, self.reason, self.headers, self.parser.get_http_version(), self.parser.should_keep_alive())
+        ex.response_head(status, self.reason, self.headers, parser.get_http_version(), parser.should_keep_alive())
         if ex.is_head:
             raise _HeadResponseDone()
 
