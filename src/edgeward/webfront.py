@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING
 
 from .config.loader import resolve_listen, service_scheme
 from .config.schema import Config, ServiceSettings
-from .events import EventBus, HttpRequest, Peer
+from .events import EventBus, Peer
 from .http import HttpProxy, HttpRoute, HttpRoutes, route_for_service
 from .http.exchange import ClientConnection
-from .http.log import HttpRequestLog
 from .routing import Route, make_route
 from .runtime import ListenerKey
 from .tls.certstore import CertificateError, CertStore, load_configured_files, tls_version
@@ -92,26 +91,21 @@ class EdgeHttpProxy(HttpProxy):
     """The HTTP proxy, reporting its requests on the bus and its clients to admission."""
 
     def __init__(self, routes: HttpRoutes, site: Site) -> None:
-        super().__init__(routes, site.cfg.http, on_request=self._on_request,
+        super().__init__(routes, site.cfg.http, events=site.front.bus,
                          acme_http01=site.front.acme.http01_response if site.front.acme is not None else None,
                          loop=site.front.loop)
         self.site = site
         self.admitted: dict[ClientConnection, _Client] = {}
-
-    def _on_request(self, rec: HttpRequestLog) -> None:
-        front = self.site.front
-        if not front.bus.wants(HttpRequest):
-            return
-        front.bus.publish(HttpRequest(
-            rec.listener or rec.local, Peer(rec.client, rec.client_port, rec.via_proxy), rec.service or "", rec.scheme,
-            rec.host or "", rec.method, rec.path, rec.query, rec.status, rec.bytes_in, rec.bytes_out, rec.duration,
-            rec.upstream or "", rec.upgraded, rec.error or ""))
+        self._listeners: dict[str, _Named] = {}  # one per listener, shared by its clients
 
     def admit(self, conn: ClientConnection, peer: Peer, listener: str) -> None:
         admission = self.site.front.admission
         if admission is None:
             return
-        entry = _Client(admission, peer, _Named(listener), conn)
+        named = self._listeners.get(listener)
+        if named is None:
+            named = self._listeners[listener] = _Named(listener)
+        entry = _Client(admission, peer, named, conn)
         self.admitted[conn] = entry
         admission.add_tcp(entry)
 
@@ -200,7 +194,7 @@ class Site:
         proxy = self.proxy
         client = proxy.serve(sock, (peer.ip, peer.port), local, ssl_context=ctx, scheme="https" if tls else "http",
                              redirect_to_https=redirect and not tls, client_from_trusted_proxy=peer.via_proxy,
-                             routes=routes, https_port=self.https_port(), listener=listener)
+                             routes=routes, https_port=self.https_port(), listener=listener, peer=peer)
         proxy.admit(client, peer, listener)
 
 

@@ -21,13 +21,14 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, cast
 
 import httptools
 
+from ..events import EventBus, HttpRequest, Peer
 from ..net.sockets import upstream_tcp
 from ..upstream.pool import Server
 from . import forwarding, pages
@@ -50,12 +51,28 @@ PAUSE_QUEUE = 4  # a pipelined request waits for the one before it
 PAUSE_TUNNEL = 8  # bytes after an upgrade request wait for the upstream's 101
 
 HIGH_WATER = 64 * 1024  # body bytes held while no upstream connection can take them
+RELEASE_AFTER = 1.0  # an idle keep-alive client connection keeps its parser this long (seconds)
 LINGER = 5.0  # after an early final response, how long the rest of a request body is read and dropped
 DISCARD_LIMIT = 64 * 1024  # a body rest this small is read and dropped after a local answer, keeping the connection
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CHUNK_END = b"\r\n"
 _STATUS_KEYS = {i: f"responses_{i}xx" for i in range(1, 6)}
 _LAST_CHUNK = b"0\r\n\r\n"
+_METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")}
+
+
+JOIN_LIMIT = 16 * 1024  # pieces up to this size together are copied into one write
+
+
+def write_parts(transport: asyncio.Transport, parts: Sequence[bytes]) -> None:
+    """Write `parts` with one call: small ones (a head, a chunk's framing, a small body) joined,
+    so a socket gets one send and a TLS connection one record; large ones as they are (no copy)."""
+    if len(parts) == 1:
+        transport.write(parts[0])
+    elif sum(map(len, parts)) <= JOIN_LIMIT:
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines(parts)
 
 
 def _client_address(host: str) -> tuple[str, IPAddress | None]:
@@ -65,7 +82,17 @@ def _client_address(host: str) -> tuple[str, IPAddress | None]:
         return host, None
     if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
         a = a.ipv4_mapped
-    return str(a), a
+    text = str(a)
+    return (host if text == host else text), a
+
+
+def _client_ip(host: str) -> str:
+    """The client's address as the logs and the forwarded headers spell it (IPv4-mapped reduced,
+    zone id dropped, IPv6 compressed). An IPv4 address is already spelled so (ipaddress accepts
+    only the canonical dotted form): no parsing, and no address object kept per connection."""
+    if ":" not in host and "%" not in host:
+        return host
+    return _client_address(host)[0]
 
 
 class Exchange:
@@ -153,7 +180,7 @@ class Exchange:
         self.tunnel_buf: list[bytes] = []
         self.tunnel_buf_size = 0
         self.tunnel_eof = 0  # bit 1: client sent EOF, bit 2: upstream sent EOF
-        self.held: list[bytes] = []  # for the upstream, until the client's bytes carrying it parsed cleanly
+        self.held: tuple[bytes, ...] = ()  # for the upstream, until the client's bytes carrying it parsed cleanly
         self.wrote_upstream = False
 
     # --- request side (called by the client's parser) ---------------------------------------
@@ -190,14 +217,15 @@ class Exchange:
         if up.transport is None or up.closed:
             return
         self.wrote_upstream = True
-        up.transport.writelines(parts)
+        write_parts(up.transport, parts)
 
     def flush_held(self) -> None:
         up = self.upstream
-        held, self.held = self.held, []
+        held = self.held
+        self.held = ()
         if held and up is not None and up.transport is not None and not up.closed:
             self.wrote_upstream = True
-            up.transport.writelines(held)
+            write_parts(up.transport, held)
 
     def _send_body(self, up: UpstreamConnection, data: bytes) -> None:
         assert self.head is not None
@@ -253,7 +281,8 @@ class Exchange:
                     self.local_response(404, error="acme:unknown_token")
                     return
         routes = c.routes
-        route = None if c.redirect else routes.lookup(head.host, routing_path(head.path), c.client_addr)
+        route = None if c.redirect else routes.lookup(head.host, routing_path(head.path),
+                                                        c.client_addr if routes.uses_source else None)
         if route is None:
             if head.host is not None and ((c.redirect and routes.serves(head.host)) or routes.redirects(head.host)):
                 self.redirect_response(head)
@@ -278,7 +307,9 @@ class Exchange:
         route = self.route
         assert route is not None
         c = self.client
-        server = route.pool.pick(c.client_key, self.excluded, time.monotonic())
+        pool = route.pool
+        # Only source-hash balancing reads the client's key (Pool.pick).
+        server = pool.pick(c.client_key() if pool.balance == "source-hash" else b"", self.excluded, time.monotonic())
         if server is None:
             if not self.excluded:
                 self.local_response(503, error="upstream:no_server")
@@ -367,7 +398,8 @@ class Exchange:
                 self._send_body(conn, chunk)
             self.body_buf = []
             self.body_buf_size = 0
-        c.resume(PAUSE_BUFFER)
+        if c.pause_bits & PAUSE_BUFFER:
+            c.resume(PAUSE_BUFFER)
         if self.req_done:
             self._send_end(conn)
         elif head.expect_continue and not self.body_in:
@@ -386,7 +418,7 @@ class Exchange:
             self.server.bytes_out += self.upstream_bytes
         conn.exchange = None
         conn.timer.stop()
-        self.held = []
+        self.held = ()
         if (reuse or not self.wrote_upstream) and not conn.closed:
             # Reusable, or never written to (the request was refused before anything went out).
             if conn.feeding:
@@ -422,8 +454,8 @@ class Exchange:
         c = self.client
         resp = forwarding.validate_response(status, reason, headers, version=version, request_method=head.method,
                                             parser_keep_alive=keep_alive)
-        client_keep_alive = (head.keep_alive and (self.req_done or not head.has_body) and head.upgrade is None
-                             and not c.closing and not c.proxy.closing)
+        client_keep_alive = (head.keep_alive and (self.req_done or not (head.chunked or head.content_length))
+                             and head.upgrade is None and not c.closing and not c.proxy.closing)
         data, framing = forwarding.client_response_head(resp, client_v11=head.version == b"1.1",
                                                         keep_alive=client_keep_alive)
         self.status = status
@@ -551,6 +583,11 @@ class Exchange:
         conn.tunnel = True
         conn.timer.stop()
         data = forwarding.switching_protocols_head(reason, headers)
+        # Raw bytes from now on, for hours maybe: what only parsing needed is let go of (the
+        # parsers and both heads' fields, about 3.5 KiB of a websocket's memory).
+        conn.parser = None
+        headers.clear()
+        head.headers.clear()
         c.write(data)
         self.bytes_out += len(data)
         c.proxy.counters["upgraded"] += 1
@@ -688,25 +725,45 @@ class Exchange:
         proxy = c.proxy
         status = self.status if self.resp_started else 499
         proxy.counters[_STATUS_KEYS[status // 100] if 1 <= status // 100 <= 5 else "responses_other"] += 1
+        events = proxy.events
+        if (events is not None and events.wants(HttpRequest)) or proxy.on_request is not None:
+            self._report(status, events)
+        c.exchange_done(self)
+
+    def _report(self, status: int, events: EventBus | None) -> None:
+        """The request's record: an HttpRequest event on the bus (when someone subscribed), and an
+        HttpRequestLog for `on_request`."""
+        c = self.client
+        proxy = c.proxy
+        head = self.head
+        if head is not None:
+            method = _METHODS.get(head.method) or head.method.decode("latin-1")
+            path = head.path.decode("latin-1")
+            query = head.query.decode("latin-1") if head.query else ""
+            host = head.host
+        else:
+            url = b"".join(self.url)
+            method, path, query, host = "-", url[:1024].decode("latin-1") or "-", "", None
+        route = self.route
+        service = route.service if route is not None else None
+        bytes_in = self.head_bytes + self.body_in
+        duration = c.loop.time() - self.started
+        upstream = self.server_name()
+        if events is not None and events.wants(HttpRequest):
+            try:
+                events.publish(HttpRequest(c.listener, c.peer(), service or "", c.scheme, host or "", method, path,
+                                           query, status, bytes_in, self.bytes_out, duration, upstream or "",
+                                           self.switched, self.error or ""))
+            except Exception:
+                log.exception("HttpRequest subscriber failed")
         if proxy.on_request is not None:
-            head = self.head
-            if head is not None:
-                method, path, query, host = (head.method.decode("latin-1"), head.path.decode("latin-1"),
-                                             head.query.decode("latin-1"), head.host)
-            else:
-                url = b"".join(self.url)
-                method, path, query, host = "-", url[:1024].decode("latin-1") or "-", "", None
-            route = self.route
             try:
                 proxy.on_request(HttpRequestLog(
-                    self.started_wall, c.client_ip, c.client_port, c.via_proxy, c.local, c.scheme,
-                    route.service if route is not None else None, host, method, path, query, status,
-                    self.head_bytes + self.body_in, self.bytes_out, c.loop.time() - self.started,
-                    self.server_name(),
-                    self.switched, self.error, c.listener))
+                    self.started_wall, c.client_ip, c.client_port, c.via_proxy, c.local, c.scheme, service, host,
+                    method, path, query, status, bytes_in, self.bytes_out, duration, upstream, self.switched,
+                    self.error, c.listener))
             except Exception:
                 log.exception("on_request callback failed")
-        c.exchange_done(self)
 
 
 class _StopParsing(Exception):
@@ -722,9 +779,8 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "client_addr",
+        "addr_",
         "client_ip",
-        "client_key",
         "client_port",
         "closed",
         "closing",
@@ -743,6 +799,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "parsing",
         "pause_bits",
+        "peer_",
         "proxy",
         "queue",
         "read_timer",
@@ -759,31 +816,33 @@ class ClientConnection(asyncio.Protocol):
     )
 
     def __init__(self, proxy: HttpProxy, routes: HttpRoutes, client: tuple[str, int], local: tuple[str, int], *,
-                 scheme: str, redirect: bool, https_port: int, via_proxy: bool, listener: str = "") -> None:
+                 scheme: str, redirect: bool, https_port: int, via_proxy: bool, listener: str = "",
+                 peer: Peer | None = None) -> None:
         self.proxy = proxy
         self.settings = proxy.settings
         self.loop = proxy.loop
         self.routes = routes
-        self.client_ip, self.client_addr = _client_address(client[0])
+        self.client_ip = _client_ip(client[0])
         self.client_port = client[1]
-        self.client_key = self.client_addr.packed if self.client_addr is not None else self.client_ip.encode()
-        self.trusted = proxy.trusts(self.client_addr)
-        lhost = local[0]
-        self.local = f"[{lhost}]:{local[1]}" if ":" in lhost else f"{lhost}:{local[1]}"
+        self.addr_: IPAddress | Literal[False] | None = False  # False: not parsed yet (see client_addr)
+        self.trusted = proxy.trusts(self.client_addr) if proxy.trusts_anyone else False
+        self.local = proxy.local_name(local)
         self.listener = listener or self.local  # the edge's name for the listener, for the logs
         self.scheme = scheme
         self.redirect = redirect
         self.https_port = https_port
         self.via_proxy = via_proxy
+        # The edge's Peer of this client, for the HttpRequest events (built on first use otherwise).
+        self.peer_ = peer if peer == (self.client_ip, self.client_port, via_proxy) else None
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
         self.last_parsed: Exchange | None = None
         self.current: Exchange | None = None
-        self.queue: list[Exchange] = []  # pipelined requests waiting (rare, short)
+        self.queue: list[Exchange] | None = None  # pipelined requests waiting (rare, short)
         self.pause_bits = 0
-        self.read_timer = Timer(self.loop, self._read_timeout)
-        self.write_timer = Timer(self.loop, self._write_timeout)
+        self.read_timer = Timer(proxy.wheel, self, ClientConnection._read_timeout)
+        self.write_timer: Timer[ClientConnection] | None = None  # made when the client first stops reading what the edge writes
         self.fed = 0
         self.head_size = 0
         self.tunnel: Exchange | None = None
@@ -795,16 +854,31 @@ class ClientConnection(asyncio.Protocol):
         self.held: Exchange | None = None  # the exchange holding such writes
         self.corked: list[bytes] | None = None  # writes collected while an upstream read is parsed
 
+    @property
+    def client_addr(self) -> IPAddress | None:
+        """The client's address as an object (source routes, trusted proxies), parsed when first
+        needed: most connections never need it."""
+        a = self.addr_
+        if a is False:
+            a = self.addr_ = _client_address(self.client_ip)[1]
+        return a
+
+    def client_key(self) -> bytes:
+        """The client for source-hash balancing (packed address)."""
+        a = self.client_addr
+        return a.packed if a is not None else self.client_ip.encode()
+
+    def peer(self) -> Peer:
+        p = self.peer_
+        if p is None:
+            p = self.peer_ = Peer(self.client_ip, self.client_port, self.via_proxy)
+        return p
+
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        # uvloop's transports do not subclass asyncio's. Both loops set TCP_NODELAY themselves.
+        self.transport = cast(asyncio.Transport, transport)
         self.proxy.connection_made(self)
         self.read_timer.start("header", self.settings.header_timeout, idle=False)
 
@@ -815,10 +889,13 @@ class ClientConnection(asyncio.Protocol):
         if self.lingering or self.closed or self.rejected is not None:
             return
         self.fed += len(data)
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         while True:
             self.feeding = True
             try:
-                self.parser.feed_data(data)
+                parser.feed_data(data)
             except httptools.HttpParserUpgrade as e:
                 self.feeding = False
                 self._flush_held()
@@ -832,6 +909,7 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self.tunnel = ex
                 self.last_parsed = None
+                self.parser = None  # never parses again: a tunnel, or closed after a refused upgrade
                 rest = data[e.args[0]:]
                 if rest:
                     ex.tunnel_from_client(rest)
@@ -855,7 +933,10 @@ class ClientConnection(asyncio.Protocol):
                     self._drop_held()
                     self.reject(431, "header field too large")
                 else:
-                    self._flush_held()
+                    held = self.held
+                    if held is not None:
+                        self.held = None
+                        held.flush_held()
                     self.last_parsed = None  # only the upgrade case above needs it; idle connections keep nothing
                     p = self.parsing
                     if p is not None and p.head is None and p is self.current and self.read_timer.kind != "header":
@@ -877,7 +958,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             self.held = None
             if ex is self.parsing or not ex.req_done:
-                ex.held = []
+                ex.held = ()
             else:
                 ex.flush_held()
 
@@ -896,9 +977,10 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.corked = None
         self.read_timer.cancel()
-        self.write_timer.cancel()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
         self.proxy.connection_lost(self)
-        for ex in (self.current, *self.queue):
+        for ex in (self.current, *(self.queue or ())):
             if ex is not None and not ex.finished:
                 if ex.connect_task is not None:
                     ex.connect_task.cancel()
@@ -907,19 +989,22 @@ class ClientConnection(asyncio.Protocol):
                     ex.error = "client_closed"
                 ex.release_upstream(reuse=False)
                 ex.finish()
-        self.queue.clear()
+        self.queue = None
         self.current = None
         self.tunnel = None
 
     def pause_writing(self) -> None:
         ex = self.current
         timeout = self.settings.upgraded_timeout if self.tunnel is not None else self.settings.body_timeout
+        if self.write_timer is None:
+            self.write_timer = Timer(self.proxy.wheel, self, ClientConnection._write_timeout)
         self.write_timer.start("stall", timeout, idle=False)
         if ex is not None and ex.upstream is not None:
             ex.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self.write_timer.stop()
+        if self.write_timer is not None:
+            self.write_timer.stop()
         ex = self.current
         if ex is not None and ex.upstream is not None:
             ex.upstream.resume_reading()
@@ -940,7 +1025,10 @@ class ClientConnection(asyncio.Protocol):
         if self.current is None:
             self.current = ex
         else:
-            self.queue.append(ex)
+            if self.queue is None:
+                self.queue = [ex]
+            else:
+                self.queue.append(ex)
             self.pause(PAUSE_QUEUE)
 
     def on_url(self, url: bytes) -> None:
@@ -976,7 +1064,9 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         self.fed = 0
         ex.head_bytes = self.head_size + 16
-        head = validate_request(self.parser.get_method(), b"".join(ex.url), self.parser.get_http_version(), ex.headers)
+        parser = self.parser
+        assert parser is not None  # called by it
+        head = validate_request(parser.get_method(), b"".join(ex.url), parser.get_http_version(), ex.headers)
         ex.head = head
         ex.is_head = head.method == b"HEAD"
         if ex is self.current:
@@ -1010,7 +1100,7 @@ class ClientConnection(asyncio.Protocol):
         if self.corked is not None:
             self.corked += data
         elif not self.closed and self.transport is not None:
-            self.transport.writelines(data)
+            write_parts(self.transport, data)
 
     def cork(self) -> None:
         """Collect writes (while one upstream read is parsed) so that a response head and body go
@@ -1023,7 +1113,7 @@ class ClientConnection(asyncio.Protocol):
         if out is not None:
             self.corked = None
             if out and not self.closed and self.transport is not None:
-                self.transport.writelines(out)
+                write_parts(self.transport, out)
 
     def pause(self, bit: int) -> None:
         if not self.pause_bits and not self.closed and self.transport is not None:
@@ -1043,7 +1133,8 @@ class ClientConnection(asyncio.Protocol):
             self.uncork()
             self.closed = True
             self.read_timer.cancel()
-            self.write_timer.cancel()
+            if self.write_timer is not None:
+                self.write_timer.cancel()
             if self.transport is not None:
                 self.transport.close()
 
@@ -1080,7 +1171,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             ex = Exchange(self)
         self.current = ex
-        self.queue.clear()
+        self.queue = None
         self.closing = True
         ex.local_response(status, error=reason)
         ex.finish()
@@ -1114,10 +1205,11 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.close()
             return
-        if self.queue:
-            nxt = self.queue.pop(0)
+        queue = self.queue
+        if queue:
+            nxt = queue.pop(0)
             self.current = nxt
-            if not self.queue:
+            if not queue:
                 self.resume(PAUSE_QUEUE)
             if nxt.head is None:
                 self.read_timer.start("header", self.settings.header_timeout, idle=False)
@@ -1129,12 +1221,24 @@ class ClientConnection(asyncio.Protocol):
         if self.proxy.closing:
             self.close()
             return
-        self.read_timer.start("keepalive", self.settings.keepalive_timeout, idle=False)
+        timeout = self.settings.keepalive_timeout
+        if timeout > RELEASE_AFTER:
+            # Idle for RELEASE_AFTER first: then the parser is let go of ("rest" in _read_timeout).
+            self.read_timer.start("rest", RELEASE_AFTER, idle=False)
+        else:
+            self.read_timer.start("keepalive", timeout, idle=False)
 
     # --- timeouts ---------------------------------------------------------------------------
 
     def _read_timeout(self, kind: str) -> None:
         if self.closed:
+            return
+        if kind == "rest":
+            if self.current is None and self.parsing is None and not self.queue and self.tunnel is None:
+                # Idle between requests for a while: the parser (llhttp's state and the callbacks it
+                # holds, about 900 bytes) is made again when the next request comes.
+                self.parser = None
+            self.read_timer.start("keepalive", self.settings.keepalive_timeout - RELEASE_AFTER, idle=False)
             return
         proxy = self.proxy
         if kind in ("body", "upgraded") and self.pause_bits & ~PAUSE_QUEUE:

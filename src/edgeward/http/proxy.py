@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from ..config.schema import HttpSettings
+from ..events import EventBus, Peer
 from ..upstream.pool import Server
 from .exchange import ClientConnection
 from .log import HttpRequestLog
 from .routes import HttpRoutes, HttpUpstream, IPAddress
+from .timer import TimerWheel
 
 if TYPE_CHECKING:
     from .upstream import UpstreamConnection
@@ -33,12 +35,14 @@ class HttpProxy:
     def __init__(self, routes: HttpRoutes, settings: HttpSettings, *,
                  on_request: Callable[[HttpRequestLog], None] | None = None,
                  acme_http01: Callable[[str], str | None] | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, events: EventBus | None = None) -> None:
         self.routes = routes
         self.settings = settings
         self.on_request = on_request
+        self.events = events  # gets an HttpRequest per request, when someone subscribed to them
         self.acme_http01 = acme_http01
         self._loop = loop
+        self._wheel: TimerWheel | None = None
         self.counters: dict[str, int] = defaultdict(int)
         self.clients: set[ClientConnection] = set()
         self.closing = False
@@ -47,6 +51,7 @@ class HttpProxy:
         self._accepting: set[asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]] = set()
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in settings.trusted_proxies)
         self._trust_cache: dict[IPAddress, bool] = {}
+        self._local_names: dict[tuple[str, int], str] = {}
         self.server_names: dict[Server, str] = {}  # the servers of this runtime's pools, named once
 
     @property
@@ -55,12 +60,20 @@ class HttpProxy:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
+    @property
+    def wheel(self) -> TimerWheel:
+        """The timeouts of this proxy's connections."""
+        if self._wheel is None:
+            self._wheel = TimerWheel(self.loop)
+        return self._wheel
+
     # --- the entry point --------------------------------------------------------------------
 
     def serve(self, sock: socket.socket, client: tuple[str, int], local: tuple[str, int], *,
               ssl_context: ssl.SSLContext | None, scheme: Literal["http", "https"],
               redirect_to_https: bool = False, client_from_trusted_proxy: bool = False,
-              routes: HttpRoutes | None = None, https_port: int = 443, listener: str = "") -> ClientConnection:
+              routes: HttpRoutes | None = None, https_port: int = 443, listener: str = "",
+              peer: Peer | None = None) -> ClientConnection:
         """Run one accepted client connection (non-blocking socket; unread bytes, the TLS
         ClientHello included, may still be in it). Takes ownership of `sock`.
 
@@ -69,7 +82,7 @@ class HttpProxy:
         challenges answered); `routes` overrides the proxy's routes for this listener."""
         conn = ClientConnection(self, routes if routes is not None else self.routes, client, local, scheme=scheme,
                                 redirect=redirect_to_https, https_port=https_port, via_proxy=client_from_trusted_proxy,
-                                listener=listener)
+                                listener=listener, peer=peer)
         loop = self.loop
         try:
             if ssl_context is not None:
@@ -113,6 +126,20 @@ class HttpProxy:
     def connection_failed(self, conn: ClientConnection) -> None:
         """`conn` never started: its TLS handshake failed or the client left first (a hook for the edge)."""
 
+    @property
+    def trusts_anyone(self) -> bool:
+        return bool(self._trusted)
+
+    def local_name(self, local: tuple[str, int]) -> str:
+        """"address:port" of a listening address, one string shared by its connections."""
+        name = self._local_names.get(local)
+        if name is None:
+            host, port = local
+            name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if len(self._local_names) < 1024:
+                self._local_names[local] = name
+        return name
+
     def trusts(self, addr: IPAddress | None) -> bool:
         if addr is None or not self._trusted:
             return False
@@ -134,14 +161,17 @@ class HttpProxy:
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         conn.exchange = None
-        if self.retired or self.closing or conn.closed or self.settings.upstream_keepalive == 0:
+        if self.retired or self.closing or conn.closed:
             conn.close()
             return
-        conns = self._idle.setdefault(conn.key, [])
+        conns = self._idle.get(conn.key)
+        if conns is None:
+            conns = self._idle[conn.key] = []
         if len(conns) >= self.settings.upstream_keepalive:
             conn.close()
             return
-        conn.resume_reading()  # an idle connection is read, so that its close is seen
+        if conn.read_paused:
+            conn.resume_reading()  # an idle connection is read, so that its close is seen
         conn.timer.start("idle", self.settings.upstream_idle_timeout, idle=False)
         conns.append(conn)
 

@@ -31,13 +31,45 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _PORT = re.compile(rb"[0-9]{0,5}")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form; llhttp refuses CTLs, spaces and non-ASCII already
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_COMMON_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"})  # tokens
 
 
 _SLOTS = {b"host": 0, b"content-length": 1, b"transfer-encoding": 2, b"connection": 3, b"expect": 4, b"upgrade": 5}
-_SLOTS.update({k.title(): v for k, v in list(_SLOTS.items())})  # the usual spelling skips lower()
-_SLOTS[b"Content-Length"] = 1
-_SLOTS[b"Transfer-Encoding"] = 2
 _NO_TOKENS: frozenset[bytes] = frozenset()
+
+# Field name as received → its slot above, or -1. Clients and upstreams repeat the same few
+# spellings, so after the first request a field costs one dict lookup, not a lower() and two.
+_NAME_SLOTS: dict[bytes, int] = {**_SLOTS, **{k.title(): v for k, v in _SLOTS.items()}}
+_NAME_SLOTS_MAX = 4096
+
+
+def field_slot(name: bytes) -> int:
+    """The slot (0 host, 1 content-length, 2 transfer-encoding, 3 connection, 4 expect, 5 upgrade)
+    of a field name in any case, -1 for any other field."""
+    i = _NAME_SLOTS.get(name)
+    if i is None:
+        i = _SLOTS.get(name.lower(), -1)
+        if len(_NAME_SLOTS) < _NAME_SLOTS_MAX and len(name) <= 64:
+            _NAME_SLOTS[name] = i
+    return i
+
+
+def collect_fields(headers: Headers) -> list[list[bytes] | None]:
+    """The values of the six fields that decide framing, routing and the connection, by slot
+    (None where absent), in one pass."""
+    found: list[list[bytes] | None] = [None, None, None, None, None, None]
+    get = _NAME_SLOTS.get
+    for name, value in headers:
+        i = get(name)
+        if i is None:
+            i = field_slot(name)
+        if i >= 0:
+            values = found[i]
+            if values is None:
+                found[i] = [value]
+            else:
+                values.append(value)
+    return found
 
 
 class Rejected(Exception):
@@ -74,7 +106,7 @@ class RequestHead:
 _TOKEN_SETS: dict[bytes, frozenset[bytes]] = {}  # Connection values repeat: parsed once (bounded)
 
 
-def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+def connection_tokens(values: list[bytes] | None) -> frozenset[bytes]:
     """The lowercased tokens of Connection fields (names listed there are hop-by-hop too)."""
     if not values:
         return _NO_TOKENS
@@ -82,7 +114,7 @@ def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
         out = _TOKEN_SETS.get(values[0])
         if out is None:
             out = frozenset(_comma_tokens(values))
-            if len(_TOKEN_SETS) < 1024:
+            if len(_TOKEN_SETS) < 1024 and len(values[0]) <= 256:
                 _TOKEN_SETS[values[0]] = out
         return out
     return frozenset(_comma_tokens(values))
@@ -144,10 +176,11 @@ def validate_request(method: bytes, target: bytes, version: str, headers: Header
         raise Rejected(400, f"HTTP/{version} request")
     else:
         raise Rejected(505, f"HTTP/{version} request")
-    if method == b"CONNECT":
-        raise Rejected(405, "CONNECT refused: the edge is not a forward proxy")
-    if not _TOKEN.fullmatch(method):
-        raise Rejected(400, "bad method")
+    if method not in _COMMON_METHODS:
+        if method == b"CONNECT":
+            raise Rejected(405, "CONNECT refused: the edge is not a forward proxy")
+        if not _TOKEN.fullmatch(method):
+            raise Rejected(400, "bad method")
     if not target.startswith(b"/"):
         if target == b"*":
             raise Rejected(400, "asterisk-form target")
@@ -156,23 +189,17 @@ def validate_request(method: bytes, target: bytes, version: str, headers: Header
         raise Rejected(400, "bad request target")
 
     # One pass; only the fields that decide framing, routing and the connection are collected.
-    found: tuple[list[bytes], ...] = ([], [], [], [], [], [])
-    slot = _SLOTS.get
-    for name, value in headers:
-        i = slot(name)
-        if i is None:
-            i = slot(name.lower())
-            if i is None:
-                continue
-        found[i].append(value)
-    host_values, cl_values, te_values, conn_values, expect_values, upgrade_values = found
+    host_values, cl_values, te_values, conn_values, expect_values, upgrade_values = collect_fields(headers)
 
-    if len(host_values) > 1:
-        raise Rejected(400, "more than one Host")
-    if not host_values and v11:
-        raise Rejected(400, "HTTP/1.1 request without Host")
-    authority = host_values[0].strip(b" \t") if host_values else None
-    host = parse_host(authority) if authority is not None else None
+    if host_values is None:
+        if v11:
+            raise Rejected(400, "HTTP/1.1 request without Host")
+        authority = host = None
+    else:
+        if len(host_values) > 1:
+            raise Rejected(400, "more than one Host")
+        authority = host_values[0].strip(b" \t")
+        host = parse_host(authority)
 
     content_length: int | None = None
     chunked = False

@@ -1,25 +1,76 @@
-"""One timeout per connection, cheap to keep alive on a busy connection.
+"""Timeouts of many connections on few event-loop timers, cheap to keep alive on a busy connection.
+
+A `Timer` (one per connection and direction) does not own an event-loop timer: its deadline sits in
+a `TimerWheel` bucket of `RESOLUTION` seconds (a set entry), and the wheel arms one loop timer per
+bucket that holds deadlines. 9,000 idle keep-alive connections then cost 9,000 set entries and
+about one loop timer per bucket their deadlines fall in, instead of 9,000 loop timers (each a
+TimerHandle, a libuv timer and a context: about 600 bytes) and a call_at per connection.
+Deadlines are rounded up to the next bucket: a timeout fires at most RESOLUTION late, never early.
 
 `touch()` only stores the time. When a timer fires it re-arms itself if its deadline moved since
 (activity on an idle timer, or a restart with a later deadline), so a busy connection costs no
-timer cancel/reschedule per read or per request: the event loop's timer is rescheduled only when
-a deadline moves earlier. Absolute timers (header, keep-alive) ignore touches.
+timer cancel/reschedule per read or per request: a timer is moved to another bucket only when its
+deadline moves earlier. Absolute timers (header, keep-alive) ignore touches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+RESOLUTION = 0.1  # seconds per bucket
 
 
-class Timer:
-    __slots__ = ("_callback", "_handle", "_loop", "_when", "idle", "kind", "last", "timeout")
+class TimerWheel:
+    """The buckets of one event loop's timers (one wheel per HttpProxy)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[str], None]) -> None:
-        self._loop = loop
+    __slots__ = ("_buckets", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._buckets: dict[int, set[Timer[Any]]] = {}
+
+    def add(self, timer: Timer[Any], due: float) -> int:
+        """File `timer` under the bucket that ends at or after `due`; returns that bucket."""
+        tick = math.ceil(due / RESOLUTION)
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._buckets[tick] = set()
+            self.loop.call_at(tick * RESOLUTION, self._fire, tick)
+        bucket.add(timer)
+        return tick
+
+    def remove(self, timer: Timer[Any], tick: int) -> None:
+        bucket = self._buckets.get(tick)
+        if bucket is not None:
+            bucket.discard(timer)  # an empty bucket stays until its loop timer fires: no cancel per timer
+
+    def _fire(self, tick: int) -> None:
+        bucket = self._buckets.pop(tick, None)
+        if bucket:
+            for timer in bucket:
+                timer.expired()
+
+    def __len__(self) -> int:
+        """Armed timers (for tests and status)."""
+        return sum(len(b) for b in self._buckets.values())
+
+
+class Timer(Generic[T]):
+    """One deadline of `owner`: `callback(owner, kind)` when it passes. The callback is the class's
+    function, not a bound method (which would be one more object per connection)."""
+
+    __slots__ = ("_callback", "_owner", "_tick", "_wheel", "idle", "kind", "last", "timeout")
+
+    def __init__(self, wheel: TimerWheel, owner: T, callback: Callable[[T, str], None]) -> None:
+        self._wheel = wheel
+        self._owner = owner
         self._callback = callback
-        self._handle: asyncio.TimerHandle | None = None
-        self._when = 0.0  # when the armed handle fires
+        self._tick = 0  # the wheel bucket it is filed under; 0 = none
         self.kind = ""  # what is being waited for; "" = not running
         self.timeout = 0.0
         self.idle = False
@@ -29,40 +80,40 @@ class Timer:
         self.kind = kind
         self.timeout = timeout
         self.idle = idle
-        now = self._loop.time()
-        self.last = now
-        due = now + timeout
-        if self._handle is not None:
-            if self._when <= due:
+        wheel = self._wheel
+        now = self.last = wheel.loop.time()
+        tick = self._tick
+        if tick:
+            if tick * RESOLUTION <= now + timeout:
                 return  # fires earlier than needed and re-checks then
-            self._handle.cancel()
-        self._when = due
-        self._handle = self._loop.call_at(due, self._fire)
+            wheel.remove(self, tick)
+        self._tick = wheel.add(self, now + timeout)
 
     def touch(self) -> None:
         if self.idle:
-            self.last = self._loop.time()
+            self.last = self._wheel.loop.time()
 
     def stop(self) -> None:
-        """Not waiting any more; an armed handle fires once, idle, unless a start() reuses it."""
+        """Not waiting any more; a filed timer fires once, idle, unless a start() reuses it."""
         self.kind = ""
 
     def cancel(self) -> None:
-        """For a closed connection: nothing may keep it alive."""
+        """For a closed connection: nothing may keep it alive (the wheel lets go of it now)."""
         self.kind = ""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self._tick:
+            self._wheel.remove(self, self._tick)
+            self._tick = 0
 
-    def _fire(self) -> None:
-        self._handle = None
+    def expired(self) -> None:
+        """Its bucket's time came (called by the wheel)."""
+        self._tick = 0
         kind = self.kind
         if not kind:
             return
+        wheel = self._wheel
         due = self.last + self.timeout
-        if due > self._loop.time() + 0.001:
-            self._when = due
-            self._handle = self._loop.call_at(due, self._fire)
+        if due > wheel.loop.time() + 0.001:
+            self._tick = wheel.add(self, due)
             return
         self.kind = ""
-        self._callback(kind)
+        self._callback(self._owner, kind)

@@ -51,9 +51,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.route = route
         self.key = (server, route)
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)  # None in a tunnel
         self.exchange: Exchange | None = None
-        self.timer = Timer(proxy.loop, self._timeout)
+        self.timer = Timer(proxy.wheel, self, UpstreamConnection._timeout)
         self.read_paused = False
         self.write_paused = False
         self.closed = False
@@ -89,9 +89,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.fed += len(data)
         client = ex.client
         client.cork()
+        parser = self.parser
+        assert parser is not None  # only a tunnel has none, and its bytes are relayed above
         self.feeding = True
         try:
-            self._feed(ex, data)
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            self._feed_failed(ex, data, e)
+        else:
+            if self.fed > MAX_RESPONSE_HEAD and self.exchange is ex:
+                ex.upstream_failed(self, 502, "upstream: response head too large")
         finally:
             self.feeding = False
             client.uncork()
@@ -102,15 +109,14 @@ class UpstreamConnection(asyncio.Protocol):
             if not self.closed:
                 self.proxy.put_idle(self)
 
-    def _feed(self, ex: Exchange, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
+    def _feed_failed(self, ex: Exchange, data: bytes, e: Exception) -> None:
+        """llhttp stopped: an upgrade, a callback's exception, or a malformed response."""
+        if isinstance(e, httptools.HttpParserUpgrade):
             if self.status != 101:
                 ex.upstream_failed(self, 502, "upstream: unexpected protocol switch")
                 return
             ex.switch_protocols(self.reason, self.headers, data[e.args[0]:])
-        except httptools.HttpParserCallbackError as e:
+        elif isinstance(e, httptools.HttpParserCallbackError):
             cause = e.__context__
             if isinstance(cause, _Unsolicited):
                 self.proxy.counters["upstream_unsolicited"] += 1
@@ -126,11 +132,8 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 log.error("HTTP upstream %s: error while handling its response", self.server.name, exc_info=cause)
                 ex.upstream_failed(self, 502, "upstream: edge error")
-        except httptools.HttpParserError as e:
-            ex.upstream_failed(self, 502, f"upstream: malformed response ({e})")
         else:
-            if self.fed > MAX_RESPONSE_HEAD and self.exchange is ex:
-                ex.upstream_failed(self, 502, "upstream: response head too large")
+            ex.upstream_failed(self, 502, f"upstream: malformed response ({e})")
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -185,13 +188,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.fed = 0
         ex = self.exchange
         assert ex is not None
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None  # called by it
+        status = parser.get_status_code()
         self.status = status
         if status < 200:
             if status != 101:  # 101 continues in data_received (HttpParserUpgrade)
                 ex.response_interim(status, self.reason, self.headers)
             return
-        ex.response_head(status, self.reason, self.headers, self.parser.get_http_version(), self.parser.should_keep_alive())
+        ex.response_head(status, self.reason, self.headers, parser.get_http_version(), parser.should_keep_alive())
         if ex.is_head:
             raise _HeadResponseDone()
 
