@@ -992,6 +992,9 @@ class ClientConnection(asyncio.Protocol):
         self.queue = None
         self.current = None
         self.tunnel = None
+        # The parser's callbacks are bound methods of this connection: without it, nothing here
+        # is a reference cycle, and the connection is freed at once rather than by the collector.
+        self.parser = None
 
     def pause_writing(self) -> None:
         ex = self.current

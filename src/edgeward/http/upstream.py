@@ -145,6 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.timer.cancel()
+        self.parser = None  # bound to this connection: freed at once, not by the cycle collector
         ex = self.exchange
         if ex is not None:
             ex.upstream_lost(self)
