@@ -341,9 +341,10 @@ class Exchange:
                 sock, addr = upstream_tcp(target, target.port)
                 try:
                     await c.loop.sock_connect(sock, addr)  # type: ignore[arg-type]
-                    _, conn = await c.loop.create_connection(
-                        lambda: UpstreamConnection(proxy, server, route), sock=sock,
+                    _, proto = await c.loop.create_connection(
+                        lambda: cast(asyncio.BaseProtocol, UpstreamConnection(proxy, server, route)), sock=sock,
                         ssl=route.ssl, server_hostname=sni)
+                    conn = cast(UpstreamConnection, proto)
                 except BaseException:
                     sock.close()
                     raise
@@ -777,7 +778,10 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
     return der is not None and hmac.compare_digest(certificate_pin(der), pin)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
+    """The asyncio protocol of one client connection. Not a subclass of asyncio.Protocol (the loops
+    only call its methods): so mypyc compiles it to a native class (see setup.py)."""
+
     __slots__ = (
         "addr_",
         "client_ip",

@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from ..config.schema import HttpSettings
 from ..events import EventBus, Peer
@@ -86,10 +86,10 @@ class HttpProxy:
         loop = self.loop
         try:
             if ssl_context is not None:
-                coro = loop.connect_accepted_socket(lambda: conn, sock=sock, ssl=ssl_context,
+                coro = loop.connect_accepted_socket(lambda: cast(asyncio.BaseProtocol, conn), sock=sock, ssl=ssl_context,
                                                     ssl_handshake_timeout=self.settings.header_timeout)
             else:
-                coro = loop.connect_accepted_socket(lambda: conn, sock=sock)
+                coro = loop.connect_accepted_socket(lambda: cast(asyncio.BaseProtocol, conn), sock=sock)
             task = loop.create_task(coro)
         except Exception:
             sock.close()

@@ -39,7 +39,10 @@ class _Unsolicited(Exception):
     """A response begins where none was asked for (the edge never pipelines to upstreams)."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
+    """The asyncio protocol of one upstream connection (not a subclass of asyncio.Protocol, like
+    ClientConnection: a native class when compiled)."""
+
     __slots__ = ("closed", "eof", "exchange", "fed", "feeding", "head_size", "headers", "idle_after_feed", "key",
                  "parser", "proxy",
                  "read_paused", "reason", "requests", "route", "server", "status", "timer", "transport",
