@@ -318,7 +318,7 @@ class Exchange:
                 self.local_response(504 if timed_out else 502, error=self.error)
             return
         if not self.retried:
-            conn = c.proxy.take_idle(server, route)
+            conn = c.proxy.idle.take(server, route)
             if conn is not None:
                 c.proxy.counters["upstream_reused"] += 1
                 self.attach(conn, server, reused=True)
@@ -376,7 +376,7 @@ class Exchange:
         route.pool.connect_succeeded(server)
         proxy.counters["upstream_connected"] += 1
         if self.finished or self.resp_done:
-            proxy.put_idle(conn)  # the client left meanwhile; the connection is fresh and useful
+            proxy.idle.put(conn)  # the client left meanwhile; the connection is fresh and useful
             return
         self.attach(conn, server, reused=False)
 
@@ -425,7 +425,7 @@ class Exchange:
             if conn.feeding:
                 conn.idle_after_feed = True
             else:
-                self.client.proxy.put_idle(conn)
+                self.client.proxy.idle.put(conn)
         elif self.resp_done:
             conn.close()
         else:
