@@ -132,6 +132,7 @@ class Site:
         self.routes: dict[ListenerKey, list[HttpRoute]] = {}
         self.names: set[str] = set()  # every name of an HTTP service: terminated when TLS arrives
         self.https_ports: Counter[int] = Counter()
+        self._https_port: int | None = None  # https_port(), once the services are all in
         self.by_listener: dict[ListenerKey, HttpRoutes] = {}
         self.redirect_routes = HttpRoutes()
         self._proxy: EdgeHttpProxy | None = None
@@ -148,6 +149,7 @@ class Site:
 
     def finish(self) -> list[tuple[str, Route]]:
         """Build the HTTP route tables; the redirect listener's route, if there is one to make."""
+        self._https_port = None
         redirect_names = sorted(self.names)
         self.by_listener = {key: HttpRoutes(routes) for key, routes in self.routes.items()}
         extra: list[tuple[str, Route]] = []
@@ -169,8 +171,11 @@ class Site:
 
     def https_port(self) -> int:
         """Where redirects send clients: the port most HTTP services listen on (443 in production)."""
-        ports = [p for p, _ in self.https_ports.most_common() if p != 80]
-        return ports[0] if ports else 443
+        port = self._https_port
+        if port is None:
+            ports = [p for p, _ in self.https_ports.most_common() if p != 80]
+            port = self._https_port = ports[0] if ports else 443
+        return port
 
     def serve(self, conn: TcpConn, redirect: bool) -> None:
         sniffed = conn.sniffed

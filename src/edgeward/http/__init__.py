@@ -4,6 +4,8 @@ backpressure, WebSocket and other upgrades, forwarded headers, redirects to http
 Entry point: `HttpProxy(routes, settings, on_request=..., acme_http01=...).serve(sock, client, local, ...)`.
 """
 
+# First: decides whether the modules below load compiled or from source (native.py).
+from . import native  # noqa: I001
 from ..config.schema import HttpSettings
 from .log import HttpRequestLog
 from .proxy import HttpProxy
@@ -16,5 +18,5 @@ from .routes import (
            upstream_ssl_context,
 )
 
-__all__ = ["HttpProxy", "HttpRequestLog", "HttpRoute", "HttpRoutes", "HttpSettings", "HttpUpstream",
+__all__ = ["HttpProxy", "HttpRequestLog", "HttpRoute", "HttpRoutes", "HttpSettings", "HttpUpstream", "native",
            "route_for_service", "upstream_for_service", "upstream_ssl_context"]

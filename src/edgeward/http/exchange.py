@@ -318,7 +318,7 @@ class Exchange:
                 self.local_response(504 if timed_out else 502, error=self.error)
             return
         if not self.retried:
-            conn = c.proxy.take_idle(server, route)
+            conn = c.proxy.idle.take(server, route)
             if conn is not None:
                 c.proxy.counters["upstream_reused"] += 1
                 self.attach(conn, server, reused=True)
@@ -341,9 +341,10 @@ class Exchange:
                 sock, addr = upstream_tcp(target, target.port)
                 try:
                     await c.loop.sock_connect(sock, addr)  # type: ignore[arg-type]
-                    _, conn = await c.loop.create_connection(
-                        lambda: UpstreamConnection(proxy, server, route), sock=sock,
+                    _, proto = await c.loop.create_connection(
+                        lambda: cast(asyncio.BaseProtocol, UpstreamConnection(proxy, server, route)), sock=sock,
                         ssl=route.ssl, server_hostname=sni)
+                    conn = cast(UpstreamConnection, proto)
                 except BaseException:
                     sock.close()
                     raise
@@ -375,7 +376,7 @@ class Exchange:
         route.pool.connect_succeeded(server)
         proxy.counters["upstream_connected"] += 1
         if self.finished or self.resp_done:
-            proxy.put_idle(conn)  # the client left meanwhile; the connection is fresh and useful
+            proxy.idle.put(conn)  # the client left meanwhile; the connection is fresh and useful
             return
         self.attach(conn, server, reused=False)
 
@@ -424,7 +425,7 @@ class Exchange:
             if conn.feeding:
                 conn.idle_after_feed = True
             else:
-                self.client.proxy.put_idle(conn)
+                self.client.proxy.idle.put(conn)
         elif self.resp_done:
             conn.close()
         else:
@@ -777,7 +778,10 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
     return der is not None and hmac.compare_digest(certificate_pin(der), pin)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
+    """The asyncio protocol of one client connection. Not a subclass of asyncio.Protocol (the loops
+    only call its methods): so mypyc compiles it to a native class (see setup.py)."""
+
     __slots__ = (
         "addr_",
         "client_ip",
@@ -992,6 +996,9 @@ class ClientConnection(asyncio.Protocol):
         self.queue = None
         self.current = None
         self.tunnel = None
+        # The parser's callbacks are bound methods of this connection: without it, nothing here
+        # is a reference cycle, and the connection is freed at once rather than by the collector.
+        self.parser = None
 
     def pause_writing(self) -> None:
         ex = self.current

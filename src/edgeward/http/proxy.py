@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from ..config.schema import HttpSettings
 from ..events import EventBus, Peer
@@ -24,6 +24,7 @@ from .exchange import ClientConnection
 from .log import HttpRequestLog
 from .routes import HttpRoutes, HttpUpstream, IPAddress
 from .timer import TimerWheel
+from .upstream import IdleUpstreams
 
 if TYPE_CHECKING:
     from .upstream import UpstreamConnection
@@ -47,7 +48,7 @@ class HttpProxy:
         self.clients: set[ClientConnection] = set()
         self.closing = False
         self.retired = False
-        self._idle: dict[tuple[Server, HttpUpstream], list[UpstreamConnection]] = {}
+        self.idle = IdleUpstreams(settings.upstream_keepalive, settings.upstream_idle_timeout)
         self._accepting: set[asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]]] = set()
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in settings.trusted_proxies)
         self._trust_cache: dict[IPAddress, bool] = {}
@@ -86,10 +87,10 @@ class HttpProxy:
         loop = self.loop
         try:
             if ssl_context is not None:
-                coro = loop.connect_accepted_socket(lambda: conn, sock=sock, ssl=ssl_context,
+                coro = loop.connect_accepted_socket(lambda: cast(asyncio.BaseProtocol, conn), sock=sock, ssl=ssl_context,
                                                     ssl_handshake_timeout=self.settings.header_timeout)
             else:
-                coro = loop.connect_accepted_socket(lambda: conn, sock=sock)
+                coro = loop.connect_accepted_socket(lambda: cast(asyncio.BaseProtocol, conn), sock=sock)
             task = loop.create_task(coro)
         except Exception:
             sock.close()
@@ -151,34 +152,13 @@ class HttpProxy:
         return hit
 
     def take_idle(self, server: Server, route: HttpUpstream) -> UpstreamConnection | None:
-        conns = self._idle.get((server, route))
-        while conns:
-            conn = conns.pop()  # most recently used first: the others may time out
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                conn.timer.stop()
-                return conn
-        return None
+        return self.idle.take(server, route)
 
     def put_idle(self, conn: UpstreamConnection) -> None:
-        conn.exchange = None
-        if self.retired or self.closing or conn.closed:
-            conn.close()
-            return
-        conns = self._idle.get(conn.key)
-        if conns is None:
-            conns = self._idle[conn.key] = []
-        if len(conns) >= self.settings.upstream_keepalive:
-            conn.close()
-            return
-        if conn.read_paused:
-            conn.resume_reading()  # an idle connection is read, so that its close is seen
-        conn.timer.start("idle", self.settings.upstream_idle_timeout, idle=False)
-        conns.append(conn)
+        self.idle.put(conn)
 
     def drop_idle(self, conn: UpstreamConnection) -> None:
-        conns = self._idle.get(conn.key)
-        if conns and conn in conns:
-            conns.remove(conn)
+        self.idle.drop(conn)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -186,10 +166,7 @@ class HttpProxy:
         """A reload replaced this proxy: keep no upstream connection idle any more. Live client
         connections (upgraded ones included) carry on."""
         self.retired = True
-        for conns in list(self._idle.values()):
-            for conn in list(conns):
-                conn.close()
-        self._idle.clear()
+        self.idle.close_all()
 
     def close_idle_clients(self) -> None:
         """Draining (SIGTERM): close client connections between requests now, the others after
@@ -206,6 +183,6 @@ class HttpProxy:
         return {
             "clients": len(self.clients),
             "upgraded": sum(1 for c in self.clients if c.tunnel is not None),
-            "upstream_idle": sum(len(v) for v in self._idle.values()),
+            "upstream_idle": len(self.idle),
             "counters": dict(self.counters),
         }

@@ -68,7 +68,7 @@ class Timer(Generic[T]):
 
     def __init__(self, wheel: TimerWheel, owner: T, callback: Callable[[T, str], None]) -> None:
         self._wheel = wheel
-        self._owner = owner
+        self._owner: T | None = owner  # None once cancelled: a connection and its timer form no cycle
         self._callback = callback
         self._tick = 0  # the wheel bucket it is filed under; 0 = none
         self.kind = ""  # what is being waited for; "" = not running
@@ -98,8 +98,11 @@ class Timer(Generic[T]):
         self.kind = ""
 
     def cancel(self) -> None:
-        """For a closed connection: nothing may keep it alive (the wheel lets go of it now)."""
+        """For a closed connection: nothing may keep it alive (the wheel lets go of it now), and it
+        never fires again. The owner is let go of too, so that the connection is freed when its
+        last reference goes, without waiting for the cycle collector."""
         self.kind = ""
+        self._owner = None
         if self._tick:
             self._wheel.remove(self, self._tick)
             self._tick = 0
@@ -116,4 +119,6 @@ class Timer(Generic[T]):
             self._tick = wheel.add(self, due)
             return
         self.kind = ""
-        self._callback(self._owner, kind)
+        owner = self._owner
+        if owner is not None:
+            self._callback(owner, kind)

@@ -28,6 +28,62 @@ MAX_RESPONSE_HEAD = 256 * 1024
 MAX_RESPONSE_FIELDS = 500
 
 
+class IdleUpstreams:
+    """Keep-alive connections to upstream servers waiting for a request, by (server, route), one
+    set per HttpProxy. Here rather than in proxy.py so that it is compiled with the exchange that
+    takes and returns a connection for every request."""
+
+    __slots__ = ("_by_key", "closed", "idle_timeout", "keepalive")
+
+    def __init__(self, keepalive: int, idle_timeout: float) -> None:
+        self.keepalive = keepalive  # at most this many per (server, route)
+        self.idle_timeout = idle_timeout
+        self.closed = False  # the proxy retired or is draining: nothing is kept
+        self._by_key: dict[tuple[Server, HttpUpstream], list[UpstreamConnection]] = {}
+
+    def take(self, server: Server, route: HttpUpstream) -> UpstreamConnection | None:
+        conns = self._by_key.get((server, route))
+        while conns:
+            conn = conns.pop()  # most recently used first: the others may time out
+            t = conn.transport
+            if not conn.closed and t is not None and not t.is_closing():
+                conn.timer.stop()
+                return conn
+        return None
+
+    def put(self, conn: UpstreamConnection) -> None:
+        conn.exchange = None
+        if self.closed or conn.closed:
+            conn.close()
+            return
+        conns = self._by_key.get(conn.key)
+        if conns is None:
+            conns = self._by_key[conn.key] = []
+        if len(conns) >= self.keepalive:
+            conn.close()
+            return
+        if conn.read_paused:
+            conn.resume_reading()  # an idle connection is read, so that its close is seen
+        conn.timer.start("idle", self.idle_timeout, idle=False)
+        conns.append(conn)
+
+    def drop(self, conn: UpstreamConnection) -> None:
+        conns = self._by_key.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def close_all(self) -> None:
+        """Close every idle connection, and keep none from now on."""
+        self.closed = True
+        for conns in list(self._by_key.values()):
+            for conn in list(conns):
+                conn.close()
+        self._by_key.clear()
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_key.values())
+
+
 class _HeadResponseDone(Exception):
     """Raised from on_headers_complete to stop llhttp after a HEAD response's head.
 
@@ -39,7 +95,10 @@ class _Unsolicited(Exception):
     """A response begins where none was asked for (the edge never pipelines to upstreams)."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
+    """The asyncio protocol of one upstream connection (not a subclass of asyncio.Protocol, like
+    ClientConnection: a native class when compiled)."""
+
     __slots__ = ("closed", "eof", "exchange", "fed", "feeding", "head_size", "headers", "idle_after_feed", "key",
                  "parser", "proxy",
                  "read_paused", "reason", "requests", "route", "server", "status", "timer", "transport",
@@ -107,7 +166,7 @@ class UpstreamConnection(asyncio.Protocol):
             # response to another request.
             self.idle_after_feed = False
             if not self.closed:
-                self.proxy.put_idle(self)
+                self.proxy.idle.put(self)
 
     def _feed_failed(self, ex: Exchange, data: bytes, e: Exception) -> None:
         """llhttp stopped: an upgrade, a callback's exception, or a malformed response."""
@@ -145,11 +204,12 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.timer.cancel()
+        self.parser = None  # bound to this connection: freed at once, not by the cycle collector
         ex = self.exchange
         if ex is not None:
             ex.upstream_lost(self)
         else:
-            self.proxy.drop_idle(self)
+            self.proxy.idle.drop(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -236,7 +296,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.timer.cancel()
             if self.transport is not None:
                 self.transport.close()
-            self.proxy.drop_idle(self)
+            self.proxy.idle.drop(self)
 
     def abort(self) -> None:
         """Close at once, dropping unsent bytes (the exchange on it failed)."""
@@ -245,7 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.timer.cancel()
             if self.transport is not None:
                 self.transport.abort()
-            self.proxy.drop_idle(self)
+            self.proxy.idle.drop(self)
 
     def _timeout(self, kind: str) -> None:
         ex = self.exchange

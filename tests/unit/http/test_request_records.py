@@ -5,6 +5,7 @@ in-memory transports)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -114,3 +115,37 @@ def test_no_event_built_without_subscribers(loop: asyncio.AbstractEventLoop) -> 
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert proxy.counters["responses_4xx"] == 1
     assert conn.peer_ is None  # nothing asked for the Peer: no event was made
+
+
+def test_a_closed_connection_is_no_cycle_garbage(loop: asyncio.AbstractEventLoop) -> None:
+    """Closed client and upstream connections are freed by reference counting, not left to the
+    cycle collector (whose runs cost every new connection, TLS ones most)."""
+    server = Server(parse_target("http://127.0.0.1:9"))
+    upstream = HttpUpstream("web", Pool("web", [server]), "http")
+    routes = HttpRoutes([HttpRoute(upstream)])
+    proxy = HttpProxy(routes, HttpSettings.model_validate({}), loop=loop)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            conn = ClientConnection(proxy, routes, ("192.0.2.7", 1), ("127.0.0.1", 80), scheme="http",
+                                    redirect=False, https_port=443, via_proxy=False)
+            conn.connection_made(MemoryTransport())  # type: ignore[arg-type]
+            up = UpstreamConnection(proxy, server, upstream)
+            up.connection_made(MemoryTransport())  # type: ignore[arg-type]
+            proxy.put_idle(up)
+            conn.data_received(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            up.data_received(RESPONSE)
+            conn.close()
+            conn.connection_lost(None)
+            up.close()
+            up.connection_lost(None)
+            del conn, up
+        gc.collect()
+        leaked = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith(("edgeward", "httptools"))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leaked == []
