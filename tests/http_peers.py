@@ -4,6 +4,7 @@ what they saw, a raw HTTP/1.1 client that reads responses with a strict parser."
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -145,6 +146,12 @@ class NginxUpstream:
             time.sleep(0.02)
             recs = self.log()
         return recs
+
+
+def pin_of(cert_pem: bytes) -> str:
+    """upstream_tls.pin of a PEM certificate: the SHA-256 of its DER bytes, in hex."""
+    der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
+    return hashlib.sha256(der).hexdigest()
 
 
 def nginx_server_block(port: int, public: Path, *, ssl_cert: Path | None = None, ssl_key: Path | None = None,

@@ -37,7 +37,7 @@ from .http.exchange import ClientConnection
 from .routing import Route, make_route
 from .runtime import ListenerKey
 from .tls.certstore import CertificateError, CertStore, load_configured_files, tls_version
-from .upstream.pool import Pool
+from .upstream.pool import Pool, UpstreamTls
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -139,6 +139,11 @@ class Site:
 
     def action(self, name: str, svc: ServiceSettings, pool: Pool) -> ServeHttp:
         route = route_for_service(name, svc, pool)
+        up = route.upstream
+        if up.ssl is not None and pool.tls is None:
+            # Health checks of the pool's https:// servers speak TLS the way its requests do (those of
+            # the first service using the pool, when several with different upstream_tls share it).
+            pool.tls = UpstreamTls(up.ssl, up.server_name, up.pin)
         for item in svc.listen:
             for spec in resolve_listen(self.cfg, item):
                 for port in spec.ports():

@@ -96,7 +96,8 @@ class ListenerSettings(_Strict):
 class HealthCheck(_Strict):
     """Active health check of every server of a pool."""
 
-    http: str | None = Field(None, description="Path for an HTTP GET check, e.g. \"/about/health\"; unset = TCP connect.")
+    http: str | None = Field(None, description="Path for an HTTP GET check, e.g. \"/about/health\"; unset = TCP "
+                             "connect. https:// servers are checked over TLS with their service's upstream_tls.")
     port: int | None = Field(None, ge=1, le=65535, description="Port to check (default: the server's port).")
     host: str | None = Field(None, description="Host header of the HTTP check (default: the server address).")
     expect: int = Field(200, ge=100, le=599, description="HTTP status that means healthy.")

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import ipaddress
 import socket
+import ssl
 
 from ..config.units import Target
 
@@ -97,8 +98,10 @@ def upstream_udp(target: Target, default_port: int) -> socket.socket:
     return up
 
 
-async def open_stream(target: Target, port: int | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """An asyncio stream to `target` (at `port` if given), for control-plane clients (health checks)."""
+async def open_stream(target: Target, port: int | None, tls: ssl.SSLContext | None = None,
+                      server_name: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An asyncio stream to `target` (at `port` if given), for control-plane clients (health checks);
+    TLS with `tls`, asking for and checking `server_name`."""
     t = target if port is None or target.unix_path is not None else dataclasses.replace(target, port=port)
     sock, addr = upstream_tcp(t, port or 0)
     try:
@@ -107,5 +110,5 @@ async def open_stream(target: Target, port: int | None) -> tuple[asyncio.StreamR
         sock.close()
         raise
     if target.unix_path is not None:
-        return await asyncio.open_unix_connection(sock=sock)
-    return await asyncio.open_connection(sock=sock)
+        return await asyncio.open_unix_connection(sock=sock, ssl=tls, server_hostname=server_name if tls else None)
+    return await asyncio.open_connection(sock=sock, ssl=tls, server_hostname=server_name if tls else None)

@@ -1,5 +1,9 @@
 """Active health checks: TCP connect or HTTP GET, per server, on an interval.
 
+An https:// server (an HTTP service's upstream) is checked over TLS with the settings its
+requests use (`Pool.tls`: CA, pin, SNI, or verify = false): a plain GET to a TLS port would
+mark it down, and a certificate its requests would refuse makes it unhealthy too.
+
 Runs in the control plane (asyncio streams are fine here); the data plane only
 reads `Server.healthy`.
 """
@@ -8,35 +12,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from ..config.schema import HealthCheck
 from ..config.units import Target
-from .pool import Pool, Server
+from .pool import Pool, Server, UpstreamTls
 
 HealthListener = Callable[[Pool, Server, bool], None]
 # Opens a stream to a target (net/sockets.py's `open_stream`: the edge passes it in, so that every
-# socket is made in one place while this module stays below the network layer).
-Connector = Callable[[Target, int | None], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+# socket is made in one place while this module stays below the network layer), over TLS when given
+# a context and the name to ask for and check.
+Connector = Callable[[Target, int | None, ssl.SSLContext | None, str | None],
+                     Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
-async def _asyncio_connect(t: Target, port: int | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _asyncio_connect(t: Target, port: int | None, tls: ssl.SSLContext | None = None,
+                           server_name: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if t.unix_path is not None:
         return await asyncio.open_unix_connection(t.unix_path)
     assert t.host is not None and port is not None
-    return await asyncio.open_connection(t.host, port)
+    return await asyncio.open_connection(t.host, port, ssl=tls, server_hostname=server_name if tls else None)
+
+
+def _tls_for(server: Server, tls: UpstreamTls | None) -> tuple[ssl.SSLContext | None, str | None, bytes | None]:
+    """Context, SNI and pin for checking `server`: none for plain servers; for an https:// server,
+    the pool's settings, or the system's CAs when the HTTP layer gave none."""
+    if server.target.scheme != "https":
+        return None, None, None
+    if tls is None:
+        return ssl.create_default_context(), server.target.host, None
+    return tls.context, tls.server_name or server.target.host, tls.pin
+
+
+def _pin_matches(writer: asyncio.StreamWriter, pin: bytes) -> bool:
+    obj = writer.get_extra_info("ssl_object")
+    der = obj.getpeercert(binary_form=True) if obj is not None else None
+    return der is not None and hashlib.sha256(der).digest() == pin
 
 log = logging.getLogger("edgeward.health")
 
 
-async def check_once(server: Server, hc: HealthCheck, connect: Connector = _asyncio_connect) -> bool:
+async def check_once(server: Server, hc: HealthCheck, connect: Connector = _asyncio_connect,
+                     tls: UpstreamTls | None = None) -> bool:
     t = server.target
     port = hc.port or t.port
+    context, server_name, pin = _tls_for(server, tls)
     try:
         async with asyncio.timeout(hc.timeout):
-            reader, writer = await connect(t, port)
+            reader, writer = await connect(t, port, context, server_name)
             try:
+                if pin is not None and not _pin_matches(writer, pin):
+                    log.info("health check of %s: certificate does not match upstream_tls.pin", server.name)
+                    return False
                 if hc.http is None:
                     return True
                 host = hc.host or (t.host if t.host and ":" not in t.host else f"[{t.host}]")
@@ -50,7 +80,7 @@ async def check_once(server: Server, hc: HealthCheck, connect: Connector = _asyn
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):  # ssl.SSLError is an OSError
         return False
 
 
@@ -81,7 +111,7 @@ class HealthChecker:
         hc = pool.health
         assert isinstance(hc, HealthCheck)
         while True:
-            results = await asyncio.gather(*(check_once(s, hc, self.connect) for s in pool.servers))
+            results = await asyncio.gather(*(check_once(s, hc, self.connect, pool.tls) for s in pool.servers))
             for s, ok in zip(pool.servers, results, strict=True):
                 self._apply(pool, s, ok, hc)
             await asyncio.sleep(hc.interval)

@@ -19,11 +19,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+import ssl
 import time
 from dataclasses import dataclass, field
 
 from ..config.schema import PoolSettings
 from ..config.units import Target, parse_target
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How to speak TLS to a pool's https:// servers (the HTTP layer's settings for them), so that
+    active health checks talk to those servers the way requests do."""
+
+    context: ssl.SSLContext
+    server_name: str | None = None  # SNI and certificate name; None = each server's host
+    pin: bytes | None = None  # SHA-256 of the server's certificate (DER)
 
 
 @dataclass(slots=True, eq=False)
@@ -56,7 +67,7 @@ class Server:
 
 class Pool:
     __slots__ = ("balance", "connect_timeout", "down_for", "failures_to_down", "health", "name",
-                 "proxy_protocol", "retries", "servers")
+                 "proxy_protocol", "retries", "servers", "tls")
 
     def __init__(self, name: str, servers: list[Server], *, balance: str = "round-robin",
                  connect_timeout: float = 3.0, retries: int = 2, proxy_protocol: str = "off",
@@ -70,6 +81,8 @@ class Pool:
         self.failures_to_down = failures_to_down
         self.down_for = down_for
         self.health = health
+        # Set by the HTTP layer for pools of https:// servers (health checks use it).
+        self.tls: UpstreamTls | None = None
 
     def pick(self, client: bytes, exclude: tuple[Server, ...] = (), now: float | None = None) -> Server | None:
         """The server for a new connection from `client` (packed address), or None if none is available."""

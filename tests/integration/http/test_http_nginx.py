@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from http_peers import HttpEdge, NginxUpstream, get, nginx_upstream, read_response, request
+from http_peers import HttpEdge, NginxUpstream, get, nginx_upstream, pin_of, read_response, request
 from support import free_port, require, wait_until
 
 
@@ -26,11 +26,6 @@ class Env:
     tls_port: int  # TLS-terminated listener
     ca_pem: Path  # trusts both the edge's and nginx's certificates
     tmp: Path
-
-
-def pin_of(cert_pem: bytes) -> str:
-    der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
-    return hashlib.sha256(der).hexdigest()
 
 
 @pytest.fixture(scope="module")
