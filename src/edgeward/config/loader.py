@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -64,10 +68,11 @@ def _split_dotted(key: str) -> list[str]:
 
 
 class _KeyLocator:
-    """Maps a key path (("services", "web", "to")) to where it was written."""
+    """Maps a key path (("services", "web", "to")) to where it was written: the key, and its value."""
 
     def __init__(self, text: str) -> None:
         self.where: dict[tuple[str, ...], tuple[int, int]] = {}
+        self.values: dict[tuple[str, ...], tuple[int, int]] = {}
         table: list[str] = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             stripped = line.lstrip()
@@ -76,20 +81,27 @@ class _KeyLocator:
             h = _HEADER_RE.match(line)
             if h and not _KEY_RE.match(line):
                 table = _split_dotted(h.group(2))
-                self.where.setdefault(tuple(table), (lineno, line.index("[") + 1))
+                # [service.web] also locates "service": a misspelt table is reported at its header.
+                for n in range(1, len(table) + 1):
+                    self.where.setdefault(tuple(table[:n]), (lineno, line.index("[") + 1))
                 continue
             k = _KEY_RE.match(line)
             if k:
                 path = (*table, *_split_dotted(k.group(1)))
                 self.where.setdefault(path, (lineno, len(line) - len(stripped) + 1))
+                after = line[k.end():]
+                self.values.setdefault(path, (lineno, k.end() + len(after) - len(after.lstrip()) + 1))
                 # Keys of an inline table on the same line: { port = 8080, http = "/h" }
                 rest = line[k.end() :]
                 if "{" in rest:
                     for m in _INLINE_KEY_RE.finditer(rest[rest.index("{") :]):
                         self.where.setdefault((*path, m.group(1)), (lineno, k.end() + rest.index("{") + m.start() + 1))
 
-    def find(self, loc: Loc) -> tuple[int, int]:
+    def find(self, loc: Loc, *, value: bool = False) -> tuple[int, int]:
+        """Where `loc` was written (its value with `value`), else its nearest written parent."""
         keys = tuple(str(p) for p in loc if not isinstance(p, int))
+        if value and keys in self.values:
+            return self.values[keys]
         while keys:
             if keys in self.where:
                 return self.where[keys]
@@ -97,12 +109,66 @@ class _KeyLocator:
         return (1, 1)
 
 
-def _hint_for(err_type: str, msg: str) -> str:
-    if err_type == "extra_forbidden":
-        return "remove it or check its spelling against `edgeward schema`"
-    if err_type == "missing":
-        return "add it"
-    return ""
+def _options_at(loc: Loc) -> list[str] | None:
+    """The option names the schema allows in the table at `loc` (None if it is not a table of options)."""
+    model: object = Config
+    parts = list(loc)
+    while parts:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return None
+        part = parts.pop(0)
+        field = fields.get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+        # Unwrap X | None, dict[str, X] (a table of named tables: the next part is a name), list[X].
+        while True:
+            origin, args = typing.get_origin(model), typing.get_args(model)
+            if origin in (typing.Union, types.UnionType):
+                tables = [a for a in args if hasattr(a, "model_fields") or typing.get_origin(a) in (dict, list)]
+                if not tables:
+                    return None
+                model = tables[0]
+            elif origin is dict and parts:
+                parts.pop(0)
+                model = args[1]
+            elif origin is list and parts and isinstance(parts[0], int):
+                parts.pop(0)
+                model = args[0]
+            else:
+                break
+    fields = getattr(model, "model_fields", None)
+    return list(fields) if fields is not None else None
+
+
+def _schema_problem(name: str, err: Mapping[str, Any], locator: _KeyLocator) -> Problem:
+    """A pydantic error said the way the rest of `check` speaks: where, what, how to fix it."""
+    loc: Loc = tuple(err["loc"])
+    where = ".".join(str(x) for x in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key, parent = str(loc[-1]), loc[:-1]
+        options = _options_at(parent) or []
+        line, col = locator.find(loc)
+        if not parent and isinstance(err.get("input"), dict):
+            close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+            hint = f"did you mean [{close[0]}]?" if close else "tables: " + ", ".join(f"[{o}]" for o in options)
+            return Problem(name, line, col, f"unknown table [{key}]", hint)
+        close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else ("options here: " + ", ".join(options) if options else "")
+        in_table = f" in [{'.'.join(str(x) for x in parent)}]" if parent else ""
+        return Problem(name, line, col, f"unknown option {key!r}{in_table}", hint)
+    if kind == "missing":
+        line, col = locator.find(loc)
+        return Problem(name, line, col, f"{where}: required option is missing", f"add {loc[-1]} = ...")
+    line, col = locator.find(loc, value=True)
+    given = err.get("input")
+    if kind == "list_type" and isinstance(given, (str, int)):
+        return Problem(name, line, col, f"{where}: a list is expected, not a single value",
+                       f"write {loc[-1]} = [{json.dumps(given)}]")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return Problem(name, line, col, f"{where}: {msg}", "")
 
 
 def load(path: str | Path, checks: Sequence[Check] = ()) -> Config:
@@ -131,21 +197,19 @@ def loads(text: str, name: str = "<config>", checks: Sequence[Check] = ()) -> Co
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            line, col = locator.find(err["loc"])
-            where = ".".join(str(x) for x in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(Problem(name, line, col, f"{where}: {msg}", _hint_for(err["type"], msg)))
-        raise ConfigError(problems) from None
+        raise ConfigError(_in_file_order([_schema_problem(name, err, locator) for err in e.errors()])) from None
     problems = list(_cross_check(cfg, name, locator))
     for check in checks:
         for loc, message, hint in check(cfg):
-            line, col = locator.find(loc)
+            line, col = locator.find(loc, value=True)
             problems.append(Problem(name, line, col, message, hint))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_in_file_order(problems))
     return cfg
+
+
+def _in_file_order(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.line, p.col))
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -162,7 +226,7 @@ def resolve_listen(cfg: Config, item: str) -> list[BindSpec]:
 
 def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Problem]:
     def at(loc: Loc, message: str, hint: str = "") -> Problem:
-        line, col = locator.find(loc)
+        line, col = locator.find(loc, value=True)
         return Problem(name, line, col, message, hint)
 
     # Admin API: loopback or unix unless a token is set (security by default).
@@ -203,8 +267,11 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
             try:
                 spec = parse_bind(item)
             except ValueError as e:
-                hint = _did_you_mean(item, cfg.listeners) or "name a [listeners.X] table or write an address like \"[::]:443\""
-                yield at(("services", sname, "listen", i), f"listen {item!r}: {e}", hint)
+                # A listener name with a typo, or an address with a bad part (said by `e`, which names it).
+                hint = _did_you_mean(item, cfg.listeners)
+                if not hint and not any(c.isdigit() for c in item):
+                    hint = "name a [listeners.X] table or write an address like \"[::]:443\""
+                yield at(("services", sname, "listen", i), f"services.{sname}.listen: {e}", hint)
                 continue
             for port in spec.ports():
                 if (spec.transport, spec.host, port) in listener_bind_keys:

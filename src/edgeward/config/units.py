@@ -134,8 +134,10 @@ def _split_host_port(text: str) -> tuple[str, str | None]:
 
 
 def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"{whole!r}: port {text!r} is not a number from 1 to 65535")
+    if not text.isdigit():
+        raise ValueError(f"{whole!r}: port {text!r} is not a number")
+    if not 0 < int(text) < 65536:
+        raise ValueError(f"{whole!r}: port {int(text)} is out of range (1-65535)")
     return int(text)
 
 

@@ -171,18 +171,18 @@ def test_loader_reports_guard_problems_where_they_were_written() -> None:
     loads(CONFIG, "edge.toml")  # without the guard's check the config layer cannot tell
     with pytest.raises(ConfigError) as ei:
         loads(CONFIG, "edge.toml", checks=(config_problems,))
-    got = [str(p) for p in ei.value.problems]
+    got = [str(p) for p in ei.value.problems]  # each at its value's column
     hint = " (see `edgeward check` docs in docs/config.md)"
     at_filter = line_of('filter = "no-such-filter"')
     at_sources = line_of('sources = ["edge:sniff", "pigeon"]')
     at_tz = line_of('logtimezone = "Mars"')
     assert got == [
-        f"edge.toml:{at_filter}:1: jail app: no filter named "
+        f"edge.toml:{at_filter}:10: jail app: no filter named "
         f"'no-such-filter' in /etc/fail2ban/filter.d, {EDGEWARD_FILTER_DIR} (give a path, or add the "
         "directory to the filter search path)" + hint,
-        f"edge.toml:{at_sources}:1: jail edge: unknown "
+        f"edge.toml:{at_sources}:11: jail edge: unknown "
         "source 'pigeon' (edge:<kind> or journal)" + hint,
-        f"edge.toml:{at_tz}:1: jail edge: unknown or unsupported "
+        f"edge.toml:{at_tz}:15: jail edge: unknown or unsupported "
         "time zone 'Mars' (use an offset like +0200)" + hint,
     ]
     fine = CONFIG.replace('filter = "no-such-filter"', 'filter = "prosody-auth[mode=x]"')
