@@ -216,8 +216,8 @@ def test_cli_check_reports_problems_with_exit_code(tmp_path: Path) -> None:
     bad.write_text('[services.s]\nlisten = ["127.0.0.1:99999"]\nto = "nowhere"\n')
     r = subprocess.run([*EDGEWARD, "check", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
-    assert f"{bad}:2:1:" in r.stderr and "65535" in r.stderr
-    assert f"{bad}:3:1: to: no pool named 'nowhere'" in r.stderr
+    assert f"{bad}:2:10:" in r.stderr and "65535" in r.stderr  # at the value
+    assert f"{bad}:3:6: to: no pool named 'nowhere'" in r.stderr
     r = subprocess.run([*EDGEWARD, "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("edgeward ")
     r = subprocess.run([*EDGEWARD, "status", "--admin", f"127.0.0.1:{free_port()}"], capture_output=True, text=True)
