@@ -71,6 +71,23 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
+import_app = typer.Typer(no_args_is_help=True, help="Carry another tool's configuration over to edgeward's.")
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("fail2ban")
+def import_fail2ban(path: Annotated[Path, typer.Argument(
+        help="fail2ban's jail.local, jail.conf or their directory (e.g. /etc/fail2ban).")]) -> None:
+    """Print fail2ban's enabled jails as [jails.*] tables (jail.conf, jail.d/, jail.local, [DEFAULT] and
+    %(...)s as fail2ban reads them); what does not carry over is said in comments."""
+    from .guard.fail2ban_jails import JailImportError, import_jails, render
+    try:
+        typer.echo(render(import_jails(str(path))), nl=False)
+    except JailImportError as e:
+        typer.echo(f"edgeward import fail2ban: {e}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
 @app.command()
 def run(config: ConfigArg,
         demo: Annotated[bool, typer.Option(help="Also start the built-in demo upstreams (for examples/demo.toml).")] = False,

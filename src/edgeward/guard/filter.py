@@ -452,8 +452,8 @@ _MAX_TAG_REPLACE = 25
 
 
 @dataclass
-class _Conf:
-    """Merged sections of a filter file and its includes, with provenance."""
+class IniConf:
+    """Merged sections of a filter file and its includes (or of jail files), with provenance."""
 
     defaults: dict[str, str] = field(default_factory=dict)
     sections: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -518,7 +518,7 @@ def _read_one(path: str) -> tuple[configparser.RawConfigParser, dict[tuple[str, 
     return cp, _option_lines(text)
 
 
-def _include_chain(path: str, seen: tuple[str, ...] = ()) -> list[str]:
+def include_chain(path: str, seen: tuple[str, ...] = ()) -> list[str]:
     """[before-includes..., path, after-includes...] with .local overlays, recursively."""
     out: list[str] = []
     for p in _with_local([path]):
@@ -538,7 +538,7 @@ def _include_chain(path: str, seen: tuple[str, ...] = ()) -> list[str]:
                         r = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(p), inc)
                         if r in seen or r == p:
                             continue
-                        bucket.extend(_include_chain(r, (*seen, p)))
+                        bucket.extend(include_chain(r, (*seen, p)))
         out.extend(before)
         out.append(p)
         out.extend(after)
@@ -555,9 +555,14 @@ def _with_local(paths: list[str]) -> list[str]:
     return out
 
 
-def _read_conf(path: str) -> _Conf:
-    conf = _Conf()
-    for p in _include_chain(path):
+def _read_conf(path: str) -> IniConf:
+    return read_ini(include_chain(path))
+
+
+def read_ini(files: Sequence[str]) -> IniConf:
+    """fail2ban's config files, read in this order into one view (later files override)."""
+    conf = IniConf()
+    for p in files:
         parsed = _read_one(p)
         if parsed is None:
             continue
@@ -585,10 +590,10 @@ def _read_conf(path: str) -> _Conf:
     return conf
 
 
-class _Resolver:
+class Resolver:
     """fail2ban's two interpolation layers: %(name)s, then <tag>."""
 
-    def __init__(self, conf: _Conf, params: Mapping[str, str]) -> None:
+    def __init__(self, conf: IniConf, params: Mapping[str, str]) -> None:
         self.conf = conf
         self.params = {k.lower(): v for k, v in params.items()}
         self._cache: dict[str, str | None] = {}
@@ -775,7 +780,7 @@ def load_filter(name_or_path: str, *, search_dirs: Sequence[str] = DEFAULT_SEARC
         raise FilterError("filter file not found", path)
     if "Definition" not in conf.sections:
         raise FilterError("no [Definition] section (is this a fail2ban filter file?)", path)
-    res = _Resolver(conf, merged)
+    res = Resolver(conf, merged)
     p_opts = res.params
     opts: dict[str, str] = {}
     try:
