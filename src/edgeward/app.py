@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from .net.forward import Forward
 from .routing import Action
 from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
+from .systemd import Supervision
 from .upstream.pool import Pool, Upstreams
 
 if TYPE_CHECKING:
@@ -170,6 +171,13 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         await guard.stop()
         raise StartError(f"cannot open the admin API on {cfg.edge.admin}: {e.strerror or e}") from None
     edge.install_signals()
+    supervision = Supervision.from_env(lambda: _summary(edge))
+    if supervision is not None:
+        # Listeners bound, bans restored, admin API up: ready (systemd Type=notify).
+        edge.on_reload_start.append(supervision.reloading)
+        edge.on_reload_done.append(lambda _applied: supervision.reloaded())
+        edge.on_drain.append(supervision.stopping)
+        supervision.ready()
     # Everything built so far (modules, config, runtime) lives as long as the process: move it out
     # of the cyclic collector's sight, so that collections triggered by per-connection objects do
     # not walk it again and again.
@@ -177,6 +185,8 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     try:
         await edge.wait_stopped()
     finally:
+        if supervision is not None:
+            await supervision.close()
         await admin.stop()
         await builder.close()
         await guard.stop()
@@ -184,6 +194,16 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
             access_log.close()
         for s in demo_servers:
             s.close()
+
+
+def _summary(edge: Edge) -> str:
+    """One line for systemd's STATUS= (`systemctl status edgeward`)."""
+    adm = edge.admission
+    bans = adm.bans
+    banned = len(bans) if isinstance(bans, Sized) else 0
+    return (f"{len(edge.listeners)} TCP and {len(edge.udp_listeners)} UDP listeners; {adm.tcp_count} connections, "
+            f"{adm.udp_count} UDP sessions, {adm.distinct_clients()} clients; {banned} banned; "
+            f"{edge.reloads} reloads")
 
 
 def run(path: str, cfg: Config, demo: bool = False) -> None:

@@ -94,8 +94,12 @@ def run(config: ConfigArg,
         log_level: Annotated[str | None, typer.Option(help="Override edge.log_level.")] = None) -> None:
     """Run the edge in the foreground. SIGHUP reloads, SIGTERM drains, SIGINT stops."""
     cfg = _load_or_exit(config)
-    logging.basicConfig(level=(log_level or cfg.edge.log_level).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .systemd import JournalFormatter, stderr_is_journal
+    handler = logging.StreamHandler()
+    # Under systemd, journald stamps the time and keeps each line's priority from its <N> prefix.
+    handler.setFormatter(JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=(log_level or cfg.edge.log_level).upper(), handlers=[handler])
     from .app import StartError
     from .app import run as run_edge
     try:

@@ -85,6 +85,11 @@ class Edge:
         self.started_at = time.time()
         self.reloads = 0
         self.on_reload: list[Callable[[Runtime], None]] = []  # parts that follow the config (the HTTP layer...)
+        # Watchers of the lifecycle (systemd's notify socket): a reload starting and done (applied or
+        # not), draining started.
+        self.on_reload_start: list[Callable[[], None]] = []
+        self.on_reload_done: list[Callable[[bool], None]] = []
+        self.on_drain: list[Callable[[], None]] = []
         # Parts plugged in at start (the guard) add their own sections to `status`.
         self.extra_status: dict[str, Callable[[], object]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -174,8 +179,19 @@ class Edge:
         """Re-read the config; on any error keep the running one. Returns True if applied."""
         if self.config_path is None:
             return False
+        for fn in self.on_reload_start:
+            fn()
+        applied = False
         try:
-            cfg = self.load(self.config_path)
+            applied = self._reload(self.config_path)
+        finally:
+            for done in self.on_reload_done:
+                done(applied)
+        return applied
+
+    def _reload(self, path: str) -> bool:
+        try:
+            cfg = self.load(path)
             rt = self.build(cfg, self.upstreams)
             self._open_listeners(rt)
         except ConfigError as e:
@@ -210,6 +226,8 @@ class Edge:
         UDP listeners stay open while TCP connections drain, forwarding for the sessions they
         have (admission refuses new ones); they close with everything else at the end."""
         self.plane.admission.draining = True
+        for fn in self.on_drain:
+            fn()
         for lst in self.listeners.values():
             lst.close()
         self.listeners.clear()
