@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import selectors
 import shutil
+import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -88,3 +91,38 @@ class Topology:
             with contextlib.suppress(RuntimeError):
                 sh("ip", "netns", "del", name)
         self.names.clear()
+
+
+class UdpEchoes:
+    """UDP servers on many ports of one address (a home server's TURN ports), on one thread:
+    each datagram is answered with `reply(data, peer)` (default: the data itself)."""
+
+    def __init__(self, host: str, ports: Sequence[int],
+                 reply: Callable[[bytes, tuple[str, int]], bytes] = lambda data, _peer: data) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.socks = []
+        self.reply = reply
+        for port in ports:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((host, port))
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ)
+            self.socks.append(s)
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            for key, _ in self.sel.select(0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                with contextlib.suppress(OSError):
+                    data, peer = sock.recvfrom(2048)
+                    sock.sendto(self.reply(data, peer), peer)
+
+    def close(self) -> None:
+        self._stop = True
+        self._t.join(2)
+        for s in self.socks:
+            s.close()

@@ -22,6 +22,8 @@ from .edge import BindError, Edge
 from .events import EventBus
 from .guard.validate import config_problems as jail_problems
 from .guard_adapter import GuardAdapter
+from .kernel_forward import KernelForwardError, KernelTable
+from .kernel_forward import problems as kernel_problems
 from .net.forward import Forward
 from .routing import Action
 from .runtime import Runtime
@@ -52,7 +54,7 @@ def _certificate_problems(cfg: Config) -> Iterable[tuple[tuple[str | int, ...], 
 def load_config(path: str | Path) -> Config:
     """Read and check a config file (the guard checks its jails and filters, the certificate store
     its certificate files). Raises ConfigError with every problem at file:line:col."""
-    return load(path, checks=(jail_problems, _certificate_problems))
+    return load(path, checks=(jail_problems, _certificate_problems, kernel_problems))
 
 
 def has_http_services(cfg: Config) -> bool:
@@ -162,12 +164,35 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     except OSError as e:
         await guard.stop()
         raise StartError(f"cannot start: {e}") from None
+    kernel = KernelTable(cfg.kernel)
+    try:
+        await kernel.apply(cfg)
+    except KernelForwardError as e:
+        await edge.stop()
+        await guard.stop()
+        raise StartError(f"cannot forward in the kernel: {e}") from None
+
+    def kernel_follows(rt: Runtime) -> None:
+        async def apply() -> None:
+            try:
+                await kernel.apply(rt.config)
+            except KernelForwardError as e:
+                log.error("reload: kernel forwarding kept as it was: %s", e)
+                edge.counters.inc("reloads", "kernel_failed")
+        task = loop.create_task(apply())
+        kernel_tasks.add(task)
+        task.add_done_callback(kernel_tasks.discard)
+    kernel_tasks: set[asyncio.Task[None]] = set()
+    edge.on_reload.append(kernel_follows)
+    edge.extra_status["kernel"] = lambda: {"table": kernel.settings.table, "applied": kernel.applied,
+                                           "rules": kernel.rules}
     admin = AdminAPI(edge, cfg.edge.admin, cfg.edge.admin_token)
     guard.register(admin)
     try:
         await admin.start()
     except OSError as e:
         await edge.stop()
+        await kernel.remove()
         await guard.stop()
         raise StartError(f"cannot open the admin API on {cfg.edge.admin}: {e.strerror or e}") from None
     edge.install_signals()
@@ -188,6 +213,7 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         if supervision is not None:
             await supervision.close()
         await admin.stop()
+        await kernel.remove()
         await builder.close()
         await guard.stop()
         if access_log is not None:

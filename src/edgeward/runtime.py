@@ -77,6 +77,8 @@ def build_runtime(cfg: Config, upstreams: Upstreams, make_action: ActionFactory,
     listener_settings: dict[ListenerKey, tuple[str, ListenerSettings]] = {}
     all_routes = []
     for sname, svc in cfg.services.items():
+        if svc.forward == "kernel":
+            continue  # nftables forwards its packets (kernel_forward.py): no listener, no route here
         if svc.to in pools:
             pool = pools[svc.to]
         else:

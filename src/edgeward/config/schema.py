@@ -279,6 +279,17 @@ class ServiceSettings(_Strict):
     upstream_tls: UpstreamTlsSettings | None = Field(
         None, description="https:// upstreams only: how their certificate is checked (default: system CAs)."
     )
+    forward: Literal["edge", "kernel"] = Field(
+        "edge",
+        description="\"kernel\": forwarded by nftables DNAT (table [kernel]), never entering edgeward: for heavy UDP "
+        "and port ranges. The upstream sees the client's own address and must route its replies back through "
+        "the edge (or set masquerade). No names, ALPN, protocol, PROXY header or HTTP: nothing is sniffed.",
+    )
+    masquerade: bool = Field(
+        False,
+        description="forward = \"kernel\" only: replace the client's address by the edge's (nftables masquerade), "
+        "for an upstream whose replies would not come back through the edge.",
+    )
 
     @field_validator("paths")
     @classmethod
@@ -535,6 +546,24 @@ class AcmeSettings(_Strict):
         return self
 
 
+class KernelSettings(_Strict):
+    """The nftables table of services with forward = "kernel" (DNAT, and masquerade where asked)."""
+
+    table: str = Field("edgeward_fwd", description="Table name (family inet); edgeward owns it and touches no other.")
+    command: list[str] = Field(
+        default_factory=lambda: ["nft"], min_length=1,
+        description="How to run nft, e.g. [\"ip\", \"netns\", \"exec\", \"ns1\", \"nft\"].",
+    )
+    timeout: Duration = Field(10.0, gt=0, description="Longest run of one nft command.")
+
+    @field_validator("table")
+    @classmethod
+    def _check_table(cls, v: str) -> str:
+        if not v or not v.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"invalid nft table name {v!r} (letters, digits, '_' and '-' only)")
+        return v
+
+
 class Config(_Strict):
     """The whole file."""
 
@@ -547,6 +576,8 @@ class Config(_Strict):
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings.model_validate({}), description="TLS termination.")
     acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings.model_validate({}), description="ACME certificates.")
     http: HttpSettings = Field(default_factory=lambda: HttpSettings.model_validate({}), description="The HTTP reverse proxy.")
+    kernel: KernelSettings = Field(
+        default_factory=lambda: KernelSettings.model_validate({}), description="Kernel forwarding (nftables DNAT).")
 
 
 def json_schema() -> dict[str, object]:
