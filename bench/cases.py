@@ -936,6 +936,15 @@ def ban_latency(ctx: Context) -> None:
     run_script_case(ctx, "ban_latency")
 
 
+def kernel_path(ctx: Context) -> None:
+    run_script_case(ctx, "kernel_path")
+
+
+def kernel_path_args(source: str, quick: bool) -> list[str]:
+    """bench/kernel_path.py runs 9 iperf3 tests of --seconds each (default 5)."""
+    return ["--seconds", "2"] if quick and "--seconds" in source else []
+
+
 def ban_latency_args(source: str, quick: bool) -> list[str]:
     """Its --rounds is how many addresses it bans (default 200); 50 give a usable
     p50/p90 in a quick run."""
@@ -987,6 +996,7 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "jail_lines": jail_lines_args,
     "ban_latency": ban_latency_args,
+    "kernel_path": kernel_path_args,
 }
 
 CASES: dict[str, Callable[[Context], None]] = {
@@ -996,6 +1006,7 @@ CASES: dict[str, Callable[[Context], None]] = {
     "udp": udp,
     "jail_lines": jail_lines,
     "ban_latency": ban_latency,
+    "kernel_path": kernel_path,
     "http_keepalive": http_keepalive,
     "https_keepalive": https_keepalive,
     "tls_handshakes": tls_handshakes,
