@@ -85,7 +85,7 @@ class _Registry:
 class Admission:
     """Bans and limits at the door, for both transports; registries of who is in."""
 
-    __slots__ = ("bans", "draining", "settings", "tcp", "tcp_count", "udp", "udp_count")
+    __slots__ = ("bans", "draining", "peak", "settings", "tcp", "tcp_count", "udp", "udp_count")
 
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings  # swapped on reload
@@ -95,6 +95,9 @@ class Admission:
         self.udp = _Registry()
         self.tcp_count = 0
         self.udp_count = 0
+        # Most TCP connections and UDP sessions at once since the sweeper last looked (a burst
+        # shorter than its one-second tick still shows, for edge.MemoryReturn).
+        self.peak = 0
 
     def refusal(self, transport: str, listener: str, listener_active: int, listener_max: int | None,
                 ip: str) -> str | None:
@@ -122,7 +125,9 @@ class Admission:
 
     # ------------------------------------------------------------------ registries
     def add_tcp(self, conn: Admitted) -> None:
-        self.tcp_count += 1
+        self.tcp_count = n = self.tcp_count + 1
+        if n > self.peak:
+            self.peak = n + self.udp_count
         by_ip = self.tcp.by_ip
         ip = conn.peer.ip
         s = by_ip.get(ip)  # _Registry.add, inlined: once per connection
@@ -148,7 +153,9 @@ class Admission:
         return None
 
     def add_udp(self, session: Admitted) -> None:
-        self.udp_count += 1
+        self.udp_count = n = self.udp_count + 1
+        if n > self.peak:
+            self.peak = n + self.tcp_count
         self.udp.add(session.peer.ip, session)
 
     def remove_udp(self, session: Admitted) -> None:

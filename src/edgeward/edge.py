@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import resource
 import signal
@@ -63,6 +64,67 @@ class BindError(Exception):
     pass
 
 
+class MemoryReturn:
+    """Gives memory back to the system after a burst of connections has ended.
+
+    A closed relayed connection is partly held in reference cycles (connection <-> flows), which
+    only the cycle collector frees, and gc.freeze() at start keeps the long-lived heap out of its
+    full collections, which then run rarely: after 9,000 connections close, RSS stayed ~24 MB above
+    its start. When the count of live connections and sessions has fallen to under half of a
+    peak at least BURST above it, and has stopped falling, one full collection frees them, and
+    glibc's malloc_trim(0) hands the free pages back (a few ms; at most once per COOLDOWN seconds; measured: RSS back
+    to ~5 MB above start, tests/reliability's burst case)."""
+
+    BURST = 1000
+    COOLDOWN = 10.0
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.prev = 0
+        self.last = 0.0
+        self.runs = 0
+        self._trim: Callable[[int], object] | None = None
+        self._looked_up = False
+
+    def after_sweep(self, live: int, peak: int) -> None:
+        """`live` now, `peak`: the most at once since the last sweep."""
+        falling, self.prev = live < self.prev, live
+        if peak > self.peak:
+            self.peak = peak
+        if live == self.peak:
+            return
+        if self.peak - live < self.BURST or live * 2 > self.peak or falling:
+            return  # no burst ended, or it is still ending: once, when the count has settled
+        now = time.monotonic()
+        if now - self.last < self.COOLDOWN:
+            return
+        self.last, self.peak = now, live
+        gc.collect()
+        trim = self._malloc_trim()
+        if trim is not None:
+            trim(0)
+        self.runs += 1
+
+    def status(self) -> dict[str, int]:
+        """For `edgeward status`: this process' RSS and how often a burst was given back."""
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * resource.getpagesize() // 1024
+        except (OSError, ValueError, IndexError):
+            rss = 0
+        return {"rss_kib": rss, "after_burst_collections": self.runs}
+
+    def _malloc_trim(self) -> Callable[[int], object] | None:
+        if not self._looked_up:
+            self._looked_up = True
+            try:
+                import ctypes
+                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc
+                self._trim = None
+        return self._trim
+
+
 class Edge:
     """Listeners, the data plane they feed, and the lifecycle around them."""
 
@@ -93,6 +155,8 @@ class Edge:
         # Parts plugged in at start (the guard) add their own sections to `status`.
         self.extra_status: dict[str, Callable[[], object]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._memory = MemoryReturn()
+        self.extra_status["memory"] = self._memory.status
         self._stopped = asyncio.Event()
 
     @property
@@ -282,6 +346,10 @@ class Edge:
                 for ulst in list(self.udp_listeners.values()):
                     if ulst.sessions:
                         ulst.sweep(now)
+            adm = plane.admission
+            live = adm.tcp_count + adm.udp_count
+            self._memory.after_sweep(live, adm.peak)
+            adm.peak = live
 
     # ------------------------------------------------------------------ admin actions
     def close_client(self, ip: str, listeners: frozenset[str] | None = None) -> int:
