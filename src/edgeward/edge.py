@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from .admission import Admission
+from .clients import Presence
 from .config.loader import ConfigError
 from .config.schema import Config
 from .events import EventBus, HealthChanged
@@ -59,6 +60,11 @@ def raise_nofile(want: int | str) -> tuple[int, int]:
     return soft, hard
 
 
+def service_pools(rt: Runtime) -> dict[str, str]:
+    """Service → the name of the pool its action sends to (services without one are left out)."""
+    return {r.service: r.action.pool.name for r in rt.routes if r.action.pool is not None}
+
+
 class BindError(Exception):
     pass
 
@@ -75,8 +81,10 @@ class Edge:
         self.bus = bus if bus is not None else EventBus()
         self.counters = Counters()
         self.stats = Stats(self.bus, self.counters)
+        self.presence = Presence(self.bus)  # distinct clients per service, pool and server
         self.upstreams = Upstreams()
         self.runtime = build(cfg, self.upstreams)
+        self.presence.set_pools(service_pools(self.runtime))
         self.plane = DataPlane(self.loop, Admission(cfg.edge), self.bus, self.counters, cfg.edge.splice)
         self.listeners: dict[ListenerKey, TcpListener] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
@@ -188,6 +196,7 @@ class Edge:
             return False
         old_health = self.health
         self.runtime = rt
+        self.presence.set_pools(service_pools(rt))
         self.upstreams.keep_only(set(rt.pools))
         self.plane.admission.settings = cfg.edge
         self.plane.splice = HAS_SPLICE and cfg.edge.splice

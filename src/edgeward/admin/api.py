@@ -6,6 +6,10 @@ connection, bodies of at most 64 KiB, bearer token when configured. The CLI
 
 Routes:
   GET  /status                      everything `edgeward status` shows
+  GET  /clients?service=&address=&limit=
+                                    live connections and UDP sessions (address, service, since, bytes,
+                                    upstream), and the distinct addresses with their counts
+  GET  /history                     the last hour, one point per 10 s (clients, connections, throughput)
   GET  /metrics                     Prometheus text format
   POST /reload                      re-read the config (as SIGHUP)
   POST /pools/{pool}/drain?server=  stop new connections to a server (undrain: the reverse)
@@ -25,7 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..status import edge_status
+from ..admission import normalise_ip
+from ..monitor import Monitor
+from ..status import edge_status, live_clients
 
 if TYPE_CHECKING:
     from ..edge import Edge
@@ -41,8 +47,11 @@ class AdminAPI:
         self.address = address
         self.token = token
         self.server: asyncio.AbstractServer | None = None
+        self.monitor = Monitor(edge)
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/status"): self._status,
+            ("GET", "/clients"): self._clients,
+            ("GET", "/history"): self._history,
             ("POST", "/reload"): self._reload,
         }
 
@@ -60,9 +69,11 @@ class AdminAPI:
         else:
             host, _, port = self.address.rpartition(":")
             self.server = await asyncio.start_server(self._handle, host.strip("[]"), int(port))
+        self.monitor.start()
         log.info("admin API on %s", self.address)
 
     async def stop(self) -> None:
+        await self.monitor.stop()
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
@@ -113,7 +124,7 @@ class AdminAPI:
         query = parse_qs(url.query)
         if method == "GET" and path == "/metrics":
             from .metrics import render_metrics  # prometheus_client is imported at the first scrape
-            return 200, render_metrics(self.edge), "text/plain; version=0.0.4"
+            return 200, render_metrics(self.edge, self.monitor), "text/plain; version=0.0.4"
         handler = self.routes.get((method, path))
         if handler is None and method == "POST" and path.startswith("/pools/"):
             parts = path.split("/")
@@ -130,7 +141,27 @@ class AdminAPI:
         return status, json.dumps(result, indent=1).encode() + b"\n", "application/json"
 
     async def _status(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        return 200, edge_status(self.edge)
+        return 200, edge_status(self.edge, self.monitor)
+
+    async def _clients(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        service = query["service"][0] if query.get("service") else None
+        address = query["address"][0] if query.get("address") else None
+        try:
+            limit = int((query.get("limit") or ["100"])[0])
+        except ValueError:
+            return 400, {"error": "limit must be an integer"}
+        if address is not None:
+            address = normalise_ip(address.strip("[]"))
+        out = live_clients(self.edge, service, address, limit)
+        addresses = self.edge.presence.addresses(service)
+        if address is not None:
+            addresses = {address: addresses[address]} if address in addresses else {}
+        out["addresses"] = dict(sorted(addresses.items())[:max(0, limit)])
+        out["distinct"] = len(addresses)
+        return 200, out
+
+    async def _history(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        return 200, {"step": self.monitor.step, "points": list(self.monitor.history)}
 
     async def _reload(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         ok = self.edge.reload()

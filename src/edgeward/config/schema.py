@@ -53,7 +53,7 @@ class EdgeSettings(_Strict):
         None,
         description="Write one line per closed TCP connection and ended UDP session (client, service, upstream, "
         "bytes, duration, end reason) to this file (\"-\" = standard output); unset = no access log. "
-        "Reopened on reload, so logrotate's move + `edgeward reload` works.",
+        "Reopened on SIGUSR1 and on reload, so logrotate's move + `kill -USR1` (or `edgeward reload`) works.",
     )
     access_log_format: Literal["text", "json"] = Field(
         "text", description="Access log lines as logfmt text (key=value) or JSON objects."

@@ -1,0 +1,125 @@
+"""Who is on now: distinct client addresses per service, per pool and per server.
+
+The "how many people are in the conference" number. A subscriber of the event
+bus that keeps, for each service, pool and server, a reference count per
+client address (TCP connections plus UDP sessions): an open adds one, a close
+takes one away, an address whose count reaches zero is forgotten. So the
+distinct count is `len()` of a dict, kept in O(1) per open and close, and no
+request ever walks the live connections to count them.
+
+A service's pool is the one its route has when its first connection to a
+server opens (`set_pools`, on start and on every reload). The pool is pinned
+per (service, server) while that pair has live connections, so a reload that
+points a service at another pool can never make a close decrement a count its
+open did not increment.
+
+Connections handed to the HTTP layer are counted per request, not here (they
+have no ConnOpened/ConnClosed); the global distinct count of `status` (from
+admission) includes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .events import ConnClosed, ConnOpened, EventBus, UdpSessionEnded, UdpSessionStarted
+
+Refs = dict[str, int]  # client address → live connections + sessions
+
+
+def _add(table: dict[str, Refs], key: str, ip: str) -> None:
+    refs = table.get(key)
+    if refs is None:
+        table[key] = {ip: 1}
+    else:
+        refs[ip] = refs.get(ip, 0) + 1
+
+
+def _remove(table: dict[str, Refs], key: str, ip: str) -> None:
+    refs = table.get(key)
+    if refs is None:
+        return
+    n = refs.get(ip, 0) - 1
+    if n > 0:
+        refs[ip] = n
+    else:
+        refs.pop(ip, None)
+        if not refs:
+            del table[key]
+
+
+class Presence:
+    """Distinct client addresses with a live connection or UDP session, per service/pool/server.
+
+    Server keys are "pool/server" (a server's name is its address, which two pools may share)."""
+
+    __slots__ = ("_pinned", "_service_pool", "by_pool", "by_server", "by_service")
+
+    def __init__(self, bus: EventBus) -> None:
+        self.by_service: dict[str, Refs] = {}
+        self.by_pool: dict[str, Refs] = {}
+        self.by_server: dict[str, Refs] = {}
+        self._service_pool: Mapping[str, str] = {}
+        # (service, server name) → (the pool its opens were counted under, live count).
+        self._pinned: dict[tuple[str, str], tuple[str, int]] = {}
+        bus.subscribe(ConnOpened, self._opened)
+        bus.subscribe(UdpSessionStarted, self._opened)
+        bus.subscribe(ConnClosed, self._closed)
+        bus.subscribe(UdpSessionEnded, self._closed)
+
+    def set_pools(self, service_pool: Mapping[str, str]) -> None:
+        """Which pool each service sends to (from the runtime being applied)."""
+        self._service_pool = dict(service_pool)
+
+    def _opened(self, ev: ConnOpened | UdpSessionStarted) -> None:
+        ip = ev.peer.ip
+        service = ev.service
+        _add(self.by_service, service, ip)
+        key = (service, ev.upstream)
+        pin = self._pinned.get(key)
+        if pin is None:
+            pool = self._service_pool.get(service, "")
+            self._pinned[key] = (pool, 1)
+        else:
+            pool = pin[0]
+            self._pinned[key] = (pool, pin[1] + 1)
+        _add(self.by_pool, pool, ip)
+        _add(self.by_server, f"{pool}/{ev.upstream}", ip)
+
+    def _closed(self, ev: ConnClosed | UdpSessionEnded) -> None:
+        if not ev.upstream:  # never relayed: never counted
+            return
+        ip = ev.peer.ip
+        service = ev.service
+        key = (service, ev.upstream)
+        pin = self._pinned.get(key)
+        if pin is None:  # opened before this subscriber existed
+            return
+        pool, n = pin
+        if n <= 1:
+            del self._pinned[key]
+        else:
+            self._pinned[key] = (pool, n - 1)
+        _remove(self.by_service, service, ip)
+        _remove(self.by_pool, pool, ip)
+        _remove(self.by_server, f"{pool}/{ev.upstream}", ip)
+
+    # ------------------------------------------------------------------ reads
+    def service_clients(self, service: str) -> int:
+        return len(self.by_service.get(service, ()))
+
+    def pool_clients(self, pool: str) -> int:
+        return len(self.by_pool.get(pool, ()))
+
+    def server_clients(self, pool: str, server: str) -> int:
+        return len(self.by_server.get(f"{pool}/{server}", ()))
+
+    def addresses(self, service: str | None = None) -> dict[str, int]:
+        """Client address → live connections and sessions (of `service`, or of every service)."""
+        if service is not None:
+            return dict(self.by_service.get(service, {}))
+        out: dict[str, int] = {}
+        for refs in self.by_service.values():
+            for ip, n in refs.items():
+                out[ip] = out.get(ip, 0) + n
+        return out
