@@ -100,14 +100,27 @@ to = "127.0.0.1:{media_up.port}"
         assert sum(s["active"] for s in per_server.values()) == 3
         for s in per_server.values():
             assert s["bytes_in"] == 1000 * s["active"]
+        per_server_names = set(per_server)
+
+        # Throughput: sampled every second while someone looks (these status reads): the 3000 bytes
+        # show as a rate, which falls back to 0 once nothing moves.
+        assert wait_until(lambda: svc()["web"]["in_rate"] > 0, 5)
+        assert wait_until(lambda: svc()["web"]["in_rate"] == 0 and e.status()["in_rate"] == 0, 5)
+        for c in conns[:3]:
+            echo_once(c, b"y" * 50_000)
+        assert wait_until(lambda: e.status()["pools"]["webpool"]["servers"][0]["in_rate"]  # type: ignore[index]
+                          + e.status()["pools"]["webpool"]["servers"][1]["in_rate"] > 0, 5)  # type: ignore[index]
+        st = e.status()
+        services = st["services"]  # type: ignore[assignment]
+        assert services["web"]["bytes_in"] == 153_000
 
         # The live list, filtered by service and by address, with a limit.
         code, data = e.api("GET", "/clients?service=web")
         assert code == 200 and isinstance(data, dict)
         assert data["matched"] == 3 and data["distinct"] == 2 and data["addresses"] == {"127.0.0.21": 2, "127.0.0.22": 1}
         row = data["clients"][0]
-        assert row["service"] == "web" and row["transport"] == "tcp" and row["bytes_in"] == 1000
-        assert row["upstream"] in per_server and row["since"] > 0
+        assert row["service"] == "web" and row["transport"] == "tcp" and row["bytes_in"] == 51_000
+        assert row["upstream"] in per_server_names and row["since"] > 0
         code, data = e.api("GET", "/clients?address=127.0.0.21&limit=1")
         assert code == 200 and isinstance(data, dict)
         assert data["matched"] == 3 and len(data["clients"]) == 1  # 2 TCP + 1 UDP; one shown
@@ -121,7 +134,7 @@ to = "127.0.0.1:{media_up.port}"
         assert metric(text, "edgeward_clients") == 3
         assert metric(text, "edgeward_service_clients", service="web") == 2
         assert metric(text, "edgeward_service_open_connections", service="web") == 3
-        assert metric(text, "edgeward_service_received_bytes_total", service="web") == 3000
+        assert metric(text, "edgeward_service_received_bytes_total", service="web") == 153_000
         assert metric(text, "edgeward_pool_clients", pool="webpool") == 2
         for name, s in per_server.items():
             assert metric(text, "edgeward_server_clients", pool="webpool", server=name) == s["clients"]
@@ -154,7 +167,7 @@ to = "127.0.0.1:{media_up.port}"
         assert wait_until(lambda: svc()["web"]["clients"] == 0 and svc()[LONG]["clients"] == 0)
         st = e.status()
         assert st["pools"]["webpool"]["clients"] == 0  # type: ignore[index]
-        assert st["services"]["web"]["bytes_in"] == 3000  # type: ignore[index]  # ended, still counted
+        assert st["services"]["web"]["bytes_in"] == 153_000  # type: ignore[index]  # ended, still counted
     finally:
         for c in conns:
             c.close()
