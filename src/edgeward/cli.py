@@ -109,17 +109,10 @@ def _console() -> Any:
     return Console() if sys.stdout.isatty() else Console(width=1000, no_color=True, soft_wrap=True)
 
 
-def human_rate(bps: float) -> str:
-    """Bytes per second as people read them: 0, 512 B/s, 1.2 kB/s, 3.4 MB/s."""
-    for unit in ("B/s", "kB/s", "MB/s", "GB/s"):
-        if bps < 1000 or unit == "GB/s":
-            return f"{bps:.0f} {unit}" if unit == "B/s" else f"{bps:.1f} {unit}"
-        bps /= 1000
-    return ""  # pragma: no cover - the loop always returns
-
-
 def _print_status(st: dict[str, Any]) -> None:
     from rich.table import Table
+
+    from .admin.top import human_rate
     con = _console()
     con.print(f"edgeward {st['version']}  up {st['uptime']}s  connections {st['connections']}  "
               f"udp sessions {st.get('udp_sessions', 0)}  clients {st['clients']}  "
@@ -219,6 +212,21 @@ def clients(service: Annotated[str | None, typer.Option("--service", "-s", help=
         t.add_row(c["address"], str(c["port"]), c["transport"], c["service"], c["upstream"],
                   _t.strftime("%F %T", _t.localtime(c["since"])), str(c["bytes_in"]), str(c["bytes_out"]))
     _console().print(t)
+
+
+@app.command()
+def top(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
+        interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2)] = 1.0) -> None:
+    """A live view refreshed in place: services, clients, throughput, server health, recent bans (q quits)."""
+    if admin is None and config is not None:
+        cfg = _load_or_exit(config)
+        admin = cfg.edge.admin
+        token = token or cfg.edge.admin_token
+    from .admin.top import run_top
+    try:
+        run_top(admin, token, interval)
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
