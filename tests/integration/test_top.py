@@ -103,7 +103,11 @@ to = "app"
         os.write(term.master, b"q")
         assert term.proc.wait(10) == 0
         term.read_for(0.5)
-        assert term.raw.rstrip().endswith(b"\x1b[?1049l") or b"\x1b[?1049l" in term.raw[-200:]  # screen restored
+        assert b"\x1b[?1049l" in term.raw[-200:]  # the terminal's screen restored
+        # Piped, it prints one screen and exits.
+        out = subprocess.run([*EDGEWARD, "top", "--admin", f"127.0.0.1:{admin}"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        assert "services" in out and re.search(r"echo\s*│\s*0\s*│", out) and "\x1b[" not in out
     finally:
         for c in conns:
             c.close()

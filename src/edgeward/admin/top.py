@@ -2,6 +2,7 @@
 
 A client of the admin API like every other command: each refresh reads `/status` and `/bans`
 once (the edge samples its throughput every second while someone reads it). `q` or Ctrl-C quits.
+Piped (not a terminal), it prints one screen and exits.
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def run_top(admin: str | None, token: str | None, interval: float = 1.0, iterati
     def fetch(path: str) -> tuple[int, Any]:
         return admin_request("GET", path, admin, token, timeout=5.0)
     console = Console()
+    if not console.is_terminal:  # piped: one screen, like `top -b -n 1`, full width
+        Console(width=200, no_color=True, soft_wrap=True).print(render(*snapshot(fetch)))
+        return
     done = 0
-    with _keys() as key, Live(render(*snapshot(fetch)), console=console, screen=console.is_terminal,
+    with _keys() as key, Live(render(*snapshot(fetch)), console=console, screen=True,
                               auto_refresh=False, transient=False) as live:
         while iterations is None or done < iterations:
             live.update(render(*snapshot(fetch)), refresh=True)
