@@ -9,9 +9,9 @@ request ever walks the live connections to count them.
 
 A service's pool is the one its route has when its first connection to a
 server opens (`set_pools`, on start and on every reload). The pool is pinned
-per (service, server) while that pair has live connections, so a reload that
-points a service at another pool can never make a close decrement a count its
-open did not increment.
+per (service, server) while that pair has live connections (until the next
+reload when it has none), so a reload that points a service at another pool can
+never make a close decrement a count its open did not increment.
 
 Connections handed to the HTTP layer are counted per request, not here (they
 have no ConnOpened/ConnClosed); the global distinct count of `status` (from
@@ -27,16 +27,7 @@ from .events import ConnClosed, ConnOpened, EventBus, UdpSessionEnded, UdpSessio
 Refs = dict[str, int]  # client address → live connections + sessions
 
 
-def _add(table: dict[str, Refs], key: str, ip: str) -> None:
-    refs = table.get(key)
-    if refs is None:
-        table[key] = {ip: 1}
-    else:
-        refs[ip] = refs.get(ip, 0) + 1
-
-
-def _remove(table: dict[str, Refs], key: str, ip: str) -> None:
-    refs = table.get(key)
+def _remove(refs: Refs | None, ip: str) -> None:
     if refs is None:
         return
     n = refs.get(ip, 0) - 1
@@ -44,8 +35,17 @@ def _remove(table: dict[str, Refs], key: str, ip: str) -> None:
         refs[ip] = n
     else:
         refs.pop(ip, None)
-        if not refs:
-            del table[key]
+
+
+class _Pin:
+    """The pool a (service, server) pair's opens were counted under, while it has live ones."""
+
+    __slots__ = ("live", "pool", "server_key")
+
+    def __init__(self, pool: str, server_key: str) -> None:
+        self.pool = pool
+        self.server_key = server_key  # "pool/server", made once per pair, not per connection
+        self.live = 0
 
 
 class Presence:
@@ -60,49 +60,61 @@ class Presence:
         self.by_pool: dict[str, Refs] = {}
         self.by_server: dict[str, Refs] = {}
         self._service_pool: Mapping[str, str] = {}
-        # (service, server name) → (the pool its opens were counted under, live count).
-        self._pinned: dict[tuple[str, str], tuple[str, int]] = {}
+        self._pinned: dict[tuple[str, str], _Pin] = {}
         bus.subscribe(ConnOpened, self._opened)
         bus.subscribe(UdpSessionStarted, self._opened)
         bus.subscribe(ConnClosed, self._closed)
         bus.subscribe(UdpSessionEnded, self._closed)
 
     def set_pools(self, service_pool: Mapping[str, str]) -> None:
-        """Which pool each service sends to (from the runtime being applied)."""
+        """Which pool each service sends to (from the runtime being applied).
+
+        Pins, and the tables of services, pools and servers, stay while idle (a short connection
+        then costs no allocation of them) and are dropped here, so they are bounded by the config."""
         self._service_pool = dict(service_pool)
+        self._pinned = {k: p for k, p in self._pinned.items() if p.live > 0}
+        for table in (self.by_service, self.by_pool, self.by_server):
+            for k in [k for k, refs in table.items() if not refs]:
+                del table[k]
 
     def _opened(self, ev: ConnOpened | UdpSessionStarted) -> None:
+        # Once per relayed connection: a few dict operations, written out rather than in helpers.
         ip = ev.peer.ip
         service = ev.service
-        _add(self.by_service, service, ip)
         key = (service, ev.upstream)
         pin = self._pinned.get(key)
         if pin is None:
             pool = self._service_pool.get(service, "")
-            self._pinned[key] = (pool, 1)
+            pin = self._pinned[key] = _Pin(pool, f"{pool}/{ev.upstream}")
+        pin.live += 1
+        refs = self.by_service.get(service)
+        if refs is None:
+            self.by_service[service] = {ip: 1}
         else:
-            pool = pin[0]
-            self._pinned[key] = (pool, pin[1] + 1)
-        _add(self.by_pool, pool, ip)
-        _add(self.by_server, f"{pool}/{ev.upstream}", ip)
+            refs[ip] = refs.get(ip, 0) + 1
+        refs = self.by_pool.get(pin.pool)
+        if refs is None:
+            self.by_pool[pin.pool] = {ip: 1}
+        else:
+            refs[ip] = refs.get(ip, 0) + 1
+        refs = self.by_server.get(pin.server_key)
+        if refs is None:
+            self.by_server[pin.server_key] = {ip: 1}
+        else:
+            refs[ip] = refs.get(ip, 0) + 1
 
     def _closed(self, ev: ConnClosed | UdpSessionEnded) -> None:
         if not ev.upstream:  # never relayed: never counted
             return
-        ip = ev.peer.ip
-        service = ev.service
-        key = (service, ev.upstream)
+        key = (ev.service, ev.upstream)
         pin = self._pinned.get(key)
         if pin is None:  # opened before this subscriber existed
             return
-        pool, n = pin
-        if n <= 1:
-            del self._pinned[key]
-        else:
-            self._pinned[key] = (pool, n - 1)
-        _remove(self.by_service, service, ip)
-        _remove(self.by_pool, pool, ip)
-        _remove(self.by_server, f"{pool}/{ev.upstream}", ip)
+        pin.live -= 1
+        ip = ev.peer.ip
+        _remove(self.by_service.get(ev.service), ip)
+        _remove(self.by_pool.get(pin.pool), ip)
+        _remove(self.by_server.get(pin.server_key), ip)
 
     # ------------------------------------------------------------------ reads
     def service_clients(self, service: str) -> int:
