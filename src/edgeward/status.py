@@ -18,7 +18,9 @@ from .monitor import Monitor, traffic
 MAX_CLIENTS_LISTED = 10_000
 
 
-def edge_status(edge: Edge, monitor: Monitor | None = None) -> dict[str, object]:
+def edge_status(edge: Edge, monitor: Monitor | None = None, full: bool = True) -> dict[str, object]:
+    """The state; `full=False` leaves out the counters and the parts plugged in (guard, web), which
+    the dashboard's once-a-second view and `/metrics` do not show from here."""
     mon = monitor
     if mon is not None:
         mon.watch()
@@ -52,21 +54,25 @@ def edge_status(edge: Edge, monitor: Monitor | None = None) -> dict[str, object]
                        "active": sum(s["active"] for s in servers),  # type: ignore[misc]
                        "udp_sessions": sum(s["udp_sessions"] for s in servers),  # type: ignore[misc]
                        "servers": servers}
+    adm = plane.admission
+    rin, rout = mon.total_rates() if mon is not None else (0.0, 0.0)
+    out: dict[str, object] = {
+        "version": __version__, "uptime": round(time.time() - edge.started_at, 1),
+        "connections": adm.tcp_count, "udp_sessions": adm.udp_count, "clients": adm.distinct_clients(),
+        "in_rate": rin, "out_rate": rout, "services": services, "pools": pools,
+    }
+    if not full:
+        return out
     pipes = plane.pipes
     listeners = sorted([(k, t.name, t.active) for k, t in edge.listeners.items()]
                        + [(k, u.name, u.active) for k, u in edge.udp_listeners.items()])
-    adm = plane.admission
-    rin, rout = mon.total_rates() if mon is not None else (0.0, 0.0)
     return {
-        "version": __version__, "uptime": round(time.time() - edge.started_at, 1),
-        "connections": adm.tcp_count, "udp_sessions": adm.udp_count, "clients": adm.distinct_clients(),
-        "in_rate": rin, "out_rate": rout,
+        **out,
         "reloads": edge.reloads,
         "nofile": {"soft": edge.nofile[0], "hard": edge.nofile[1]}, "splice": plane.splice,
         "pipes": {"pooled": len(pipes.free), "in_use": pipes.created - len(pipes.free)},
         "listeners": [{"address": f"{k[1]}:{k[2]}", "transport": k[0], "name": name, "active": active}
                       for k, name, active in listeners],
-        "services": services, "pools": pools,
         "counters": [{"key": [family, *labels], "value": v} for family, labels, v in edge.counters.rows()],
         **{name: fn() for name, fn in edge.extra_status.items()},
     }

@@ -88,7 +88,7 @@ class Dashboard:
     # ------------------------------------------------------------------ live numbers
     async def view(self) -> dict[str, Any]:
         """What the page shows, from the same status the API serves."""
-        st = edge_status(self.edge, self.monitor)
+        st = edge_status(self.edge, self.monitor, full=False)
         bans = await self.bans()
         history = self.monitor.history
         return {

@@ -46,7 +46,7 @@ class EdgeCollector(Collector):
         self.monitor = monitor
 
     def collect(self) -> Iterator[Metric]:
-        st: dict[str, Any] = edge_status(self.edge, self.monitor)
+        st: dict[str, Any] = edge_status(self.edge, self.monitor, full=False)
         yield GaugeMetricFamily("edgeward_connections", "Open TCP connections.", value=st["connections"])
         yield GaugeMetricFamily("edgeward_udp_sessions", "Live UDP sessions (client address and port → upstream socket).",
                                 value=st["udp_sessions"])
