@@ -102,7 +102,7 @@ def format_json(t: float, ev: Logged) -> str:
 
 class AccessLog:
     """Writes access-log lines to a file (appending; reopened by `reopen`: on SIGUSR1 and on reload,
-    for logrotate) or stdout."""
+    for logrotate), or to standard output ("-") or standard error ("stderr")."""
 
     def __init__(self, path: str, fmt: str = "text") -> None:
         self.path = path
@@ -118,6 +118,8 @@ class AccessLog:
     def _open(self) -> IO[str]:
         if self.path in ("-", "stdout"):
             return sys.stdout
+        if self.path == "stderr":  # with the edge's own log (journald keeps both under systemd)
+            return sys.stderr
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return os.fdopen(fd, "a", encoding="utf-8", buffering=1 << 16)
 
@@ -144,7 +146,7 @@ class AccessLog:
         if self._thread.is_alive():
             self._q.put(_STOP)
             self._thread.join(5)
-        if self._out is not sys.stdout:
+        if self._out not in (sys.stdout, sys.stderr):
             self._out.close()
 
     def _run(self) -> None:
@@ -169,7 +171,7 @@ class AccessLog:
                 assert isinstance(it, tuple)
                 lines.append(self.format(it[0], it[1]))
             try:
-                if self._reopen and out is not sys.stdout:
+                if self._reopen and out not in (sys.stdout, sys.stderr):
                     self._reopen = False
                     out.close()
                     out = self._out = self._open()
