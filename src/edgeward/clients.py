@@ -27,24 +27,18 @@ from .events import ConnClosed, ConnOpened, EventBus, UdpSessionEnded, UdpSessio
 Refs = dict[str, int]  # client address → live connections + sessions
 
 
-def _remove(refs: Refs | None, ip: str) -> None:
-    if refs is None:
-        return
-    n = refs.get(ip, 0) - 1
-    if n > 0:
-        refs[ip] = n
-    else:
-        refs.pop(ip, None)
-
-
 class _Pin:
-    """The pool a (service, server) pair's opens were counted under, while it has live ones."""
+    """A (service, server) pair: the pool its opens were counted under, and the three tables of
+    addresses it counts in, looked up once per pair rather than once per connection."""
 
-    __slots__ = ("live", "pool", "server_key")
+    __slots__ = ("live", "pool", "pool_refs", "server_key", "server_refs", "service_refs")
 
-    def __init__(self, pool: str, server_key: str) -> None:
+    def __init__(self, pool: str, server_key: str, service_refs: Refs, pool_refs: Refs, server_refs: Refs) -> None:
         self.pool = pool
-        self.server_key = server_key  # "pool/server", made once per pair, not per connection
+        self.server_key = server_key  # "pool/server"
+        self.service_refs = service_refs
+        self.pool_refs = pool_refs
+        self.server_refs = server_refs
         self.live = 0
 
 
@@ -77,44 +71,54 @@ class Presence:
             for k in [k for k, refs in table.items() if not refs]:
                 del table[k]
 
+    def _pin(self, service: str, upstream: str) -> _Pin:
+        pool = self._service_pool.get(service, "")
+        server_key = f"{pool}/{upstream}"
+        pin = _Pin(pool, server_key, self.by_service.setdefault(service, {}), self.by_pool.setdefault(pool, {}),
+                   self.by_server.setdefault(server_key, {}))
+        self._pinned[(service, upstream)] = pin
+        return pin
+
+    # Once per relayed connection each: a few dict operations, written out rather than in helpers.
     def _opened(self, ev: ConnOpened | UdpSessionStarted) -> None:
-        # Once per relayed connection: a few dict operations, written out rather than in helpers.
-        ip = ev.peer.ip
-        service = ev.service
-        key = (service, ev.upstream)
-        pin = self._pinned.get(key)
+        pin = self._pinned.get((ev.service, ev.upstream))
         if pin is None:
-            pool = self._service_pool.get(service, "")
-            pin = self._pinned[key] = _Pin(pool, f"{pool}/{ev.upstream}")
+            pin = self._pin(ev.service, ev.upstream)
         pin.live += 1
-        refs = self.by_service.get(service)
-        if refs is None:
-            self.by_service[service] = {ip: 1}
-        else:
-            refs[ip] = refs.get(ip, 0) + 1
-        refs = self.by_pool.get(pin.pool)
-        if refs is None:
-            self.by_pool[pin.pool] = {ip: 1}
-        else:
-            refs[ip] = refs.get(ip, 0) + 1
-        refs = self.by_server.get(pin.server_key)
-        if refs is None:
-            self.by_server[pin.server_key] = {ip: 1}
-        else:
-            refs[ip] = refs.get(ip, 0) + 1
+        ip = ev.peer.ip
+        refs = pin.service_refs
+        refs[ip] = refs.get(ip, 0) + 1
+        refs = pin.pool_refs
+        refs[ip] = refs.get(ip, 0) + 1
+        refs = pin.server_refs
+        refs[ip] = refs.get(ip, 0) + 1
 
     def _closed(self, ev: ConnClosed | UdpSessionEnded) -> None:
         if not ev.upstream:  # never relayed: never counted
             return
-        key = (ev.service, ev.upstream)
-        pin = self._pinned.get(key)
+        pin = self._pinned.get((ev.service, ev.upstream))
         if pin is None:  # opened before this subscriber existed
             return
         pin.live -= 1
         ip = ev.peer.ip
-        _remove(self.by_service.get(ev.service), ip)
-        _remove(self.by_pool.get(pin.pool), ip)
-        _remove(self.by_server.get(pin.server_key), ip)
+        refs = pin.service_refs
+        n = refs.get(ip, 0)
+        if n > 1:
+            refs[ip] = n - 1
+        else:
+            refs.pop(ip, None)
+        refs = pin.pool_refs
+        n = refs.get(ip, 0)
+        if n > 1:
+            refs[ip] = n - 1
+        else:
+            refs.pop(ip, None)
+        refs = pin.server_refs
+        n = refs.get(ip, 0)
+        if n > 1:
+            refs[ip] = n - 1
+        else:
+            refs.pop(ip, None)
 
     # ------------------------------------------------------------------ reads
     def service_clients(self, service: str) -> int:

@@ -69,14 +69,18 @@ def test_a_reload_that_moves_a_service_to_another_pool_keeps_counts_consistent()
     assert not any(p.by_pool.values())
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 2), st.integers(0, 1)), max_size=200))
-def test_counts_match_a_model_whatever_the_order(ops: list[tuple[bool, int, int, int]]) -> None:
-    """Against a model that keeps every live connection: distinct addresses per service and server."""
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 2), st.integers(0, 1), st.booleans()),
+                max_size=200))
+def test_counts_match_a_model_whatever_the_order(ops: list[tuple[bool, int, int, int, bool]]) -> None:
+    """Against a model that keeps every live connection: distinct addresses per service and server,
+    with reloads (which prune what is idle) anywhere in between."""
     bus = EventBus()
     p = Presence(bus)
     p.set_pools({"s0": "p", "s1": "p"})
     live: list[tuple[str, str, str]] = []
-    for is_open, ipn, srv, svc in ops:
+    for is_open, ipn, srv, svc, reload in ops:
+        if reload:
+            p.set_pools({"s0": "p", "s1": "p"})
         item = (f"192.0.2.{ipn}", f"s{svc}", f"10.0.0.{srv}:80")
         if is_open:
             live.append(item)
