@@ -138,6 +138,10 @@ to = "127.0.0.1:{media_up.port}"
         assert metric(text, "edgeward_pool_clients", pool="webpool") == 2
         for name, s in per_server.items():
             assert metric(text, "edgeward_server_clients", pool="webpool", server=name) == s["clients"]
+        assert metric(text, "edgeward_listener_open_connections", address=f"127.0.0.1:{web}", listener="web",
+                      transport="tcp") == 3  # labels in the order prometheus_client writes them
+        assert metric(text, "edgeward_listener_open_connections", address=f"127.0.0.1:{media}", listener="media",
+                      transport="udp") == 1
         assert "127.0.0.2" not in text  # never a client address as a label
 
         # `edgeward status` piped (not a terminal): full width, nothing cut; --json has the same numbers.

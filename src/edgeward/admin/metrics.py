@@ -53,6 +53,15 @@ class EdgeCollector(Collector):
         yield GaugeMetricFamily("edgeward_clients",
                                 "Distinct client addresses with an open connection or a live UDP session.",
                                 value=st["clients"])
+        lst = GaugeMetricFamily("edgeward_listener_open_connections",
+                                "Open TCP connections (UDP listeners: live sessions) per listening address.",
+                                labels=["listener", "transport", "address"])
+        edge = self.edge
+        for (transport, host, port), t in sorted(edge.listeners.items()):
+            lst.add_metric([t.name, transport, f"{host}:{port}"], t.active)
+        for (transport, host, port), u in sorted(edge.udp_listeners.items()):
+            lst.add_metric([u.name, transport, f"{host}:{port}"], u.active)
+        yield lst
         services: dict[str, dict[str, int]] = st["services"]
         for field, metric, help_ in _SERVICE_GAUGES:
             g = GaugeMetricFamily(f"edgeward_service_{metric}", help_, labels=["service"])
