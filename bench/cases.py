@@ -884,7 +884,7 @@ def _one_http_idle(
     ctx.record(case, c.name, rnd, metrics, raw, error="; ".join(errors) or None)
 
 
-# --- script cases: bench/jail_lines.py, bench/ban_latency.py (written separately) ------
+# --- script cases: bench/jail_lines.py, bench/ban_latency.py, bench/observe_cost.py ------
 
 
 def script_available(name: str) -> bool:
@@ -945,6 +945,15 @@ def kernel_path_args(source: str, quick: bool) -> list[str]:
     return ["--seconds", "2"] if quick and "--seconds" in source else []
 
 
+def observe_cost(ctx: Context) -> None:
+    run_script_case(ctx, "observe_cost")
+
+
+def observe_cost_args(source: str, quick: bool) -> list[str]:
+    """One round of 2 s per mode when quick; its own 3 rounds of 5 s otherwise."""
+    return ["--quick"] if quick and "--quick" in source else []
+
+
 def ban_latency_args(source: str, quick: bool) -> list[str]:
     """Its --rounds is how many addresses it bans (default 200); 50 give a usable
     p50/p90 in a quick run."""
@@ -997,6 +1006,7 @@ SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "jail_lines": jail_lines_args,
     "ban_latency": ban_latency_args,
     "kernel_path": kernel_path_args,
+    "observe_cost": observe_cost_args,
 }
 
 CASES: dict[str, Callable[[Context], None]] = {
@@ -1007,6 +1017,7 @@ CASES: dict[str, Callable[[Context], None]] = {
     "jail_lines": jail_lines,
     "ban_latency": ban_latency,
     "kernel_path": kernel_path,
+    "observe_cost": observe_cost,
     "http_keepalive": http_keepalive,
     "https_keepalive": https_keepalive,
     "tls_handshakes": tls_handshakes,

@@ -3,7 +3,7 @@
 # Idempotent: does nothing when every program is already there.
 set -euo pipefail
 PKGS=(haproxy nginx libnginx-mod-stream iperf3 wrk fail2ban prosody prosody-modules lua-unbound redis-server pebble gcc libc6-dev
-      openssl curl iproute2 nftables procps psmisc systemd)
+      openssl curl iproute2 nftables procps psmisc systemd chromium)
 need=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

@@ -8,7 +8,7 @@ are dropped and counted (`dropped`), never buffered without limit.
 Text lines are logfmt (`key=value`, values quoted only when they need it), so
 they are easy to grep, to parse, and to feed a fail2ban-style filter:
 
-    2026-12-01T12:00:00.123Z tcp client=203.0.113.5:51234 listener=tls service=web upstream=10.0.0.2:443 in=517 out=3120 duration=0.153 end=done
+    2026-12-01T12:00:00.123Z tcp client=203.0.113.5:51234 listener=tls service=web upstream=10.0.0.2:443 in=517 out=3120 proto=tls name=cloud.example.org alpn=h2,http/1.1 duration=0.153 end=done
 
     2026-12-01T12:00:01.456Z http client=203.0.113.5:51240 listener=https service=cloud host=cloud.example.org method=GET path=/index.php status=200 in=412 out=5120 duration=0.042 upstream=10.0.0.5:443
 
@@ -34,6 +34,7 @@ log = logging.getLogger("edgeward.accesslog")
 
 MAX_PENDING = 100_000
 _STOP = object()
+_WAKE = object()  # no line: wakes the writer to reopen the file at once
 
 
 def _ts(t: float) -> str:
@@ -51,6 +52,12 @@ def fields(ev: Logged) -> dict[str, object]:
     if isinstance(ev, UdpSessionEnded):
         out["datagrams_in"] = ev.datagrams_in
         out["datagrams_out"] = ev.datagrams_out
+    elif ev.protocol:  # what sniffing found (a listener that routes by port alone sniffs nothing)
+        out["proto"] = ev.protocol
+        if ev.name:
+            out["name"] = ev.name
+        if ev.alpn:
+            out["alpn"] = ev.alpn
     out["duration"] = round(ev.duration, 3)
     out["end"] = ev.reason
     if ev.peer.via_proxy:
@@ -94,7 +101,8 @@ def format_json(t: float, ev: Logged) -> str:
 
 
 class AccessLog:
-    """Writes access-log lines to a file (appending; reopened on SIGHUP-driven `reopen`) or stdout."""
+    """Writes access-log lines to a file (appending; reopened by `reopen`: on SIGUSR1 and on reload,
+    for logrotate), or to standard output ("-") or standard error ("stderr")."""
 
     def __init__(self, path: str, fmt: str = "text") -> None:
         self.path = path
@@ -110,6 +118,8 @@ class AccessLog:
     def _open(self) -> IO[str]:
         if self.path in ("-", "stdout"):
             return sys.stdout
+        if self.path == "stderr":  # with the edge's own log (journald keeps both under systemd)
+            return sys.stderr
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return os.fdopen(fd, "a", encoding="utf-8", buffering=1 << 16)
 
@@ -126,8 +136,9 @@ class AccessLog:
         self._thread.start()
 
     def reopen(self) -> None:
-        """Reopen the file at its path (after logrotate moved it): done by the writer thread."""
+        """Reopen the file at its path (after logrotate moved it): done by the writer thread, at once."""
         self._reopen = True
+        self._q.put(_WAKE)
 
     def close(self) -> None:
         for unsub in self._unsubscribe:
@@ -135,7 +146,7 @@ class AccessLog:
         if self._thread.is_alive():
             self._q.put(_STOP)
             self._thread.join(5)
-        if self._out is not sys.stdout:
+        if self._out not in (sys.stdout, sys.stderr):
             self._out.close()
 
     def _run(self) -> None:
@@ -155,10 +166,12 @@ class AccessLog:
                 if it is _STOP:
                     stop = True
                     continue
+                if it is _WAKE:
+                    continue
                 assert isinstance(it, tuple)
                 lines.append(self.format(it[0], it[1]))
             try:
-                if self._reopen and out is not sys.stdout:
+                if self._reopen and out not in (sys.stdout, sys.stderr):
                     self._reopen = False
                     out.close()
                     out = self._out = self._open()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections.abc import Callable, Coroutine, Iterable, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,6 +204,8 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         edge.on_reload_done.append(lambda _applied: supervision.reloaded())
         edge.on_drain.append(supervision.stopping)
         supervision.ready()
+    if access_log is not None:
+        loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)  # logrotate's postrotate: kill -USR1
     # Everything built so far (modules, config, runtime) lives as long as the process: move it out
     # of the cyclic collector's sight, so that collections triggered by per-connection objects do
     # not walk it again and again.

@@ -132,21 +132,28 @@ def _console() -> Any:
 
 def _print_status(st: dict[str, Any]) -> None:
     from rich.table import Table
+
+    from .admin.top import human_rate
     con = _console()
     con.print(f"edgeward {st['version']}  up {st['uptime']}s  connections {st['connections']}  "
-              f"udp sessions {st.get('udp_sessions', 0)}  clients {st['clients']}  open-files limit {st['nofile']['soft']}  splice {st['splice']}")
-    t = Table("service", "action", "pool", "active", "total", "http requests", "udp sessions", "bytes in",
-              "bytes out", title="services")
+              f"udp sessions {st.get('udp_sessions', 0)}  clients {st['clients']}  "
+              f"in {human_rate(st.get('in_rate', 0))}  out {human_rate(st.get('out_rate', 0))}  "
+              f"open-files limit {st['nofile']['soft']}  splice {st['splice']}")
+    t = Table("service", "action", "pool", "clients", "active", "udp sessions", "total", "http requests",
+              "bytes in", "bytes out", "in/s", "out/s", title="services")
     for name, s in st["services"].items():
-        t.add_row(name, s.get("action", ""), s["pool"] or "-", str(s["active"]), str(s["total"]),
-                  str(s.get("requests", 0)), str(s.get("udp_sessions", 0)), str(s["bytes_in"]), str(s["bytes_out"]))
+        t.add_row(name, s.get("action", ""), s["pool"] or "-", str(s.get("clients", 0)), str(s["active"]),
+                  str(s.get("udp_sessions", 0)), str(s["total"]), str(s.get("requests", 0)), str(s["bytes_in"]),
+                  str(s["bytes_out"]), human_rate(s.get("in_rate", 0)), human_rate(s.get("out_rate", 0)))
     con.print(t)
-    t = Table("pool", "server", "state", "active", "udp sessions", "total", "bytes in", "bytes out", title="servers")
+    t = Table("pool", "server", "state", "clients", "active", "udp sessions", "total", "bytes in", "bytes out",
+              "in/s", "out/s", title="servers")
     for pname, p in st["pools"].items():
         for s in p["servers"]:
             state = "drain" if s["drain"] else ("up" if s["available"] else "DOWN")
-            t.add_row(pname, s["server"], state, str(s["active"]), str(s.get("udp_sessions", 0)), str(s["total"]),
-                      str(s["bytes_in"]), str(s["bytes_out"]))
+            t.add_row(pname, s["server"], state, str(s.get("clients", 0)), str(s["active"]),
+                      str(s.get("udp_sessions", 0)), str(s["total"]), str(s["bytes_in"]), str(s["bytes_out"]),
+                      human_rate(s.get("in_rate", 0)), human_rate(s.get("out_rate", 0)))
     con.print(t)
     web = st.get("web") or {}
     certs = (web.get("certificates") or {}).get("certificates") or {}
@@ -197,6 +204,50 @@ def status(jail: Annotated[str | None, typer.Argument(help="Show only this jail 
         typer.echo(json.dumps(data, indent=1))
     else:
         _print_status(data)
+
+
+@app.command()
+def clients(service: Annotated[str | None, typer.Option("--service", "-s", help="Only this service's clients.")] = None,
+            address: Annotated[str | None, typer.Option("--address", "-a", help="Only this client address.")] = None,
+            limit: Annotated[int, typer.Option(help="List at most this many connections and sessions.")] = 100,
+            admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Who is on now: live connections and UDP sessions (address, service, since, bytes, upstream)."""
+    from urllib.parse import urlencode
+    q = urlencode({k: v for k, v in (("service", service), ("address", address), ("limit", str(limit))) if v})
+    code, data = admin_request("GET", f"/clients?{q}", admin, config, token)
+    if code != 200:
+        typer.echo(f"edgeward: {data.get('error') if isinstance(data, dict) else data}", err=True)
+        raise typer.Exit(EXIT_RUNTIME)
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+        return
+    import time as _t
+
+    from rich.table import Table
+    shown = len(data["clients"])
+    t = Table("address", "port", "transport", "service", "upstream", "since", "bytes in", "bytes out",
+              title=f"{data['distinct']} distinct address(es), {data['matched']} connection(s) and session(s)"
+                    + (f", {shown} shown" if shown < data["matched"] else ""))
+    for c in data["clients"]:
+        t.add_row(c["address"], str(c["port"]), c["transport"], c["service"], c["upstream"],
+                  _t.strftime("%F %T", _t.localtime(c["since"])), str(c["bytes_in"]), str(c["bytes_out"]))
+    _console().print(t)
+
+
+@app.command()
+def top(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
+        interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2)] = 1.0) -> None:
+    """A live view refreshed in place: services, clients, throughput, server health, recent bans (q quits)."""
+    if admin is None and config is not None:
+        cfg = _load_or_exit(config)
+        admin = cfg.edge.admin
+        token = token or cfg.edge.admin_token
+    from .admin.top import run_top
+    try:
+        run_top(admin, token, interval)
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

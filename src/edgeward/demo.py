@@ -43,5 +43,7 @@ async def start_demo_upstreams() -> list[asyncio.AbstractServer]:
     servers.append(await asyncio.start_server(_echo, "127.0.0.1", DEMO_ECHO))
     print(f"demo upstreams: web apps on 127.0.0.1:{', '.join(map(str, DEMO_APPS))}, echo on 127.0.0.1:{DEMO_ECHO}")
     print("try:  curl -H 'Host: a.localhost' http://127.0.0.1:8080/   curl http://b.localhost:8080/ "
-          "--resolve b.localhost:8080:127.0.0.1   nc 127.0.0.1 8007   .venv/bin/edgeward status -c examples/demo.toml")
+          "--resolve b.localhost:8080:127.0.0.1   nc 127.0.0.1 8007\n"
+          "      .venv/bin/edgeward status -c examples/demo.toml   .venv/bin/edgeward top -c examples/demo.toml\n"
+          "      the dashboard: http://127.0.0.1:9901/")
     return servers

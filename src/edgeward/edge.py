@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from .admission import Admission
+from .clients import Presence
 from .config.loader import ConfigError
 from .config.schema import Config
 from .events import EventBus, HealthChanged
@@ -58,6 +59,11 @@ def raise_nofile(want: int | str) -> tuple[int, int]:
         except (ValueError, OSError) as e:
             log.warning("cannot raise the open-files limit to %d: %s", target, e)
     return soft, hard
+
+
+def service_pools(rt: Runtime) -> dict[str, str]:
+    """Service → the name of the pool its action sends to (services without one are left out)."""
+    return {r.service: r.action.pool.name for r in rt.routes if r.action.pool is not None}
 
 
 class BindError(Exception):
@@ -137,8 +143,10 @@ class Edge:
         self.bus = bus if bus is not None else EventBus()
         self.counters = Counters()
         self.stats = Stats(self.bus, self.counters)
+        self.presence = Presence(self.bus)  # distinct clients per service, pool and server
         self.upstreams = Upstreams()
         self.runtime = build(cfg, self.upstreams)
+        self.presence.set_pools(service_pools(self.runtime))
         self.plane = DataPlane(self.loop, Admission(cfg.edge), self.bus, self.counters, cfg.edge.splice)
         self.listeners: dict[ListenerKey, TcpListener] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
@@ -268,6 +276,7 @@ class Edge:
             return False
         old_health = self.health
         self.runtime = rt
+        self.presence.set_pools(service_pools(rt))
         self.upstreams.keep_only(set(rt.pools))
         self.plane.admission.settings = cfg.edge
         self.plane.splice = HAS_SPLICE and cfg.edge.splice

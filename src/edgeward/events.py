@@ -69,7 +69,9 @@ class ConnClosed(NamedTuple):
     """Every admitted connection ends with exactly one of these, refused or not.
 
     `bytes_in` is client → upstream, `bytes_out` upstream → client; `service`/`upstream` are
-    empty when it never got that far; `duration` is seconds since accept."""
+    empty when it never got that far; `duration` is seconds since accept. `protocol`, `name`
+    (SNI, HTTP Host, XMPP to) and `alpn` (the protocols the client offered, comma-separated) are
+    what sniffing found, empty when the listener did not sniff."""
 
     listener: str
     peer: Peer
@@ -79,6 +81,9 @@ class ConnClosed(NamedTuple):
     bytes_out: int
     duration: float
     reason: str
+    protocol: str = ""
+    name: str = ""
+    alpn: str = ""
 
 
 class ProtocolError(NamedTuple):

@@ -120,3 +120,56 @@ to = "127.0.0.1:{udp_up.port}"
         e.stop()
         up.close()
         udp_up.close()
+
+
+def test_sniffed_name_and_alpn_are_logged_and_sigusr1_reopens(tmp_path: Path) -> None:
+    """logrotate moves the file and sends SIGUSR1: later lines go to a new file at the same path."""
+    import os
+    import signal
+
+    from edgeward.codec.testing import build_client_hello
+
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    log_path = tmp_path / "access.log"
+    e = EdgeProcess(tmp_path, f"""
+[edge]
+admin = "127.0.0.1:{admin}"
+state_dir = "{tmp_path / 'state'}"
+access_log = "{log_path}"
+[listeners.tls]
+bind = ["127.0.0.1:{port}"]
+[services.cloud]
+listen = ["tls"]
+names = ["cloud.example.org"]
+to = "127.0.0.1:{up.port}"
+""", admin_port=admin, wait=[("127.0.0.1", port)])
+    hello = build_client_hello(sni="cloud.example.org", alpn=["h2", "http/1.1"])
+
+    def one_client(src: str) -> str:
+        with socket.socket() as c:
+            c.bind((src, 0))
+            c.connect(("127.0.0.1", port))
+            c.sendall(hello)
+            got = b""
+            while len(got) < len(hello):
+                chunk = c.recv(65536)
+                assert chunk
+                got += chunk
+            return f"{src}:{c.getsockname()[1]}"
+    try:
+        first = one_client("127.0.0.2")
+        entry = read_entries(log_path, "text", [first])[first]
+        assert entry["proto"] == "tls" and entry["name"] == "cloud.example.org" and entry["alpn"] == "h2,http/1.1"
+        assert entry["service"] == "cloud" and entry["end"] == "done"
+        rotated = tmp_path / "access.log.1"
+        os.rename(log_path, rotated)
+        e.signal(signal.SIGUSR1)
+        assert wait_until(log_path.exists, 5), "SIGUSR1 did not reopen the access log"
+        second = one_client("127.0.0.3")
+        assert second in read_entries(log_path, "text", [second])
+        assert second not in rotated.read_text()
+        assert e.proc.poll() is None
+    finally:
+        e.stop()
+        up.close()

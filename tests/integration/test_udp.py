@@ -149,7 +149,7 @@ to = "127.0.0.2"                                        # the same port on the u
             assert code == 200 and isinstance(metrics, str)
             assert "edgeward_udp_sessions 2" in metrics
             assert 'edgeward_service_udp_sessions{service="turn"} 2' in metrics
-            assert 'edgeward_service_datagrams_in_total{service="turn"} 6' in metrics
+            assert 'edgeward_service_received_datagrams_total{service="turn"} 6' in metrics
             a.close()
             b.close()
         finally:

@@ -15,34 +15,56 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..edge import Edge
+from ..monitor import Monitor
 from ..stats import FAMILIES
 from ..status import edge_status
 
-_SERVICE_GAUGES = (("active", "Relayed connections open per service."),
-                   ("udp_sessions", "Live UDP sessions per service."))
+# Prometheus naming: units in names (bytes, datagrams), counters end in _total (added by
+# CounterMetricFamily); labels are service, pool, server, listener: never a client address, so the
+# number of series is bounded by the config, not by the traffic.
+_SERVICE_GAUGES = (("active", "open_connections", "Relayed TCP connections open per service."),
+                   ("udp_sessions", "udp_sessions", "Live UDP sessions per service."),
+                   ("clients", "clients", "Distinct client addresses with a live connection or UDP session, per service."))
 _SERVICE_COUNTERS = (("total", "connections", "Relayed connections per service."),
-                     ("bytes_in", "bytes_in", "Bytes from clients per service."),
-                     ("bytes_out", "bytes_out", "Bytes to clients per service."),
+                     ("bytes_in", "received_bytes", "Bytes from clients per service (ended and live connections)."),
+                     ("bytes_out", "sent_bytes", "Bytes to clients per service (ended and live connections)."),
                      ("udp_sessions_total", "udp_sessions", "UDP sessions opened per service."),
-                     ("datagrams_in", "datagrams_in", "UDP datagrams from clients per service."),
-                     ("datagrams_out", "datagrams_out", "UDP datagrams to clients per service."))
+                     ("datagrams_in", "received_datagrams", "UDP datagrams from clients per service."),
+                     ("datagrams_out", "sent_datagrams", "UDP datagrams to clients per service."),
+                     ("requests", "http_requests", "HTTP requests per service."))
+_SERVER_GAUGES = (("active", "open_connections", "Relayed TCP connections open per server."),
+                  ("udp_sessions", "udp_sessions", "Live UDP sessions per server."),
+                  ("clients", "clients", "Distinct client addresses with a live connection or UDP session, per server."))
+_SERVER_COUNTERS = (("total", "connections", "Relayed connections per server."),
+                    ("bytes_in", "received_bytes", "Bytes from clients per server (ended and live connections)."),
+                    ("bytes_out", "sent_bytes", "Bytes to clients per server (ended and live connections)."))
 
 
 class EdgeCollector(Collector):
-    def __init__(self, edge: Edge) -> None:
+    def __init__(self, edge: Edge, monitor: Monitor | None = None) -> None:
         self.edge = edge
+        self.monitor = monitor
 
     def collect(self) -> Iterator[Metric]:
-        st: dict[str, Any] = edge_status(self.edge)
+        st: dict[str, Any] = edge_status(self.edge, self.monitor, full=False)
         yield GaugeMetricFamily("edgeward_connections", "Open TCP connections.", value=st["connections"])
         yield GaugeMetricFamily("edgeward_udp_sessions", "Live UDP sessions (client address and port → upstream socket).",
                                 value=st["udp_sessions"])
         yield GaugeMetricFamily("edgeward_clients",
                                 "Distinct client addresses with an open connection or a live UDP session.",
                                 value=st["clients"])
+        lst = GaugeMetricFamily("edgeward_listener_open_connections",
+                                "Open TCP connections (UDP listeners: live sessions) per listening address.",
+                                labels=["listener", "transport", "address"])
+        edge = self.edge
+        for (transport, host, port), t in sorted(edge.listeners.items()):
+            lst.add_metric([t.name, transport, f"{host}:{port}"], t.active)
+        for (transport, host, port), u in sorted(edge.udp_listeners.items()):
+            lst.add_metric([u.name, transport, f"{host}:{port}"], u.active)
+        yield lst
         services: dict[str, dict[str, int]] = st["services"]
-        for field, help_ in _SERVICE_GAUGES:
-            g = GaugeMetricFamily(f"edgeward_service_{field}", help_, labels=["service"])
+        for field, metric, help_ in _SERVICE_GAUGES:
+            g = GaugeMetricFamily(f"edgeward_service_{metric}", help_, labels=["service"])
             for name, v in services.items():
                 g.add_metric([name], v[field])
             yield g
@@ -51,20 +73,30 @@ class EdgeCollector(Collector):
             for name, v in services.items():
                 c.add_metric([name], v[field])
             yield c
-        server_rows = [(pname, s) for pname, p in st["pools"].items() for s in p["servers"]]
+        pools: dict[str, dict[str, Any]] = st["pools"]
+        g = GaugeMetricFamily("edgeward_pool_clients", "Distinct client addresses with a live connection or UDP "
+                              "session, per pool.", labels=["pool"])
+        for pname, p in pools.items():
+            g.add_metric([pname], p["clients"])
+        yield g
+        server_rows = [(pname, s) for pname, p in pools.items() for s in p["servers"]]
         up = GaugeMetricFamily("edgeward_server_up", "1 if the server takes new connections.", labels=["pool", "server"])
-        active = GaugeMetricFamily("edgeward_server_active", "Open connections per server.", labels=["pool", "server"])
-        udp = GaugeMetricFamily("edgeward_server_udp_sessions", "Live UDP sessions per server.", labels=["pool", "server"])
-        bin_ = CounterMetricFamily("edgeward_server_bytes_in", "Bytes from clients per server.", labels=["pool", "server"])
-        bout = CounterMetricFamily("edgeward_server_bytes_out", "Bytes to clients per server.", labels=["pool", "server"])
+        healthy = GaugeMetricFamily("edgeward_server_healthy", "1 if the server passes its active health check.",
+                                    labels=["pool", "server"])
         for pname, s in server_rows:
-            lab = [pname, s["server"]]
-            up.add_metric(lab, 1.0 if s["available"] else 0.0)
-            active.add_metric(lab, s["active"])
-            udp.add_metric(lab, s["udp_sessions"])
-            bin_.add_metric(lab, s["bytes_in"])
-            bout.add_metric(lab, s["bytes_out"])
-        yield from (up, active, udp, bin_, bout)
+            up.add_metric([pname, s["server"]], 1.0 if s["available"] else 0.0)
+            healthy.add_metric([pname, s["server"]], 1.0 if s["healthy"] else 0.0)
+        yield from (up, healthy)
+        for field, metric, help_ in _SERVER_GAUGES:
+            g = GaugeMetricFamily(f"edgeward_server_{metric}", help_, labels=["pool", "server"])
+            for pname, s in server_rows:
+                g.add_metric([pname, s["server"]], s[field])
+            yield g
+        for field, metric, help_ in _SERVER_COUNTERS:
+            c = CounterMetricFamily(f"edgeward_server_{metric}", help_, labels=["pool", "server"])
+            for pname, s in server_rows:
+                c.add_metric([pname, s["server"]], s[field])
+            yield c
         for family, (labels, help_) in FAMILIES.items():
             c = CounterMetricFamily(f"edgeward_{family}", help_, labels=list(labels))
             for key, n in sorted(self.edge.counters.families[family].items()):
@@ -72,7 +104,7 @@ class EdgeCollector(Collector):
             yield c
 
 
-def render_metrics(edge: Edge) -> bytes:
+def render_metrics(edge: Edge, monitor: Monitor | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EdgeCollector(edge))
+    registry.register(EdgeCollector(edge, monitor))
     return generate_latest(registry)

@@ -52,8 +52,8 @@ class EdgeSettings(_Strict):
     access_log: str | None = Field(
         None,
         description="Write one line per closed TCP connection and ended UDP session (client, service, upstream, "
-        "bytes, duration, end reason) to this file (\"-\" = standard output); unset = no access log. "
-        "Reopened on reload, so logrotate's move + `edgeward reload` works.",
+        "bytes, duration, end reason) to this file (\"-\" = standard output, \"stderr\" = standard error); unset = no access log. "
+        "Reopened on SIGUSR1 and on reload, so logrotate's move + `kill -USR1` (or `edgeward reload`) works.",
     )
     access_log_format: Literal["text", "json"] = Field(
         "text", description="Access log lines as logfmt text (key=value) or JSON objects."

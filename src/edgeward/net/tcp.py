@@ -410,8 +410,14 @@ class TcpConn(Forwarding):
                 server.bytes_out += bo
         if self.route is not None:
             service = self.route.service
-        plane.bus.publish(ConnClosed(self.listener.name, self.peer, service, upstream, bi, bo,
-                                     plane.loop.time() - self.t0, reason))
+        sniffed = self.sniffed
+        if sniffed is None:
+            plane.bus.publish(ConnClosed(self.listener.name, self.peer, service, upstream, bi, bo,
+                                         plane.loop.time() - self.t0, reason))
+        else:
+            plane.bus.publish(ConnClosed(self.listener.name, self.peer, service, upstream, bi, bo,
+                                         plane.loop.time() - self.t0, reason, sniffed.protocol, sniffed.name or "",
+                                         ",".join(sniffed.alpn)))
 
     def _unregister(self) -> None:
         plane = self.plane

@@ -12,6 +12,7 @@ from bench.cases import (
     _last_json_line,
     ban_latency_args,
     jail_lines_args,
+    observe_cost_args,
     run_script_case,
 )
 from bench.cli import cpu_plan, parse_args
@@ -131,3 +132,9 @@ def test_script_case_records_every_number_and_failures(tmp_path: Path) -> None:
 def test_ban_latency_args() -> None:
     assert ban_latency_args("ap.add_argument('--rounds')", quick=True) == ["--rounds", "50"]
     assert ban_latency_args("ap.add_argument('--rounds')", quick=False) == []
+
+
+def test_observe_cost_args() -> None:
+    assert observe_cost_args("ap.add_argument('--quick')", quick=True) == ["--quick"]
+    assert observe_cost_args("ap.add_argument('--quick')", quick=False) == []
+    assert observe_cost_args("no such option", quick=True) == []
