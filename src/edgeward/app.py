@@ -34,6 +34,7 @@ from .upstream.pool import Pool, Upstreams
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .clients import Presence
     from .webfront import Site, WebFront
 
 log = logging.getLogger("edgeward")
@@ -76,6 +77,7 @@ class RuntimeBuilder:
         self.loop = loop
         self.state_dir = state_dir
         self.admission: Admission | None = None
+        self.presence: Presence | None = None
         self.front: WebFront | None = None
         self.site: Site | None = None
 
@@ -84,6 +86,7 @@ class RuntimeBuilder:
             from .webfront import WebFront
             self.front = WebFront(self.bus, self.loop)
             self.front.admission = self.admission
+            self.front.presence = self.presence
         return self.front
 
     def __call__(self, cfg: Config, upstreams: Upstreams) -> Runtime:
@@ -141,8 +144,10 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     except ConfigError as e:
         raise StartError(str(e)) from None
     builder.admission = edge.admission
+    builder.presence = edge.presence
     if builder.front is not None:
         builder.front.admission = edge.admission
+        builder.front.presence = edge.presence
     builder.apply_web(edge.runtime)
     edge.on_reload.append(builder.apply_web)
     edge.extra_status["web"] = builder.web_status

@@ -13,9 +13,9 @@ per (service, server) while that pair has live connections (until the next
 reload when it has none), so a reload that points a service at another pool can
 never make a close decrement a count its open did not increment.
 
-Connections handed to the HTTP layer are counted per request, not here (they
-have no ConnOpened/ConnClosed); the global distinct count of `status` (from
-admission) includes them.
+Connections handed to the HTTP layer have no ConnOpened/ConnClosed: webfront.py
+counts each under the service (and its pool) of its latest request with `enter`
+and `leave`, not per server (its requests use pooled upstream connections).
 """
 
 from __future__ import annotations
@@ -119,6 +119,25 @@ class Presence:
             refs[ip] = n - 1
         else:
             refs.pop(ip, None)
+
+    # ------------------------------------------------------------------ HTTP clients
+    def enter(self, service: str, ip: str) -> str:
+        """An HTTP client connection now belongs to `service`; returns the pool it was counted under
+        (to give back to `leave`, whatever a reload does meanwhile)."""
+        pool = self._service_pool.get(service, "")
+        for refs in (self.by_service.setdefault(service, {}), self.by_pool.setdefault(pool, {})):
+            refs[ip] = refs.get(ip, 0) + 1
+        return pool
+
+    def leave(self, service: str, pool: str, ip: str) -> None:
+        for refs in (self.by_service.get(service), self.by_pool.get(pool)):
+            if refs is None:
+                continue
+            n = refs.get(ip, 0)
+            if n > 1:
+                refs[ip] = n - 1
+            else:
+                refs.pop(ip, None)
 
     # ------------------------------------------------------------------ reads
     def service_clients(self, service: str) -> int:

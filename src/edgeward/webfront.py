@@ -41,6 +41,7 @@ from .upstream.pool import Pool, UpstreamTls
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .clients import Presence
     from .net.tcp import TcpConn
     from .tls.acme import AcmeManager
 
@@ -68,15 +69,18 @@ class ServeHttp:
 
 
 class _Client:
-    """An HTTP client connection as admission sees it (bans close it; limits and `status` count it)."""
+    """An HTTP client connection as admission sees it (bans close it; limits and `status` count it),
+    and the service (and pool) who-is-on counts it under, from its latest request."""
 
-    __slots__ = ("admission", "conn", "listener", "peer")
+    __slots__ = ("admission", "conn", "listener", "peer", "pool", "service")
 
     def __init__(self, admission: Admission, peer: Peer, listener: _Named, conn: ClientConnection) -> None:
         self.admission = admission
         self.peer = peer
         self.listener = listener
         self.conn = conn
+        self.service = ""
+        self.pool = ""
 
     def close(self, reason: str = "closed") -> None:
         self.conn.close()
@@ -97,6 +101,7 @@ class EdgeHttpProxy(HttpProxy):
         self.site = site
         self.admitted: dict[ClientConnection, _Client] = {}
         self._listeners: dict[str, _Named] = {}  # one per listener, shared by its clients
+        self.on_service = self._on_service
 
     def admit(self, conn: ClientConnection, peer: Peer, listener: str) -> None:
         admission = self.site.front.admission
@@ -109,10 +114,23 @@ class EdgeHttpProxy(HttpProxy):
         self.admitted[conn] = entry
         admission.add_tcp(entry)
 
+    def _on_service(self, conn: ClientConnection, service: str) -> None:
+        entry = self.admitted.get(conn)
+        presence = self.site.front.presence
+        if entry is None or presence is None:
+            return
+        if entry.service:
+            presence.leave(entry.service, entry.pool, entry.peer.ip)
+        entry.service = service
+        entry.pool = presence.enter(service, entry.peer.ip)
+
     def _forget(self, conn: ClientConnection) -> None:
         entry = self.admitted.pop(conn, None)
         if entry is not None:
             entry.admission.remove_tcp(entry)
+            presence = self.site.front.presence
+            if entry.service and presence is not None:
+                presence.leave(entry.service, entry.pool, entry.peer.ip)
 
     def connection_lost(self, conn: ClientConnection) -> None:
         super().connection_lost(conn)
@@ -215,6 +233,7 @@ class WebFront:
         self.bus = bus
         self.loop = loop
         self.admission: Admission | None = None
+        self.presence: Presence | None = None  # who is on: HTTP clients per service
         self.certs: CertStore | None = None
         self.acme: AcmeManager | None = None
         self.site: Site | None = None

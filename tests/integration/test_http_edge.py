@@ -252,3 +252,24 @@ to = "http://127.0.0.1:{ngx.port}"
             assert r is not None and r.status == 200 and r.json()["xfp"] == "https"
         finally:
             edge.stop()
+
+
+def test_who_is_on_counts_http_clients_under_the_service_of_their_latest_request(env: Env) -> None:
+    """A terminated keep-alive connection is a client of the service its latest request went to."""
+    def clients(service: str) -> int:
+        return int(env.edge.status()["services"].get(service, {}).get("clients", 0))  # type: ignore[union-attr]
+
+    base_web, base_bosh = clients("web"), clients("bosh")
+    s = socket.socket()
+    s.bind(("127.0.0.31", 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", env.tls_port))
+    ctx = ssl.create_default_context(cafile=str(env.ca))
+    with ctx.wrap_socket(s, server_hostname="chat.test") as t:
+        t.sendall(b"GET / HTTP/1.1\r\nHost: chat.test\r\n\r\n")
+        assert read_response(t) is not None
+        assert wait_until(lambda: clients("web") == base_web + 1)
+        t.sendall(b"GET /http-bind HTTP/1.1\r\nHost: chat.test\r\n\r\n")  # the same connection, another service
+        assert read_response(t) is not None
+        assert wait_until(lambda: clients("bosh") == base_bosh + 1 and clients("web") == base_web)
+    assert wait_until(lambda: clients("bosh") == base_bosh and clients("web") == base_web)

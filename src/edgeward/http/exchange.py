@@ -292,6 +292,10 @@ class Exchange:
                 self.local_response(421, error="no_route")  # a name this TLS listener does not serve
             return
         self.route = route
+        if route.service is not c.service:  # a connection moving to another service: rare
+            c.service = route.service
+            if proxy.on_service is not None:
+                proxy.on_service(c, route.service)
         self.acquire()
 
     def redirect_response(self, head: RequestHead) -> None:
@@ -811,6 +815,7 @@ class ClientConnection:
         "rejected",
         "routes",
         "scheme",
+        "service",
         "settings",
         "transport",
         "trusted",
@@ -834,6 +839,7 @@ class ClientConnection:
         self.listener = listener or self.local  # the edge's name for the listener, for the logs
         self.scheme = scheme
         self.redirect = redirect
+        self.service = ""  # the service of its latest routed request (who is on: proxy.on_service)
         self.https_port = https_port
         self.via_proxy = via_proxy
         # The edge's Peer of this client, for the HttpRequest events (built on first use otherwise).

@@ -40,6 +40,9 @@ class HttpProxy:
         self.routes = routes
         self.settings = settings
         self.on_request = on_request
+        # Called when a client connection's request goes to another service than its previous one
+        # (its first included): the edge counts who is on per service (webfront.py).
+        self.on_service: Callable[[ClientConnection, str], None] | None = None
         self.events = events  # gets an HttpRequest per request, when someone subscribed to them
         self.acme_http01 = acme_http01
         self._loop = loop
