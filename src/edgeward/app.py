@@ -23,6 +23,7 @@ from .events import EventBus
 from .guard.validate import config_problems as jail_problems
 from .guard_adapter import GuardAdapter
 from .net.forward import Forward
+from .net.handoff import Endpoints, HandOff
 from .routing import Action
 from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
@@ -74,6 +75,7 @@ class RuntimeBuilder:
         self.admission: Admission | None = None
         self.front: WebFront | None = None
         self.site: Site | None = None
+        self.endpoints = Endpoints()  # handoff endpoints, kept across reloads
 
     def web(self) -> WebFront:
         if self.front is None:
@@ -85,7 +87,7 @@ class RuntimeBuilder:
     def __call__(self, cfg: Config, upstreams: Upstreams) -> Runtime:
         if not has_http_services(cfg):
             self.site = None
-            return _build_runtime(cfg, upstreams, forward_action)
+            return _build_runtime(cfg, upstreams, self._relay_action(cfg))
         from .webfront import CertificateError
         front = self.web()
         try:
@@ -93,14 +95,27 @@ class RuntimeBuilder:
         except CertificateError as e:
             raise ConfigError([Problem("[tls]", 1, 1, str(e), "check the certificate files")]) from None
 
-        def make_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
-            if service_scheme(cfg, svc) is not None:
+        relay = self._relay_action(cfg)
+
+        def make_action(service: str, svc: ServiceSettings, pool: Pool | None) -> Action:
+            if pool is not None and service_scheme(cfg, svc) is not None:
                 return site.action(service, svc, pool)
-            return forward_action(service, svc, pool)
+            return relay(service, svc, pool)
 
         rt = _build_runtime(cfg, upstreams, make_action, site.finish)
         self.site = site
         return rt
+
+    def _relay_action(self, cfg: Config) -> Callable[[str, ServiceSettings, Pool | None], Action]:
+        """Actions of services whose bytes the edge never reads: `Forward`, or `HandOff`
+        (net/handoff.py) for a service whose `to` is a [handoffs] endpoint."""
+        def make_action(service: str, svc: ServiceSettings, pool: Pool | None) -> Action:
+            if svc.to in cfg.handoffs:
+                endpoint = self.endpoints.get(svc.to, cfg.handoffs[svc.to])
+                return HandOff(endpoint, forward_action(service, svc, pool) if pool is not None else None)
+            assert pool is not None
+            return forward_action(service, svc, pool)
+        return make_action
 
     def apply_web(self, _rt: Runtime) -> None:
         """The edge serves the runtime built last: its HTTP part starts serving too."""
@@ -115,7 +130,7 @@ class RuntimeBuilder:
             await self.front.close()
 
 
-def forward_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
+def forward_action(service: str, svc: ServiceSettings, pool: Pool) -> Forward:
     return Forward(pool, svc.proxy_protocol or pool.proxy_protocol, svc.connect_timeout or pool.connect_timeout)
 
 

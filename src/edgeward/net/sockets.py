@@ -83,6 +83,17 @@ def upstream_tcp(target: Target, default_port: int) -> tuple[socket.socket, obje
     return s, (host, target.port or default_port)
 
 
+def handoff_control() -> socket.socket:
+    """A non-blocking Unix stream socket to connect to a handoff endpoint (net/handoff.py). Not
+    inherited by child processes: it will carry a client's socket."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+
+def unix_address(path: str) -> str:
+    """A Unix socket path as the socket calls take it ("@name": Linux abstract namespace)."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
 def upstream_udp(target: Target, default_port: int) -> socket.socket:
     """A non-blocking UDP socket connected to `target` (no port: `default_port`)."""
     if target.host is None:  # unix: targets are refused for UDP by the config check
