@@ -66,6 +66,21 @@ def check(config: ConfigArg) -> None:
 
 
 @app.command()
+def nft(config: ConfigArg,
+        mark: Annotated[str, typer.Option(help="The fwmark for replies to transparent sockets.")] = "0x7e",
+        table: Annotated[int, typer.Option(help="The routing table where every address is local.")] = 126) -> None:
+    """Print the policy routing and nftables rules transparent mode needs (a shell script for root)."""
+    cfg = _load_or_exit(config)
+    from .net.transparent import return_path_script
+    try:
+        fwmark = int(mark, 0)
+    except ValueError:
+        typer.echo(f"edgeward: --mark {mark!r} is not a number (write e.g. 0x7e)", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    typer.echo(return_path_script(cfg, fwmark, table), nl=False)
+
+
+@app.command()
 def schema() -> None:
     """Print the config's JSON Schema (for editors)."""
     typer.echo(json.dumps(json_schema(), indent=2))

@@ -136,6 +136,12 @@ class PoolSettings(_Strict):
     connect_timeout: Duration = Field(3.0, gt=0, description="Connect attempt limit per server.")
     retries: int = Field(2, ge=0, le=16, description="Other servers tried after a failed connect.")
     proxy_protocol: ProxyProtocol = Field("off", description="Send a PROXY header to the servers.")
+    transparent: bool = Field(
+        False,
+        description="Connect to the servers from the client's own address (IP_TRANSPARENT, TCP and UDP), so "
+        "they see the client with no header. Needs CAP_NET_ADMIN and the return path of `edgeward nft`; the "
+        "servers must route client addresses back through the edge.",
+    )
     health: HealthCheck | None = Field(None, description="Active health check; unset = none.")
     passive: PassiveHealth = Field(default_factory=lambda: PassiveHealth.model_validate({}), description="Passive health.")
 
@@ -306,6 +312,9 @@ class ServiceSettings(_Strict):
         "HTTP 503).",
     )
     proxy_protocol: ProxyProtocol | None = Field(None, description="Send a PROXY header (default: the pool's).")
+    transparent: bool | None = Field(
+        None, description="Connect upstream from the client's own address (default: the pool's `transparent`).",
+    )
     connect_timeout: Duration | None = Field(None, description="Default 3s, or the pool's.")
     paths: list[str] = Field(
         default_factory=list,
