@@ -936,6 +936,15 @@ def ban_latency(ctx: Context) -> None:
     run_script_case(ctx, "ban_latency")
 
 
+def handoff(ctx: Context) -> None:
+    run_script_case(ctx, "handoff")
+
+
+def handoff_args(source: str, quick: bool) -> list[str]:
+    """bench/handoff.py runs its own rounds (medians); one of them per bench round."""
+    return ["--quick"] if quick else ["--rounds", "1"]
+
+
 def ban_latency_args(source: str, quick: bool) -> list[str]:
     """Its --rounds is how many addresses it bans (default 200); 50 give a usable
     p50/p90 in a quick run."""
@@ -987,6 +996,7 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "jail_lines": jail_lines_args,
     "ban_latency": ban_latency_args,
+    "handoff": handoff_args,
 }
 
 CASES: dict[str, Callable[[Context], None]] = {
@@ -1000,4 +1010,5 @@ CASES: dict[str, Callable[[Context], None]] = {
     "https_keepalive": https_keepalive,
     "tls_handshakes": tls_handshakes,
     "http_idle_memory": http_idle_memory,
+    "handoff": handoff,
 }

@@ -35,6 +35,7 @@ DEFAULT_CASES = (
     "http_idle_memory",
     "jail_lines",
     "ban_latency",
+    "handoff",
 )
 # The cases that need wrk (Debian's `wrk`, installed by `make peers`).
 WRK_CASES = frozenset({"http_keepalive", "https_keepalive", "tls_handshakes"})
