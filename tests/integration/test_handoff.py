@@ -446,3 +446,35 @@ to = "plain"
                 assert rec.protocol == "unknown"  # type: ignore[attr-defined]
         finally:
             edge.stop()
+
+
+def test_reload_moves_a_name_to_another_endpoint(
+        two_sites: tuple[EdgeProcess, int, ExampleServer, ExampleServer, ThreadServer], ca: trustme.CA) -> None:
+    edge, port, a, b, fallback = two_sites
+    fields, _me, s = https_get(port, ca, "a.test")
+    assert fields["served-by"] == "site-a"
+    with s:
+        # a.test now goes to site-b's endpoint (whose certificate does not cover a.test: the client
+        # refuses it, which proves who answered); b.test is removed.
+        edge.write_config(f"""
+[handoffs.b]
+socket = "{b.sock}"
+
+[services.a]
+listen = ["127.0.0.1:{port}"]
+names = ["a.test"]
+to = "b"
+fallback = "127.0.0.1:{fallback.port}"
+""")
+        edge.signal(signal.SIGHUP)
+        assert wait_until(lambda: edge.counter("reloads", "applied") == 1, 10), edge.log()
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                pytest.raises(ssl.SSLCertVerificationError, match=r"a\.test"):
+            ctx.wrap_socket(raw, server_hostname="a.test")
+        assert edge.counter("handoffs", "b", "accepted") == 1
+        # The connection handed off before the reload is the server's: untouched by it.
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        assert read_answer(s)["served-by"] == "site-a"
+    assert a.proc.poll() is None
