@@ -945,6 +945,10 @@ def handoff_args(source: str, quick: bool) -> list[str]:
     return ["--quick"] if quick else ["--rounds", "1"]
 
 
+def transparent(ctx: Context) -> None:
+    run_script_case(ctx, "transparent")
+
+
 def ban_latency_args(source: str, quick: bool) -> list[str]:
     """Its --rounds is how many addresses it bans (default 200); 50 give a usable
     p50/p90 in a quick run."""
@@ -997,6 +1001,7 @@ SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "jail_lines": jail_lines_args,
     "ban_latency": ban_latency_args,
     "handoff": handoff_args,
+    "transparent": handoff_args,  # the same: its own rounds, one per bench round
 }
 
 CASES: dict[str, Callable[[Context], None]] = {
@@ -1011,4 +1016,5 @@ CASES: dict[str, Callable[[Context], None]] = {
     "tls_handshakes": tls_handshakes,
     "http_idle_memory": http_idle_memory,
     "handoff": handoff,
+    "transparent": transparent,
 }

@@ -36,6 +36,7 @@ DEFAULT_CASES = (
     "jail_lines",
     "ban_latency",
     "handoff",
+    "transparent",
 )
 # The cases that need wrk (Debian's `wrk`, installed by `make peers`).
 WRK_CASES = frozenset({"http_keepalive", "https_keepalive", "tls_handshakes"})
