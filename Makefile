@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-quick peers clean soak fuzz
+.PHONY: run test lint typecheck unit bench bench-quick peers clean soak fuzz shim
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,8 +23,18 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The LD_PRELOAD shim that lets unmodified servers (nginx) take handed-off connections
+# (shim/handoff_preload.c, docs/handoff-protocol.md). Optional: skipped where no C compiler exists.
+SHIM := build/shim/libedgeward_handoff.so
+shim: $(SHIM)
+$(SHIM): shim/handoff_preload.c
+	@mkdir -p $(dir $(SHIM))
+	@if command -v $(CC) >/dev/null 2>&1; then \
+		$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -ldl; \
+	else echo "no C compiler ($(CC)): the handoff shim is not built"; fi
+
 # Every test, against real peers. Under CI (CI=true) a missing peer fails instead of skipping.
-test: $(STAMP) peers lint
+test: $(STAMP) peers lint shim
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)

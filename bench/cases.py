@@ -954,6 +954,19 @@ def observe_cost_args(source: str, quick: bool) -> list[str]:
     return ["--quick"] if quick and "--quick" in source else []
 
 
+def handoff(ctx: Context) -> None:
+    run_script_case(ctx, "handoff")
+
+
+def handoff_args(source: str, quick: bool) -> list[str]:
+    """bench/handoff.py runs its own rounds (medians); one of them per bench round."""
+    return ["--quick"] if quick else ["--rounds", "1"]
+
+
+def transparent(ctx: Context) -> None:
+    run_script_case(ctx, "transparent")
+
+
 def ban_latency_args(source: str, quick: bool) -> list[str]:
     """Its --rounds is how many addresses it bans (default 200); 50 give a usable
     p50/p90 in a quick run."""
@@ -1007,6 +1020,8 @@ SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "ban_latency": ban_latency_args,
     "kernel_path": kernel_path_args,
     "observe_cost": observe_cost_args,
+    "handoff": handoff_args,
+    "transparent": handoff_args,  # the same: its own rounds, one per bench round
 }
 
 CASES: dict[str, Callable[[Context], None]] = {
@@ -1022,4 +1037,6 @@ CASES: dict[str, Callable[[Context], None]] = {
     "https_keepalive": https_keepalive,
     "tls_handshakes": tls_handshakes,
     "http_idle_memory": http_idle_memory,
+    "handoff": handoff,
+    "transparent": transparent,
 }

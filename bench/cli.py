@@ -37,6 +37,8 @@ DEFAULT_CASES = (
     "ban_latency",
     "kernel_path",
     "observe_cost",
+    "handoff",
+    "transparent",
 )
 # The cases that need wrk (Debian's `wrk`, installed by `make peers`).
 WRK_CASES = frozenset({"http_keepalive", "https_keepalive", "tls_handshakes"})

@@ -26,6 +26,9 @@ from .guard_adapter import GuardAdapter
 from .kernel_forward import KernelForwardError, KernelTable
 from .kernel_forward import problems as kernel_problems
 from .net.forward import Forward
+from .net.handoff import Endpoints, HandOff
+from .net.sockets import check_transparent
+from .net.transparent import transparent_of
 from .routing import Action
 from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
@@ -72,14 +75,18 @@ class RuntimeBuilder:
     edge applies that runtime (`apply_web`)."""
 
     def __init__(self, bus: EventBus | None = None, loop: asyncio.AbstractEventLoop | None = None,
-                 state_dir: str = "") -> None:
+                 state_dir: str = "", check_privileges: bool = False) -> None:
         self.bus = bus if bus is not None else EventBus()
+        # A builder for a running edge refuses configs this process lacks the privileges for
+        # (transparent mode); `edgeward check` and tests build runtimes without that check.
+        self.check_privileges = check_privileges
         self.loop = loop
         self.state_dir = state_dir
         self.admission: Admission | None = None
         self.presence: Presence | None = None
         self.front: WebFront | None = None
         self.site: Site | None = None
+        self.endpoints = Endpoints()  # handoff endpoints, kept across reloads
 
     def web(self) -> WebFront:
         if self.front is None:
@@ -90,9 +97,11 @@ class RuntimeBuilder:
         return self.front
 
     def __call__(self, cfg: Config, upstreams: Upstreams) -> Runtime:
+        if self.check_privileges and (problems := transparent_problems(cfg)):
+            raise ConfigError(problems)
         if not has_http_services(cfg):
             self.site = None
-            return _build_runtime(cfg, upstreams, forward_action)
+            return _build_runtime(cfg, upstreams, self._relay_action(cfg))
         from .webfront import CertificateError
         front = self.web()
         try:
@@ -100,14 +109,28 @@ class RuntimeBuilder:
         except CertificateError as e:
             raise ConfigError([Problem("[tls]", 1, 1, str(e), "check the certificate files")]) from None
 
-        def make_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
-            if service_scheme(cfg, svc) is not None:
+        relay = self._relay_action(cfg)
+
+        def make_action(service: str, svc: ServiceSettings, pool: Pool | None) -> Action:
+            if pool is not None and service_scheme(cfg, svc) is not None:
                 return site.action(service, svc, pool)
-            return forward_action(service, svc, pool)
+            return relay(service, svc, pool)
 
         rt = _build_runtime(cfg, upstreams, make_action, site.finish)
         self.site = site
         return rt
+
+    def _relay_action(self, cfg: Config) -> Callable[[str, ServiceSettings, Pool | None], Action]:
+        """Actions of services whose bytes the edge never reads: `Forward`, or `HandOff`
+        (net/handoff.py) for a service whose `to` is a [handoffs] endpoint."""
+        def make_action(service: str, svc: ServiceSettings, pool: Pool | None) -> Action:
+            if svc.to in cfg.handoffs:
+                endpoint = self.endpoints.get(svc.to, cfg.handoffs[svc.to])
+                fallback = forward_action(service, svc, pool, transparent_of(cfg, svc)) if pool is not None else None
+                return HandOff(endpoint, fallback)
+            assert pool is not None
+            return forward_action(service, svc, pool, transparent_of(cfg, svc))
+        return make_action
 
     def apply_web(self, _rt: Runtime) -> None:
         """The edge serves the runtime built last: its HTTP part starts serving too."""
@@ -122,8 +145,25 @@ class RuntimeBuilder:
             await self.front.close()
 
 
-def forward_action(service: str, svc: ServiceSettings, pool: Pool) -> Action:
-    return Forward(pool, svc.proxy_protocol or pool.proxy_protocol, svc.connect_timeout or pool.connect_timeout)
+def forward_action(service: str, svc: ServiceSettings, pool: Pool, transparent: bool = False) -> Forward:
+    return Forward(pool, svc.proxy_protocol or pool.proxy_protocol, svc.connect_timeout or pool.connect_timeout,
+                   transparent)
+
+
+def transparent_problems(cfg: Config) -> list[Problem]:
+    """Transparent upstream connections need CAP_NET_ADMIN: refuse a config that asks for them when
+    this process cannot make them, rather than failing every connection."""
+    users = [f"services.{n}" for n, svc in cfg.services.items() if transparent_of(cfg, svc)]
+    if not users:
+        return []
+    try:
+        check_transparent()
+    except PermissionError:
+        return [Problem("[" + users[0] + "]", 1, 1,
+                        f"transparent upstream connections ({', '.join(users)}) need CAP_NET_ADMIN, which this "
+                        "process does not have",
+                        "run edgeward as root, or grant it (systemd: AmbientCapabilities=CAP_NET_ADMIN)")]
+    return []
 
 
 def build_runtime(cfg: Config, upstreams: Upstreams | None = None) -> Runtime:
@@ -138,7 +178,7 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         from .demo import start_demo_upstreams
         demo_servers = await start_demo_upstreams()
     loop = asyncio.get_running_loop()
-    builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir)
+    builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
     try:
         edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
     except ConfigError as e:

@@ -66,6 +66,39 @@ def check(config: ConfigArg) -> None:
 
 
 @app.command()
+def nft(config: ConfigArg,
+        mark: Annotated[str, typer.Option(help="The fwmark for replies to transparent sockets.")] = "0x7e",
+        table: Annotated[int, typer.Option(help="The routing table where every address is local.")] = 126,
+        apply: Annotated[bool, typer.Option("--apply", help="Run the script (as root) instead of printing it.")]
+        = False) -> None:
+    """Print what the kernel needs for this config, as a shell script for root: the nftables table of
+    services with forward = "kernel" (which `edgeward run` also applies, re-applies on reload and
+    removes at stop) and the return path of transparent mode (policy routing and nftables)."""
+    cfg = _load_or_exit(config)
+    from .kernel_forward import kernel_services
+    from .kernel_forward import render as render_kernel
+    from .net.transparent import return_path_script
+    try:
+        fwmark = int(mark, 0)
+    except ValueError:
+        typer.echo(f"edgeward: --mark {mark!r} is not a number (write e.g. 0x7e)", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    script = return_path_script(cfg, fwmark, table)
+    if kernel_services(cfg):
+        script += ("# Services with forward = \"kernel\": nftables DNAT in edgeward's own table.\n"
+                   f"nft -f - <<'EOF'\n{render_kernel(cfg)}EOF\n")
+    if not apply:
+        typer.echo(script, nl=False)
+        return
+    import subprocess
+    r = subprocess.run(["/bin/sh", "-e"], input=script.encode(), capture_output=True)
+    if r.returncode != 0:
+        typer.echo(f"edgeward nft --apply: {r.stderr.decode(errors='replace').strip()}", err=True)
+        raise typer.Exit(EXIT_RUNTIME)
+    typer.echo("applied")
+
+
+@app.command()
 def schema() -> None:
     """Print the config's JSON Schema (for editors)."""
     typer.echo(json.dumps(json_schema(), indent=2))

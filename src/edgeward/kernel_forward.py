@@ -90,6 +90,13 @@ def problems(cfg: Config) -> Iterator[tuple[Loc, str, str]]:
         if svc.protocol is not None:
             yield ((*at, "protocol"), f"service {name!r}: protocol needs sniffing, which forward = \"kernel\" never does",
                    "remove protocol, or set forward = \"edge\"")
+        if svc.to in cfg.handoffs:
+            yield ((*at, "to"), f"service {name!r}: forward = \"kernel\" cannot hand a connection to a local server",
+                   "forward to an address, or remove forward = \"kernel\"")
+            continue
+        if svc.transparent:
+            yield ((*at, "transparent"), f"service {name!r}: forward = \"kernel\" keeps the client's address by "
+                   "itself; transparent is for the edge's own connections", "remove transparent")
         pool = cfg.pools.get(svc.to)
         proxy = svc.proxy_protocol or (pool.proxy_protocol if pool is not None else "off")
         if proxy != "off":

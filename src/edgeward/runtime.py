@@ -27,8 +27,9 @@ from .upstream.pool import Pool, Upstreams
 
 ListenerKey = tuple[str, str, int]  # (transport, host, port)
 
-# (service name, its settings, its pool) → the action its routes carry
-ActionFactory = Callable[[str, ServiceSettings, Pool], Action]
+# (service name, its settings, its pool) → the action its routes carry. The pool is None only for a
+# service handing off (`to` names a [handoffs] endpoint) without a fallback: it relays to nothing.
+ActionFactory = Callable[[str, ServiceSettings, Pool | None], Action]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -79,11 +80,16 @@ def build_runtime(cfg: Config, upstreams: Upstreams, make_action: ActionFactory,
     for sname, svc in cfg.services.items():
         if svc.forward == "kernel":
             continue  # nftables forwards its packets (kernel_forward.py): no listener, no route here
-        if svc.to in pools:
-            pool = pools[svc.to]
+        # A service handing off relays only to its fallback, if it has one.
+        target = svc.fallback if svc.to in cfg.handoffs else svc.to
+        pool: Pool | None
+        if target is None:
+            pool = None
+        elif target in pools:
+            pool = pools[target]
         else:
             # An address target is a pool of one, named after the service.
-            pool = upstreams.pool(f"service:{sname}", PoolSettings(servers=[svc.to]))  # type: ignore[call-arg]
+            pool = upstreams.pool(f"service:{sname}", PoolSettings(servers=[target]))  # type: ignore[call-arg]
             pools[pool.name] = pool
         route = make_route(sname, make_action(sname, svc, pool), svc.names, svc.protocol, svc.alpn, svc.source)
         all_routes.append(route)

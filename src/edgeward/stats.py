@@ -31,6 +31,8 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
     "closed": (("listener", "reason"), "Relayed connections and UDP sessions closed, by listener and reason."),
     "protocol_errors": (("listener", "kind"), "Clients that sent malformed or forged input, by kind."),
     "connect_failures": (("pool", "server"), "Failed connections to upstream servers."),
+    "handoffs": (("endpoint", "result"), "Connections offered to handoff endpoints, by result (accepted, or why "
+                 "the client went to the fallback: down, busy, refused, timeout, closed, error)."),
     "udp_dropped": (("listener", "reason"), "UDP datagrams dropped, by reason."),
     "accept_errors": (("listener", "error"), "accept() failures (out of descriptors or memory)."),
     "reloads": (("result",), "Config reloads applied or rejected."),

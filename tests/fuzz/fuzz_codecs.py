@@ -1,6 +1,6 @@
 """Fuzz the sans-I/O codecs: only CodecError may escape, and every parser stays bounded.
 
-    python tests/fuzz/fuzz_codecs.py --target tls|proxy|http|xmpp|ssh|sniff --iterations N
+    python tests/fuzz/fuzz_codecs.py --target tls|proxy|http|xmpp|ssh|handoff|sniff --iterations N
 
 (tests/fuzz/fuzzer.py is the full driver: coverage-guided, every codec and the guard's
 parsers, kept corpus; this file defines the codec targets and the built-in mutator.)
@@ -43,6 +43,7 @@ from edgeward.codec import (
     tls,
     xmpp,
 )
+from edgeward.codec import handoff as handoff_codec
 from edgeward.codec.testing import build_client_hello
 
 NS = "http://etherx.jabber.org/streams"
@@ -89,6 +90,25 @@ _XMPP_SEEDS = [
 _SSH_SEEDS = [b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", b"SSH-1.99-Cisco-1.25\n"]
 
 
+def _handoff_seeds() -> list[bytes]:
+    rec = handoff_codec.HandoffRecord
+    return [
+        handoff_codec.build_record(rec("web", ("192.0.2.7", 51234), ("198.51.100.1", 443), "tls", "a.example.org",
+                                       ("h2", "http/1.1"))),
+        handoff_codec.build_record(rec("chat", ("2001:db8::5", 1), ("::1", 5223), "xmpp", "example.org",
+                                       listener_name="tls", via_proxy=True, handoff_id=7)),
+        handoff_codec.build_record(rec("s", ("10.0.0.1", 0))),
+        b"\x00", b"\x01", b"\x04",  # acknowledgements: a record starts with "E", so these fuzz parse_ack
+    ]
+
+
+def _handoff(data: bytes) -> object:
+    # One target for both messages the protocol has: a record (starts with "E"), else an ack.
+    if data[:1] == b"E":
+        return handoff_codec.parse_record(data)
+    return handoff_codec.parse_ack(data)
+
+
 def _sniff(data: bytes) -> object:
     # The last byte picks `final` so both modes are explored from one input.
     return sniff(data[:-1], final=bool(data[-1] & 1)) if data else sniff(data)
@@ -107,6 +127,7 @@ TARGETS: dict[str, Target] = {
     "http": Target(parse_http_head, lambda: list(_HTTP_SEEDS), http.MAX_HEAD),
     "xmpp": Target(parse_xmpp_header, lambda: list(_XMPP_SEEDS), xmpp.MAX_HEADER + 1),
     "ssh": Target(parse_ssh_banner, lambda: list(_SSH_SEEDS), ssh.MAX_BANNER),
+    "handoff": Target(_handoff, _handoff_seeds, handoff_codec.MAX_RECORD),
     "sniff": Target(
         _sniff,
         lambda: [s + b"\x00" for s in _tls_seeds() + _HTTP_SEEDS + _XMPP_SEEDS + _SSH_SEEDS],

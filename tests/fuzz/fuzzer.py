@@ -3,7 +3,7 @@
     python tests/fuzz/fuzzer.py --target all --runs 10000000 --merge     # what `make fuzz` runs
     python tests/fuzz/fuzzer.py --target tls --runs 50000                # one target, short
 
-Targets: tls, proxy, http, xmpp, ssh, sniff (fuzz_codecs.py) and filter, date
+Targets: tls, proxy, http, xmpp, ssh, handoff, sniff (fuzz_codecs.py) and filter, date
 (fuzz_guard.py). Each starts from its kept corpus, tests/fuzz/corpus/TARGET/
 (small: minimized by libFuzzer's merge), and with --merge puts the inputs that
 reached new coverage back into it, minimized again.
@@ -35,7 +35,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
-CODEC_TARGETS = ("tls", "proxy", "http", "xmpp", "ssh", "sniff")
+CODEC_TARGETS = ("tls", "proxy", "http", "xmpp", "ssh", "handoff", "sniff")
 GUARD_TARGETS = ("filter", "date")
 ALL = CODEC_TARGETS + GUARD_TARGETS
 

@@ -281,17 +281,17 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
 
         yield from _check_udp_service(cfg, sname, at)
 
-        # `to`: pool name first, else an address.
-        if svc.to not in cfg.pools:
+        # `to`: pool name first, then a handoff endpoint, else an address.
+        if svc.to not in cfg.pools and svc.to not in cfg.handoffs:
             if looks_like_address(svc.to):
                 try:
                     parse_target(svc.to)
                 except ValueError as e:
                     yield at(("services", sname, "to"), f"to: {e}")
             else:
-                hint = _did_you_mean(svc.to, cfg.pools)
+                hint = _did_you_mean(svc.to, [*cfg.pools, *cfg.handoffs])
                 yield at(("services", sname, "to"), f"to: no pool named {svc.to!r}",
-                         hint or "define [pools." + svc.to + "] or write an address like \"10.0.0.2:443\"")
+                         hint or "define [pools." + svc.to + "] (or [handoffs." + svc.to + "]) or write an address like \"10.0.0.2:443\"")
 
     # Two services that would take exactly the same clients on one listener are ambiguous.
     # HTTP services with the same match fields may share a listener when their path prefixes differ.
@@ -326,6 +326,13 @@ def _cross_check(cfg: Config, name: str, locator: _KeyLocator) -> Iterable[Probl
                             yield at(("services", sname), f"services {other!r} and {sname!r} both take {spec.host}:{port} with {what}", hint)
                         if (sname, paths) not in seen.setdefault(rkey, []):
                             seen[rkey].append((sname, paths))
+
+    for sname in cfg.services:
+        yield from _check_handoff_service(cfg, sname, at)
+    for hname in cfg.handoffs:
+        if hname in cfg.pools:
+            yield at(("handoffs", hname), f"{hname!r} is both a pool and a handoff endpoint",
+                     "give one of them another name: a service's `to` names either")
 
     for pname, pool in cfg.pools.items():
         yield from _check_pool(pname, pool, at)
@@ -386,6 +393,44 @@ def _check_udp_service(cfg: Config, sname: str, at: Callable[..., Problem]) -> I
     if any(t.strip().startswith("unix:") for t in targets):
         yield at(("services", sname, "to"), f"service {sname!r} listens on UDP ({udp_item!r}) but goes to a unix socket",
                  "give UDP a host:port, or a host alone for the same port")
+
+
+def _check_handoff_service(cfg: Config, sname: str, at: Callable[..., Problem]) -> Iterable[Problem]:
+    """A service handing off: TCP only, and a fallback that is a relayable address or pool."""
+    svc = cfg.services[sname]
+    if svc.to not in cfg.handoffs:
+        if svc.fallback is not None:
+            yield at(("services", sname, "fallback"), f"service {sname!r}: fallback applies to services that hand "
+                     f"off, but {svc.to!r} is not a [handoffs] endpoint",
+                     "remove fallback, or set to = the name of a [handoffs.NAME] table")
+        return
+    for i, item in enumerate(svc.listen):
+        specs = _safe_binds(item) if item not in cfg.listeners else resolve_listen(cfg, item)
+        if any(spec.transport == "udp" for spec in specs):
+            yield at(("services", sname, "listen", i), f"service {sname!r} hands off TCP sockets but listens on UDP "
+                     f"({item!r})", "give the UDP address a service of its own")
+    fb = svc.fallback
+    if fb is None:
+        return
+    if fb in cfg.handoffs:
+        yield at(("services", sname, "fallback"), f"service {sname!r}: fallback {fb!r} is a handoff endpoint",
+                 "the fallback relays: give an address (\"127.0.0.1:8443\") or a pool")
+    elif fb in cfg.pools:
+        if service_scheme(cfg, ServiceSettings(listen=svc.listen, to=fb)) is not None:  # type: ignore[call-arg]
+            yield at(("services", sname, "fallback"), f"service {sname!r}: fallback pool {fb!r} has HTTP servers",
+                     "the fallback relays bytes: use a pool of host:port servers")
+    elif looks_like_address(fb):
+        try:
+            t = parse_target(fb)
+        except ValueError as e:
+            yield at(("services", sname, "fallback"), f"fallback: {e}")
+        else:
+            if t.scheme is not None:
+                yield at(("services", sname, "fallback"), f"service {sname!r}: fallback {fb!r} is an HTTP upstream",
+                         "the fallback relays bytes: write host:port (\"127.0.0.1:8443\")")
+    else:
+        yield at(("services", sname, "fallback"), f"fallback: no pool named {fb!r}",
+                 _did_you_mean(fb, cfg.pools) or "write an address like \"127.0.0.1:8443\" or a pool name")
 
 
 def _target_scheme(address: str) -> HttpScheme | None:

@@ -137,6 +137,12 @@ class PoolSettings(_Strict):
     connect_timeout: Duration = Field(3.0, gt=0, description="Connect attempt limit per server.")
     retries: int = Field(2, ge=0, le=16, description="Other servers tried after a failed connect.")
     proxy_protocol: ProxyProtocol = Field("off", description="Send a PROXY header to the servers.")
+    transparent: bool = Field(
+        False,
+        description="Connect to the servers from the client's own address (IP_TRANSPARENT, TCP and UDP), so "
+        "they see the client with no header. Needs CAP_NET_ADMIN and the return path of `edgeward nft`; the "
+        "servers must route client addresses back through the edge.",
+    )
     health: HealthCheck | None = Field(None, description="Active health check; unset = none.")
     passive: PassiveHealth = Field(default_factory=lambda: PassiveHealth.model_validate({}), description="Passive health.")
 
@@ -251,6 +257,36 @@ class HttpSettings(_Strict):
         return v
 
 
+class HandoffSettings(_Strict):
+    """A handoff endpoint: a Unix socket where a local server receives client sockets themselves
+    (SCM_RIGHTS, with a record of what the edge sniffed; docs/handoff-protocol.md)."""
+
+    socket: str = Field(
+        ..., description="Path of the endpoint's Unix socket (\"/run/app/handoff.sock\", or \"@name\" in the "
+        "abstract namespace); the local server listens there (edgeward.handoff).",
+    )
+    ack_timeout: Duration = Field(
+        1.0, gt=0, le=60,
+        description="Longest wait for the server's acknowledgement; past it the client goes to the service's "
+        "fallback (or is refused).",
+    )
+    max_in_flight: int = Field(
+        64, ge=1, le=65536,
+        description="Handoffs waiting for an acknowledgement at once; more go to the fallback at once.",
+    )
+
+    @field_validator("socket")
+    @classmethod
+    def _check_socket(cls, v: str) -> str:
+        p = v.strip()
+        if not (p.startswith("/") or (p.startswith("@") and len(p) > 1)) or "\0" in p:
+            raise ValueError(f"{v!r}: the handoff socket is an absolute path (\"/run/app/handoff.sock\") or "
+                             "\"@name\" (abstract namespace)")
+        if len(p.encode()) > 107:
+            raise ValueError(f"{v!r}: a Unix socket path has at most 107 bytes")
+        return p
+
+
 class ServiceSettings(_Strict):
     """Where clients arrive, which of them this service takes, and where they go."""
 
@@ -266,10 +302,20 @@ class ServiceSettings(_Strict):
     alpn: list[str] = Field(default_factory=list, description="Only TLS clients offering one of these ALPN ids.")
     source: list[CIDR] = Field(default_factory=list, description="Only clients from these networks.")
     to: str = Field(
-        ..., description="An address (\"10.0.0.2:443\", \"10.0.0.2\" = same port), unix:/path, a pool name, or an "
+        ..., description="An address (\"10.0.0.2:443\", \"10.0.0.2\" = same port), unix:/path, a pool name, a "
+        "handoff endpoint name ([handoffs.NAME]: the client socket itself is handed to a local server), or an "
         "HTTP upstream \"http://host[:port]\" / \"https://host[:port]\" (the edge then proxies HTTP requests).",
     )
+    fallback: str | None = Field(
+        None,
+        description="Services handing off only: an address or pool the client is relayed to when the handoff "
+        "endpoint is down, busy, slow or refuses; unset = such clients are refused (TLS internal_error alert, "
+        "HTTP 503).",
+    )
     proxy_protocol: ProxyProtocol | None = Field(None, description="Send a PROXY header (default: the pool's).")
+    transparent: bool | None = Field(
+        None, description="Connect upstream from the client's own address (default: the pool's `transparent`).",
+    )
     connect_timeout: Duration | None = Field(None, description="Default 3s, or the pool's.")
     paths: list[str] = Field(
         default_factory=list,
@@ -570,6 +616,9 @@ class Config(_Strict):
     edge: EdgeSettings = Field(default_factory=EdgeSettings)  # type: ignore[arg-type]
     listeners: dict[str, ListenerSettings] = Field(default_factory=dict)
     pools: dict[str, PoolSettings] = Field(default_factory=dict)
+    handoffs: dict[str, HandoffSettings] = Field(
+        default_factory=dict, description="Handoff endpoints: local servers that receive client sockets.",
+    )
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     guard: GuardSettings = Field(default_factory=lambda: GuardSettings.model_validate({}), description="Shared jail settings.")
     jails: dict[str, JailSettings] = Field(default_factory=dict, description="Jails that ban at the edge.")

@@ -26,6 +26,7 @@ from ..events import ConnOpened, Peer
 from ..upstream.pool import Pool, Server
 from . import sockets
 from .flow import BufferedFlow, Flow, SpliceFlow
+from .transparent import pick_same_family
 
 if TYPE_CHECKING:
     from ..routing import Route
@@ -51,6 +52,7 @@ class Forward:
     pool: Pool
     proxy_protocol: str  # off | v1 | v2
     connect_timeout: float
+    transparent: bool = False  # connect from the client's own address (IP_TRANSPARENT)
     kind: str = "forward"
     needs_sniff: bool = False  # bytes are relayed as they come: only the route's own fields need sniffing
 
@@ -96,14 +98,21 @@ class Forwarding:
             self.fail("upstream_unreachable")
             return
         plane = self.plane
-        server = pool.pick(self.peer.ip.encode(), self.tried, plane.clock())
+        if action.transparent:
+            server, skipped = pick_same_family(pool, self.peer.ip, self.tried, plane.clock())
+            if server is None and skipped and not self.tried:
+                self.fail("transparent_family")
+                return
+        else:
+            server = pool.pick(self.peer.ip.encode(), self.tried, plane.clock())
         if server is None:
             self.fail("no_server" if not self.tried else "upstream_unreachable")
             return
         self.tried += (server,)
         self.server = server
         try:
-            up, addr = sockets.upstream_tcp(server.target, self.listener.port)
+            up, addr = sockets.upstream_tcp(server.target, self.listener.port,
+                                            self.peer.ip if action.transparent else None)
         except OSError as e:
             log.warning("cannot make upstream socket: %s", e)
             self.fail("upstream_socket")

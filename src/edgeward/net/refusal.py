@@ -30,6 +30,7 @@ ANSWERS: dict[str, dict[str, bytes]] = {
     "no_route": _NO_ROUTE,
     "no_server": _NO_UPSTREAM, "upstream_unreachable": _NO_UPSTREAM,
     "upstream_socket": _NO_UPSTREAM, "upstream_error": _NO_UPSTREAM,
+    "handoff_unavailable": _NO_UPSTREAM, "transparent_family": _NO_UPSTREAM,
 }
 LINGER_RESET = struct.pack("ii", 1, 0)
 

@@ -68,9 +68,48 @@ def bind_udp(host: str, port: int, reuseport: bool) -> socket.socket:
     return s
 
 
-def upstream_tcp(target: Target, default_port: int) -> tuple[socket.socket, object]:
+# Linux values; Python 3.11 exports IP_TRANSPARENT only, and not everywhere.
+IP_TRANSPARENT: int = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+class TransparentFamilyError(OSError):
+    """A transparent upstream socket cannot take the client's address: the families differ."""
+
+
+def _bind_transparent(s: socket.socket, source: str) -> None:
+    """Bind `s` to `source` (the client's IP, not an address of this host) with IP_TRANSPARENT, so
+    the upstream sees the client itself. The port is left to connect() (IP_BIND_ADDRESS_NO_PORT):
+    binding picks no port, so many clients behind one address still get distinct 4-tuples."""
+    if (":" in source) != (s.family == socket.AF_INET6):
+        raise TransparentFamilyError(errno.EAFNOSUPPORT, f"client {source} and upstream are of different families")
+    if s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        s.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+    if s.type == socket.SOCK_STREAM:
+        s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    s.bind((source, 0))
+
+
+def check_transparent() -> None:
+    """Raise PermissionError unless this process may make transparent sockets (CAP_NET_ADMIN,
+    or CAP_NET_RAW): checked once at start, not discovered per connection."""
+    for family, level, opt in ((socket.AF_INET, socket.IPPROTO_IP, IP_TRANSPARENT),
+                               (socket.AF_INET6, socket.IPPROTO_IPV6, IPV6_TRANSPARENT)):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6 on this host: nothing to check for it
+        with s:
+            s.setsockopt(level, opt, 1)
+
+
+def upstream_tcp(target: Target, default_port: int, source: str | None = None) -> tuple[socket.socket, object]:
     """A non-blocking stream socket for `target` and the address to connect it to (no port in the
-    target: `default_port`, the port the client came to). Raises OSError."""
+    target: `default_port`, the port the client came to). With `source` (transparent mode), the
+    socket is bound to that address, the client's. Raises OSError."""
     if target.unix_path is not None:
         return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix_path
     host = target.host
@@ -78,19 +117,35 @@ def upstream_tcp(target: Target, default_port: int) -> tuple[socket.socket, obje
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source is not None:
+            _bind_transparent(s, source)
     except BaseException:
         s.close()
         raise
     return s, (host, target.port or default_port)
 
 
-def upstream_udp(target: Target, default_port: int) -> socket.socket:
-    """A non-blocking UDP socket connected to `target` (no port: `default_port`)."""
+def handoff_control() -> socket.socket:
+    """A non-blocking Unix stream socket to connect to a handoff endpoint (net/handoff.py). Not
+    inherited by child processes: it will carry a client's socket."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+
+def unix_address(path: str) -> str:
+    """A Unix socket path as the socket calls take it ("@name": Linux abstract namespace)."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def upstream_udp(target: Target, default_port: int, source: str | None = None) -> socket.socket:
+    """A non-blocking UDP socket connected to `target` (no port: `default_port`); with `source`
+    (transparent mode), bound to that address, the client's."""
     if target.host is None:  # unix: targets are refused for UDP by the config check
         raise OSError(errno.EAFNOSUPPORT, "UDP cannot go to a unix socket")
     host = target.host
     up = socket.socket(family_of(host), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
     try:
+        if source is not None:
+            _bind_transparent(up, source)
         up.connect((host, target.port or default_port))
     except BaseException:
         up.close()

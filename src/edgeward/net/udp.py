@@ -39,7 +39,9 @@ from ..events import ConnRefused, Peer, UdpSessionEnded, UdpSessionStarted
 from ..routing import Facts, Route
 from ..upstream.pool import Pool, Server
 from . import sockets
+from .forward import Forward
 from .sockets import IP_PKTINFO, is_wildcard
+from .transparent import pick_same_family
 
 if TYPE_CHECKING:
     from ..runtime import ListenerRuntime
@@ -233,13 +235,19 @@ class UdpListener:
         now = plane.clock()
         key = peer.ip.encode()
         tried = exclude
+        # Transparent: the upstream socket takes the client's own address (the route's Forward says).
+        transparent = isinstance(route.action, Forward) and route.action.transparent
+        skipped = False
         while len(tried) - len(exclude) <= pool.retries:
-            server = pool.pick(key, tried, now)
+            if transparent:
+                server, skipped = pick_same_family(pool, peer.ip, tried, now)
+            else:
+                server = pool.pick(key, tried, now)
             if server is None:
                 break
             tried += (server,)
             try:
-                up = sockets.upstream_udp(server.target, self.port)
+                up = sockets.upstream_udp(server.target, self.port, peer.ip if transparent else None)
             except OSError as e:
                 if e.errno in _OUT_OF_FDS:
                     plane.bus.publish(ConnRefused(self.name, peer, "upstream_socket"))
@@ -255,8 +263,11 @@ class UdpListener:
             server.udp_sessions += 1
             plane.bus.publish(UdpSessionStarted(self.name, peer, route.service, server.name))
             return s
-        plane.bus.publish(ConnRefused(self.name, peer, "no_server" if len(tried) == len(exclude)
-                                      else "upstream_unreachable"))
+        if skipped and len(tried) == len(exclude):
+            reason = "transparent_family"  # servers of the other address family only
+        else:
+            reason = "no_server" if len(tried) == len(exclude) else "upstream_unreachable"
+        plane.bus.publish(ConnRefused(self.name, peer, reason))
         return None
 
     def _move(self, s: UdpSession) -> UdpSession | None:

@@ -28,6 +28,7 @@ VALUES = {
     "http": "HTTPRequestHead",
     "xmpp": "XMPPHeader",
     "ssh": "SSHBanner",
+    "handoff": "HandoffRecord",
     "sniff": "Sniffed",
 }
 

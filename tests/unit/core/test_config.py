@@ -243,7 +243,8 @@ def test_unknown_option_gets_did_you_mean_or_the_options_of_its_table() -> None:
     assert problems(text) == [
         "edge.toml:2:1: unknown option 'amdin' in [edge] (did you mean 'admin'?)",
         "edge.toml:6:1: unknown option 'xyzzy' in [services.web] (options here: listen, names, protocol, alpn, "
-        "source, to, proxy_protocol, connect_timeout, paths, upstream_tls, forward, masquerade)",
+        "source, to, fallback, proxy_protocol, transparent, connect_timeout, paths, upstream_tls, forward, "
+        "masquerade)",
     ]
 
 

@@ -108,3 +108,26 @@ def test_the_loader_of_the_running_edge_runs_these_checks(tmp_path: object) -> N
     p.write_text(BASE + '[services.k]\nlisten = ["[::]:7000"]\nto = "10.8.0.2"\nforward = "kernel"\nnames = ["x.org"]\n')
     with pytest.raises(ConfigError, match="names needs the edge"):
         load_config(p)
+
+
+def test_edgeward_nft_prints_the_kernel_table_beside_the_transparent_return_path(tmp_path: object) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+    p = Path(str(tmp_path)) / "edge.toml"
+    p.write_text(TURN)
+    r = subprocess.run([sys.executable, "-m", "edgeward.cli", "nft", str(p)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("#!/bin/sh") and "no service asks for it" in r.stdout  # no transparent service
+    assert "nft -f - <<'EOF'\n" in r.stdout and 'dnat ip to 10.8.0.2 comment "turn-udp"' in r.stdout
+    assert r.stdout.rstrip().endswith("EOF")
+
+
+def test_kernel_forwarding_cannot_hand_off_or_be_transparent() -> None:
+    (p,) = kernel_problems(BASE + '[handoffs.h]\nsocket = "/run/h.sock"\n'
+                           '[services.k]\nlisten = ["[::]:7000"]\nto = "h"\nforward = "kernel"\n')
+    assert "cannot hand a connection to a local server" in p
+    (p,) = kernel_problems(BASE + '[services.k]\nlisten = ["[::]:7000"]\nto = "10.8.0.2"\nforward = "kernel"\n'
+                           'transparent = true\n')
+    assert "transparent is for the edge's own connections" in p

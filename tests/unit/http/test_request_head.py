@@ -109,7 +109,10 @@ class _Collect:
 def reparse(head: bytes) -> tuple[httptools.HttpRequestParser, _Collect]:
     c = _Collect()
     p = httptools.HttpRequestParser(c)
-    p.feed_data(head)
+    try:
+        p.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # an upgrade request (any Upgrade token with Connection: upgrade): its head was read whole
     return p, c
 
 
