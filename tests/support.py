@@ -59,10 +59,27 @@ def open_fds(pid: int) -> int:
 
 
 def fds_besides_pipe_pool(edge: EdgeProcess) -> int:
-    """Open descriptors of the edge, not counting the idle pipes it keeps pooled for splice()."""
-    pooled = edge.status()["pipes"]["pooled"]  # type: ignore[index]
-    time.sleep(0.1)  # let the edge close the admin connection that asked
-    return open_fds(edge.pid) - 2 * int(pooled)
+    """Open descriptors of the edge, not counting the idle pipes it keeps pooled for splice().
+
+    Read when steady: the admin connection that asked for the pool's size has closed (the same
+    count twice, 0.1 s apart: on a busy machine a close can take longer than one look), and the
+    pool's size and the count did not change across a second look."""
+    def steady() -> int:
+        last, n = -1, open_fds(edge.pid)
+        for _ in range(30):
+            if n == last:
+                break
+            time.sleep(0.1)
+            last, n = n, open_fds(edge.pid)
+        return n
+
+    n = pooled = 0
+    for _ in range(10):
+        pooled = int(edge.status()["pipes"]["pooled"])  # type: ignore[index]
+        n = steady()
+        if int(edge.status()["pipes"]["pooled"]) == pooled and steady() == n:  # type: ignore[index]
+            break
+    return n - 2 * pooled
 
 
 def settles_to(edge: EdgeProcess, base: int, timeout: float = 5.0) -> int:
