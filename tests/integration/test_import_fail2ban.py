@@ -98,6 +98,7 @@ enabled = true
 enabled = true
 mode = aggressive
 bantime = 2d 12h
+logpath = %(postfix_log)s tail
 """)
     # fail2ban reads jail.d/*.conf before jail.local, and jail.d/*.local after it.
     (conf / "jail.d" / "10-site.conf").write_text("[sshd]\nmaxretry = 9\nfindtime = 20m\n")
@@ -125,6 +126,7 @@ def test_the_jails_of_the_scenarios_carry_over_with_fail2bans_own_numbers(tree: 
     assert jails["nginx-http-auth"]["maxretry"] == 2  # jail.d/*.local last
     assert jails["sshd"]["filter"] == "sshd[mode=aggressive]" and jails["postfix"]["filter"] == "postfix[mode=aggressive]"
     assert jails["postfix"]["bantime"] == "60h"
+    assert jails["postfix"]["logpath"] == [str(tmp_path / "logs" / "mail.log")]  # "tail" is not a file
     # What does not carry over is said, not dropped.
     assert "action sendmail-whois-lines: not carried over" in text
     assert "port = xmpp-client,xmpp-server: an edgeward ban refuses the address on every listener" in text

@@ -154,8 +154,8 @@ def _jail(name: str, r: Resolver) -> Jail:
     else:
         paths: list[str] = []
         for pattern in (p for line in _lines(get("logpath")) for p in line.split()):
-            if pattern.startswith(("tail", "head")) and not paths:
-                continue
+            if pattern in ("tail", "head"):
+                continue  # fail2ban's "path tail|head": where to start reading, not a file
             found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             if glob.has_magic(pattern):
                 j.notes.append(f"logpath {pattern}: edgeward follows listed files, not patterns; "
