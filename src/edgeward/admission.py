@@ -126,8 +126,9 @@ class Admission:
     # ------------------------------------------------------------------ registries
     def add_tcp(self, conn: Admitted) -> None:
         self.tcp_count = n = self.tcp_count + 1
+        n += self.udp_count
         if n > self.peak:
-            self.peak = n + self.udp_count
+            self.peak = n
         by_ip = self.tcp.by_ip
         ip = conn.peer.ip
         s = by_ip.get(ip)  # _Registry.add, inlined: once per connection
@@ -154,8 +155,9 @@ class Admission:
 
     def add_udp(self, session: Admitted) -> None:
         self.udp_count = n = self.udp_count + 1
+        n += self.tcp_count
         if n > self.peak:
-            self.peak = n + self.tcp_count
+            self.peak = n
         self.udp.add(session.peer.ip, session)
 
     def remove_udp(self, session: Admitted) -> None:

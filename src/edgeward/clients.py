@@ -121,13 +121,13 @@ class Presence:
             refs.pop(ip, None)
 
     # ------------------------------------------------------------------ HTTP clients
-    def enter(self, service: str, ip: str) -> str:
-        """An HTTP client connection now belongs to `service`; returns the pool it was counted under
-        (to give back to `leave`, whatever a reload does meanwhile)."""
-        pool = self._service_pool.get(service, "")
-        for refs in (self.by_service.setdefault(service, {}), self.by_pool.setdefault(pool, {})):
+    def enter(self, service: str, pool: str, ip: str) -> None:
+        """An HTTP client connection now belongs to `service`, which sends to `pool` ("" if none)."""
+        refs = self.by_service.setdefault(service, {})
+        refs[ip] = refs.get(ip, 0) + 1
+        if pool:
+            refs = self.by_pool.setdefault(pool, {})
             refs[ip] = refs.get(ip, 0) + 1
-        return pool
 
     def leave(self, service: str, pool: str, ip: str) -> None:
         for refs in (self.by_service.get(service), self.by_pool.get(pool)):

@@ -122,7 +122,8 @@ class EdgeHttpProxy(HttpProxy):
         if entry.service:
             presence.leave(entry.service, entry.pool, entry.peer.ip)
         entry.service = service
-        entry.pool = presence.enter(service, entry.peer.ip)
+        entry.pool = self.site.service_pool.get(service, "")  # kept: a reload may move the service
+        presence.enter(service, entry.pool, entry.peer.ip)
 
     def _forget(self, conn: ClientConnection) -> None:
         entry = self.admitted.pop(conn, None)
@@ -153,10 +154,12 @@ class Site:
         self._https_port: int | None = None  # https_port(), once the services are all in
         self.by_listener: dict[ListenerKey, HttpRoutes] = {}
         self.redirect_routes = HttpRoutes()
+        self.service_pool: dict[str, str] = {}  # HTTP service → its upstream pool (who is on)
         self._proxy: EdgeHttpProxy | None = None
 
     def action(self, name: str, svc: ServiceSettings, pool: Pool) -> ServeHttp:
         route = route_for_service(name, svc, pool)
+        self.service_pool[name] = pool.name
         up = route.upstream
         if up.ssl is not None and pool.tls is None:
             # Health checks of the pool's https:// servers speak TLS the way its requests do (those of

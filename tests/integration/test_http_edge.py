@@ -269,6 +269,8 @@ def test_who_is_on_counts_http_clients_under_the_service_of_their_latest_request
         t.sendall(b"GET / HTTP/1.1\r\nHost: chat.test\r\n\r\n")
         assert read_response(t) is not None
         assert wait_until(lambda: clients("web") == base_web + 1)
+        pools = env.edge.status()["pools"]
+        assert pools["service:web"]["clients"] >= 1  # type: ignore[index]  # and under its pool
         t.sendall(b"GET /http-bind HTTP/1.1\r\nHost: chat.test\r\n\r\n")  # the same connection, another service
         assert read_response(t) is not None
         assert wait_until(lambda: clients("bosh") == base_bosh + 1 and clients("web") == base_web)
