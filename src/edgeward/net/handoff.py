@@ -174,7 +174,9 @@ class _Pending:
         try:
             sent = ctl.sendmsg([record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], socket.MSG_NOSIGNAL)
         except OSError as e:
-            self._failed("down" if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED) else "error")
+            # Connected, then closed by the endpoint before the record went out: the same outcome
+            # as a close after it (read as EOF below), whichever came first.
+            self._failed("closed" if e.errno in (errno.EPIPE, errno.ECONNRESET) else "error")
             return
         if sent != len(record):  # a fresh connection's buffer always takes a 4 KiB record whole
             self._failed("error")
