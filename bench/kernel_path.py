@@ -28,12 +28,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from bench import netns  # noqa: E402
 from bench.iperf import parse_iperf_json, parse_iperf_udp_json  # noqa: E402
 
 CLIENT, EDGE_PUBLIC, EDGE_TUNNEL, HOME = "198.51.100.2", "198.51.100.1", "10.8.0.1", "10.8.0.2"
@@ -41,42 +41,27 @@ IPERF_PORT, KERNEL_PORT, USER_PORT = 5201, 6201, 7201
 UDP_LEN = 200
 
 
-def sh(*args: str, check: bool = True) -> str:
-    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip()}")
-    return r.stdout
+class Topology(netns.Topology):
+    """client — edge (routing) — home, for this benchmark."""
 
-
-class Topology:
     def __init__(self) -> None:
+        super().__init__()
         tag = f"ewb{os.getpid() % 100000}"
         self.client, self.edge, self.home = f"{tag}-c", f"{tag}-e", f"{tag}-h"
-        self.made: list[str] = []
 
     def __enter__(self) -> Topology:
-        for ns in (self.client, self.edge, self.home):
-            sh("ip", "netns", "add", ns)
-            self.made.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        for n, (a, b, addr_a, addr_b) in enumerate([(self.client, self.edge, CLIENT, EDGE_PUBLIC),
-                                                     (self.edge, self.home, EDGE_TUNNEL, HOME)]):
-            sh("ip", "link", "add", f"b{n}a", "netns", a, "type", "veth", "peer", "name", f"b{n}b", "netns", b)
-            sh("ip", "-n", a, "addr", "add", f"{addr_a}/24", "dev", f"b{n}a")
-            sh("ip", "-n", b, "addr", "add", f"{addr_b}/24", "dev", f"b{n}b")
-            sh("ip", "-n", a, "link", "set", f"b{n}a", "up")
-            sh("ip", "-n", b, "link", "set", f"b{n}b", "up")
-        sh("ip", "-n", self.client, "route", "add", "10.8.0.0/24", "via", EDGE_PUBLIC)  # for `direct` only
-        sh("ip", "-n", self.home, "route", "add", "default", "via", EDGE_TUNNEL)
-        sh("ip", "netns", "exec", self.edge, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        try:
+            for name in (self.client, self.edge, self.home):
+                self.add(name)
+            self.link(self.client, self.edge, [f"{CLIENT}/24"], [f"{EDGE_PUBLIC}/24"])
+            self.link(self.edge, self.home, [f"{EDGE_TUNNEL}/24"], [f"{HOME}/24"])
+            netns.sh("ip", "-n", self.client, "route", "add", "10.8.0.0/24", "via", EDGE_PUBLIC)  # `direct` only
+            netns.sh("ip", "-n", self.home, "route", "add", "default", "via", EDGE_TUNNEL)
+            netns.ns(self.edge, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        except BaseException:
+            self.close()
+            raise
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        for ns in reversed(self.made):
-            sh("ip", "netns", "del", ns, check=False)
-
-    def run(self, ns: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
 
 
 def config(work: Path) -> str:
@@ -124,10 +109,10 @@ def main() -> int:
     with Topology() as topo:
         cfg_text = config(work)
         (work / "edge.toml").write_text(cfg_text)
-        server = topo.run(topo.home, ["iperf3", "-s", "-B", HOME, "-p", str(IPERF_PORT)],
+        server = netns.run_in(topo.home, ["iperf3", "-s", "-B", HOME, "-p", str(IPERF_PORT)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         exe = ROOT / ".venv/bin/edgeward"
-        edge = topo.run(topo.edge, [str(exe) if exe.exists() else "edgeward", "run", str(work / "edge.toml")],
+        edge = netns.run_in(topo.edge, [str(exe) if exe.exists() else "edgeward", "run", str(work / "edge.toml")],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 20

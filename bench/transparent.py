@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import ctools  # noqa: E402
 from bench.hello import client_hello  # noqa: E402
+from bench.netns import Topology, ns, running  # noqa: E402
 from bench.procs import cpu_seconds  # noqa: E402
 
 TAG = str(os.getpid() % 100000)
@@ -40,30 +41,13 @@ IPERF, ECHO, PLAIN_BULK, TRANS_BULK, PLAIN_RATE, TRANS_RATE = 5201, 7000, 8001, 
 SNI = "bench.example.org"
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=60, check=check)
-
-
-def ns(name: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", name, *args], capture_output=True, text=True, timeout=timeout,
-                          check=check)
-
-
 @contextlib.contextmanager
 def namespaces() -> Iterator[None]:
-    made: list[str] = []
-    try:
+    with Topology() as topo:
         for n in (CLIENT, EDGE, UP):
-            sh("ip", "netns", "add", n)
-            made.append(n)
-            ns(n, "ip", "link", "set", "lo", "up")
-        for a, b, a_ns, b_ns in (("c0", "e0", CLIENT, EDGE), ("e1", "u0", EDGE, UP)):
-            sh("ip", "link", "add", f"{a}{TAG}", "type", "veth", "peer", "name", f"{b}{TAG}")
-            sh("ip", "link", "set", f"{a}{TAG}", "netns", a_ns)
-            sh("ip", "link", "set", f"{b}{TAG}", "netns", b_ns)
-        for n, dev, v4 in ((CLIENT, "c0", C4), (EDGE, "e0", E4C), (EDGE, "e1", E4U), (UP, "u0", U4)):
-            ns(n, "ip", "addr", "add", f"{v4}/24", "dev", f"{dev}{TAG}")
-            ns(n, "ip", "link", "set", f"{dev}{TAG}", "up")
+            topo.add(n)
+        topo.link(CLIENT, EDGE, [f"{C4}/24"], [f"{E4C}/24"])
+        topo.link(EDGE, UP, [f"{E4U}/24"], [f"{U4}/24"])
         ns(UP, "ip", "route", "add", "default", "via", E4U)
         # Tens of thousands of short connections per run from one client address: reuse TIME_WAIT
         # ports (namespaces start with reuse for loopback only) and widen the ephemeral range.
@@ -71,25 +55,6 @@ def namespaces() -> Iterator[None]:
             ns(n, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")
             ns(n, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")
         yield
-    finally:
-        for n in made:
-            sh("ip", "netns", "del", n, check=False)
-
-
-@contextlib.contextmanager
-def in_ns(name: str, argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        p = subprocess.Popen(["ip", "netns", "exec", name, *argv], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield p
-    finally:
-        if p.poll() is None:
-            p.terminate()  # `ip netns exec` execs the program: this PID is the program
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 def listening(name: str, port: int) -> bool:
@@ -142,9 +107,9 @@ def run(work: Path, tools: dict[str, Path], rounds: int, seconds: int) -> list[d
     script = subprocess.run([sys.executable, "-m", "edgeward.cli", "nft", str(cfg)], capture_output=True, text=True,
                             check=True, timeout=60).stdout
     runs = []
-    with in_ns(UP, ["iperf3", "-s", "-B", U4, "-p", str(IPERF)], work / "iperf.log"), \
-            in_ns(UP, [str(tools["tcpecho"]), str(ECHO), U4], work / "echo.log"), \
-            in_ns(EDGE, [sys.executable, "-m", "edgeward.cli", "run", str(cfg)], work / "edge.log") as edge:
+    with running(UP, ["iperf3", "-s", "-B", U4, "-p", str(IPERF)], work / "iperf.log"), \
+            running(UP, [str(tools["tcpecho"]), str(ECHO), U4], work / "echo.log"), \
+            running(EDGE, [sys.executable, "-m", "edgeward.cli", "run", str(cfg)], work / "edge.log") as edge:
         wait_for(lambda: listening(UP, IPERF) and listening(UP, ECHO) and listening(EDGE, TRANS_RATE))
         ns(EDGE, "sh", "-c", script)
         for _ in range(rounds):

@@ -2,8 +2,9 @@
 
 `in_netns(name)` switches the calling thread into a namespace (setns(2) via ctypes: Python 3.11
 has no os.setns): sockets made inside stay in that namespace for their life, so one test process
-can play the client, the home server and their peers at once. `run_in(name, argv)` starts a
-program inside one (`ip netns exec`, which execs: the PID is the program's).
+can play the client, the home server and their peers at once. Making namespaces, linking them
+and running programs inside them is bench/netns.py's (`Topology`, `running`, `run_in`, `sh`),
+shared with the namespace benchmarks.
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ import os
 import selectors
 import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import pytest
+from bench.netns import Topology, ns, run_in, running, sh
+
+__all__ = ["Topology", "UdpEchoes", "in_netns", "ns", "require_netns", "run_in", "running", "sh"]
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def sh(*args: str) -> None:
-    r = subprocess.run(args, capture_output=True, text=True, timeout=20)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip()}")
 
 
 def require_netns() -> None:
@@ -56,41 +52,6 @@ def in_netns(name: str) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(home)
-
-
-def run_in(name: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["ip", "netns", "exec", name, *argv], **kw)
-
-
-class Topology:
-    """Namespaces joined by veth pairs; `link(a, b, addr_a, addr_b)` with CIDR addresses."""
-
-    def __init__(self, tag: str) -> None:
-        self.tag = f"{tag}{os.getpid() % 100000}"
-        self.names: list[str] = []
-        self._links = 0
-
-    def ns(self, role: str) -> str:
-        name = f"{self.tag}-{role}"
-        sh("ip", "netns", "add", name)
-        self.names.append(name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        return name
-
-    def link(self, a: str, b: str, addrs_a: Sequence[str], addrs_b: Sequence[str]) -> None:
-        self._links += 1
-        ia, ib = f"v{self._links}a", f"v{self._links}b"
-        sh("ip", "link", "add", ia, "netns", a, "type", "veth", "peer", "name", ib, "netns", b)
-        for ns, iface, addrs in ((a, ia, addrs_a), (b, ib, addrs_b)):
-            for addr in addrs:
-                sh("ip", "-n", ns, "addr", "add", addr, "dev", iface)
-            sh("ip", "-n", ns, "link", "set", iface, "up")
-
-    def close(self) -> None:
-        for name in reversed(self.names):
-            with contextlib.suppress(RuntimeError):
-                sh("ip", "netns", "del", name)
-        self.names.clear()
 
 
 class UdpEchoes:

@@ -12,7 +12,6 @@ answers with the source address it saw. `edgeward nft` provides the edge's retur
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from netns import Topology, ns, running
 from support import ROOT, free_port, require, wait_until
 
 pytestmark = pytest.mark.netns
@@ -36,14 +36,6 @@ C6, E6C, E6U, U6 = "fd81:1::2", "fd81:1::1", "fd81:2::1", "fd81:2::2"
 HTTP_PORT, UDP_PORT = 8080, 5353
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=30, check=check)
-
-
-def ns(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh("ip", "netns", "exec", name, *args, check=check)
-
-
 @pytest.fixture(scope="module")
 def namespaces() -> Iterator[None]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -51,44 +43,16 @@ def namespaces() -> Iterator[None]:
             pytest.fail("network namespace tests need root and iproute2")
         pytest.skip("needs root and iproute2")
     require("nft")
-    made: list[str] = []
-    try:
+    with Topology() as topo:
         for n in (CLIENT, EDGE, UP):
-            sh("ip", "netns", "add", n)
-            made.append(n)
-            ns(n, "ip", "link", "set", "lo", "up")
-        for a, b, a_ns, b_ns in (("c0", "e0", CLIENT, EDGE), ("e1", "u0", EDGE, UP)):
-            sh("ip", "link", "add", f"{a}{TAG}", "type", "veth", "peer", "name", f"{b}{TAG}")
-            sh("ip", "link", "set", f"{a}{TAG}", "netns", a_ns)
-            sh("ip", "link", "set", f"{b}{TAG}", "netns", b_ns)
-        for n, dev, v4, v6 in ((CLIENT, "c0", C4, C6), (EDGE, "e0", E4C, E6C), (EDGE, "e1", E4U, E6U), (UP, "u0", U4, U6)):
-            ns(n, "ip", "addr", "add", f"{v4}/24", "dev", f"{dev}{TAG}")
-            ns(n, "ip", "-6", "addr", "add", f"{v6}/64", "dev", f"{dev}{TAG}", "nodad")
-            ns(n, "ip", "link", "set", f"{dev}{TAG}", "up")
+            topo.add(n)
+        topo.link(CLIENT, EDGE, [f"{C4}/24", f"{C6}/64"], [f"{E4C}/24", f"{E6C}/64"])
+        topo.link(EDGE, UP, [f"{E4U}/24", f"{E6U}/64"], [f"{U4}/24", f"{U6}/64"])
         # Client addresses are reached through the edge: the upstream's default route.
         ns(UP, "ip", "route", "add", "default", "via", E4U)
         ns(UP, "ip", "-6", "route", "add", "default", "via", E6U)
         assert ns(EDGE, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
         yield
-    finally:
-        for n in made:
-            sh("ip", "netns", "del", n, check=False)
-
-
-@contextlib.contextmanager
-def netns_proc(name: str, args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        p = subprocess.Popen(["ip", "netns", "exec", name, *args], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield p
-    finally:
-        if p.poll() is None:
-            p.terminate()  # `ip netns exec` execs the program: this PID is the program itself
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 def listening(name: str, proto: str, port: int) -> bool:
@@ -148,9 +112,9 @@ http {{
     }}
 }}
 """)
-    with netns_proc(UP, [exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")],
+    with running(UP, [exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")],
                     tmp / "nginx.out"), \
-            netns_proc(UP, [sys.executable, "-c", UDP_ECHO, U4, U6, str(UDP_PORT)], tmp / "udp.out"):
+            running(UP, [sys.executable, "-c", UDP_ECHO, U4, U6, str(UDP_PORT)], tmp / "udp.out"):
         assert wait_until(lambda: listening(UP, "tcp", HTTP_PORT) and listening(UP, "udp", UDP_PORT), 10)
         yield prefix / "logs" / "access.log"
 
@@ -196,7 +160,7 @@ def curl(url: str, timeout: int = 5) -> subprocess.CompletedProcess[str]:
 def test_upstreams_see_the_clients_own_address(upstreams: Path, tmp_path: Path) -> None:
     require("curl")
     cfg = edge_config(tmp_path)
-    with netns_proc(EDGE, [*EDGEWARD, "run", str(cfg)], tmp_path / "edge.log") as edge:
+    with running(EDGE, [*EDGEWARD, "run", str(cfg)], tmp_path / "edge.log") as edge:
         assert wait_until(lambda: (tmp_path / "admin.sock").exists() or edge.poll() is not None, 15)
         assert edge.poll() is None, (tmp_path / "edge.log").read_text()
         # Without the return path, the upstream's replies to the client's address never reach the
@@ -288,7 +252,7 @@ def test_readme_example_as_written(upstreams: Path, tmp_path: Path) -> None:
     command = step.group(1).split("#")[0].strip()
     assert command == "edgeward nft edge.toml | sh"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    with netns_proc(EDGE, [*EDGEWARD, "run", str(tmp_path / "edge.toml")], tmp_path / "edge.log") as edge:
+    with running(EDGE, [*EDGEWARD, "run", str(tmp_path / "edge.toml")], tmp_path / "edge.log") as edge:
         assert wait_until(lambda: (tmp_path / "admin.sock").exists() or edge.poll() is not None, 15)
         done = subprocess.run(["ip", "netns", "exec", EDGE, "sh", "-c", command], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=30)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from netns import Topology, ns, running
 from scenarios.prosody_peer import _config as prosody_config
 from support import ROOT, require, wait_until
 
@@ -46,52 +47,15 @@ LOGIN = textwrap.dedent(f"""
 """)
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=60, check=check)
-
-
-def ns(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh("ip", "netns", "exec", name, *args, check=check)
-
-
 @contextlib.contextmanager
 def namespaces() -> Iterator[None]:
-    made: list[str] = []
-    try:
+    with Topology() as topo:
         for n in (CLIENT, EDGE, UP):
-            sh("ip", "netns", "add", n)
-            made.append(n)
-            ns(n, "ip", "link", "set", "lo", "up")
-        for a, b, a_ns, b_ns in (("c0", "e0", CLIENT, EDGE), ("e1", "u0", EDGE, UP)):
-            sh("ip", "link", "add", f"{a}{TAG}", "type", "veth", "peer", "name", f"{b}{TAG}")
-            sh("ip", "link", "set", f"{a}{TAG}", "netns", a_ns)
-            sh("ip", "link", "set", f"{b}{TAG}", "netns", b_ns)
-        for n, dev, addrs in ((CLIENT, "c0", (ATTACKER, ALICE)), (EDGE, "e0", (E4C,)), (EDGE, "e1", (E4U,)),
-                              (UP, "u0", (U4,))):
-            for a in addrs:
-                ns(n, "ip", "addr", "add", f"{a}/24", "dev", f"{dev}{TAG}")
-            ns(n, "ip", "link", "set", f"{dev}{TAG}", "up")
+            topo.add(n)
+        topo.link(CLIENT, EDGE, [f"{ATTACKER}/24", f"{ALICE}/24"], [f"{E4C}/24"])
+        topo.link(EDGE, UP, [f"{E4U}/24"], [f"{U4}/24"])
         ns(UP, "ip", "route", "add", "default", "via", E4U)
         yield
-    finally:
-        for n in made:
-            sh("ip", "netns", "del", n, check=False)
-
-
-@contextlib.contextmanager
-def in_ns(name: str, argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        p = subprocess.Popen(["ip", "netns", "exec", name, *argv], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield p
-    finally:
-        if p.poll() is None:
-            p.terminate()  # `ip netns exec` execs the program: this PID is the program
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 def login(src: str, password: str) -> str:
@@ -138,8 +102,8 @@ maxretry = 3
 findtime = "5m"
 bantime = "1h"
 """)
-    with namespaces(), in_ns(UP, [exe, "--config", str(cfg), "-F"], root / "prosody.out"), \
-            in_ns(EDGE, [*EDGEWARD, "run", str(edge_cfg)], tmp_path / "edge.log") as edge:
+    with namespaces(), running(UP, [exe, "--config", str(cfg), "-F"], root / "prosody.out"), \
+            running(EDGE, [*EDGEWARD, "run", str(edge_cfg)], tmp_path / "edge.log") as edge:
         assert wait_until(lambda: listening(UP, PORT) and listening(EDGE, PORT), 20), \
             (root / "prosody.out").read_text() + (tmp_path / "edge.log").read_text()
         script = subprocess.run([*EDGEWARD, "nft", str(edge_cfg)], capture_output=True, text=True, check=True,

@@ -110,11 +110,12 @@ def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vps]:
     cert = ca.issue_cert(*WEB_NAMES, "chat.example.org")
     cert.cert_chain_pems[0].write_to_path(str(tmp / "home.pem"))
     cert.private_key_pem.write_to_path(str(tmp / "home.key"))
-    topo = Topology("ew5")
+    topo = Topology()
+    tag = f"ew5{os.getpid() % 100000}"
     procs: list[subprocess.Popen[bytes]] = []
     servers: list[ThreadServer | UdpEchoes] = []
     try:
-        client, edge, home = topo.ns("c"), topo.ns("e"), topo.ns("h")
+        client, edge, home = topo.add(f"{tag}-c"), topo.add(f"{tag}-e"), topo.add(f"{tag}-h")
         topo.link(client, edge, [f"{CLIENT_A}/24", f"{CLIENT_B}/24"], [f"{EDGE_PUBLIC}/24"])
         topo.link(edge, home, [f"{EDGE_TUNNEL}/24"], [f"{HOME}/24"])  # the tunnel
         procs.append(home_nginx(home, tmp, tmp / "home.pem", tmp / "home.key"))

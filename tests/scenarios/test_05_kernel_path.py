@@ -88,11 +88,12 @@ def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vps]:
     require_netns()
     require("nft")
     tmp = tmp_path_factory.mktemp("kernel-path")
-    topo = Topology("ewk")
+    topo = Topology()
+    tag = f"ewk{os.getpid() % 100000}"
     servers: list[ThreadServer | UdpEchoes] = []
     proc: subprocess.Popen[bytes] | None = None
     try:
-        client, edge, home = topo.ns("c"), topo.ns("e"), topo.ns("h")
+        client, edge, home = topo.add(f"{tag}-c"), topo.add(f"{tag}-e"), topo.add(f"{tag}-h")
         topo.link(client, edge, [f"{CLIENT_A}/24", f"{CLIENT_B}/24"], [f"{EDGE_PUBLIC}/24"])
         topo.link(edge, home, [f"{EDGE_TUNNEL}/24"], [f"{HOME}/24"])
         sh("ip", "-n", home, "route", "add", "default", "via", EDGE_TUNNEL)  # home's way back: the tunnel
