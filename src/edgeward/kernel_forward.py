@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 from .config.loader import Loc, resolve_listen
 from .config.schema import Config, KernelSettings, ServiceSettings
 from .config.units import BindSpec, looks_like_address, parse_target
+from .guard.nft import NftError, run_nft
 
 log = logging.getLogger("edgeward.kernel")
 
@@ -204,17 +204,6 @@ def forwarding_enabled(families: Sequence[str] = ("ip",)) -> list[str]:
     return off
 
 
-def apply_sync(settings: KernelSettings, script: str) -> None:
-    """Run `nft -f -` with the script (for `edgeward nft --apply`)."""
-    try:
-        r = subprocess.run([*settings.command, "-f", "-"], input=script.encode(), capture_output=True,
-                           timeout=settings.timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise KernelForwardError(f"cannot run {settings.command[0]}: {e}") from None
-    if r.returncode != 0:
-        raise KernelForwardError(f"nft refused the kernel-forwarding table: {r.stderr.decode(errors='replace').strip()}")
-
-
 class KernelTable:
     """The running edge's side: apply at start and reload, remove at stop (asyncio, bounded)."""
 
@@ -225,20 +214,10 @@ class KernelTable:
         self._lock = asyncio.Lock()  # reloads in quick succession apply in order
 
     async def _run(self, script: str) -> None:
-        s = self.settings
         try:
-            proc = await asyncio.create_subprocess_exec(*s.command, "-f", "-", stdin=subprocess.PIPE,
-                                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        except OSError as e:
-            raise KernelForwardError(f"cannot run {s.command[0]}: {e}") from None
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(script.encode()), s.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise KernelForwardError(f"{s.command[0]} took longer than {s.timeout:g}s") from None
-        if proc.returncode != 0:
-            raise KernelForwardError(f"nft refused the kernel-forwarding table: {err.decode(errors='replace').strip()}")
+            await run_nft(self.settings, script)  # guard/nft.py's runner: bounded by [kernel] timeout
+        except NftError as e:
+            raise KernelForwardError(f"the kernel-forwarding table: {e}") from None
 
     async def apply(self, cfg: Config) -> None:
         """Write the table for `cfg` (or remove it when no service is kernel-forwarded any more)."""

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from edgeward.config.schema import NftSettings
 from edgeward.guard.banset import normalize_addr
@@ -112,7 +113,17 @@ def render_changes(
     return "\n".join(out) + ("\n" if out else "")
 
 
-async def run_nft(cfg: NftSettings, script: str) -> str:
+class NftCommand(Protocol):
+    """How to run nft: `[guard.nft]`'s settings, or `[kernel]`'s (kernel_forward.py)."""
+
+    @property
+    def command(self) -> list[str]: ...
+
+    @property
+    def timeout(self) -> float: ...
+
+
+async def run_nft(cfg: NftCommand, script: str) -> str:
     """Run ``nft -f -`` with `script`; returns stdout, raises NftError on failure."""
     try:
         proc = await asyncio.create_subprocess_exec(
