@@ -155,8 +155,7 @@ def _schema_problem(name: str, err: Mapping[str, Any], locator: _KeyLocator) -> 
             close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
             hint = f"did you mean [{close[0]}]?" if close else "tables: " + ", ".join(f"[{o}]" for o in options)
             return Problem(name, line, col, f"unknown table [{key}]", hint)
-        close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else ("options here: " + ", ".join(options) if options else "")
+        hint = _did_you_mean(key, options) or ("options here: " + ", ".join(options) if options else "")
         in_table = f" in [{'.'.join(str(x) for x in parent)}]" if parent else ""
         return Problem(name, line, col, f"unknown option {key!r}{in_table}", hint)
     if kind == "missing":

@@ -431,6 +431,13 @@ class JailSettings(_Strict):
     listeners: list[str] | None = Field(None, description="Listeners (names or addresses) the ban protects; default all.")
 
 
+def _nft_table_name(v: str) -> str:
+    """An nftables table name edgeward writes into scripts: letters, digits, '_' and '-' only."""
+    if not v or not v.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"invalid nft table name {v!r} (letters, digits, '_' and '-' only)")
+    return v
+
+
 class NftSettings(_Strict):
     """Mirror bans into an nftables set, so the kernel drops banned sources first.
 
@@ -456,9 +463,7 @@ class NftSettings(_Strict):
     @field_validator("table")
     @classmethod
     def _check_table(cls, v: str) -> str:
-        if not v or not v.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"invalid nft table name {v!r} (letters, digits, '_' and '-' only)")
-        return v
+        return _nft_table_name(v)
 
 
 class GuardSettings(_Strict):
@@ -605,9 +610,7 @@ class KernelSettings(_Strict):
     @field_validator("table")
     @classmethod
     def _check_table(cls, v: str) -> str:
-        if not v or not v.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"invalid nft table name {v!r} (letters, digits, '_' and '-' only)")
-        return v
+        return _nft_table_name(v)
 
 
 class Config(_Strict):
