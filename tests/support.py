@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EDGEWARD = [sys.executable, "-m", "edgeward.cli"]
+EDGEWARD = [sys.executable, "-m", "edgeward"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -10,7 +10,6 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -126,20 +125,11 @@ def run(config: ConfigArg,
         demo: Annotated[bool, typer.Option(help="Also start the built-in demo upstreams (for examples/demo.toml).")] = False,
         log_level: Annotated[str | None, typer.Option(help="Override edge.log_level.")] = None) -> None:
     """Run the edge in the foreground. SIGHUP reloads, SIGTERM drains, SIGINT stops."""
-    cfg = _load_or_exit(config)
-    from .systemd import JournalFormatter, stderr_is_journal
-    handler = logging.StreamHandler()
-    # Under systemd, journald stamps the time and keeps each line's priority from its <N> prefix.
-    handler.setFormatter(JournalFormatter() if stderr_is_journal()
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=(log_level or cfg.edge.log_level).upper(), handlers=[handler])
-    from .app import StartError
-    from .app import run as run_edge
-    try:
-        run_edge(str(config), cfg, demo)
-    except StartError as e:
-        typer.echo(f"edgeward: {e}", err=True)
-        raise typer.Exit(EXIT_RUNTIME) from None
+    # The same path `edgeward run` takes without the CLI's libraries (entry.py).
+    from .daemon import run as run_daemon
+    code = run_daemon(config, demo, log_level)
+    if code:
+        raise typer.Exit(code)
 
 
 def admin_request(method: str, path: str, admin: str | None, config: Path | None, token: str | None,

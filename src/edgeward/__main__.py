@@ -1,0 +1,5 @@
+"""`python -m edgeward` is the `edgeward` command."""
+
+from .entry import main
+
+main()

@@ -1,0 +1,72 @@
+"""`edgeward run`: load the config, set up logging, run the edge until it stops.
+
+Kept apart from the CLI (cli.py) so that the daemon does not carry the CLI's libraries: typer and
+click, the admin API's HTTP client, rich. `edgeward run` reaches this module without importing them
+(entry.py), which keeps several MB out of a long-lived process on a small VPS.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+RUN_OPTIONS = ("--demo", "--no-demo", "--log-level")  # cli.run's options, parsed here by parse_run
+
+
+def run(config: str | Path, demo: bool = False, log_level: str | None = None) -> int:
+    """Run the edge in the foreground; the exit code (0 stopped, 1 cannot start, 2 bad config)."""
+    from .app import StartError, load_config
+    from .app import run as run_edge
+    from .config.loader import ConfigError
+    if log_level is not None and log_level.lower() not in LOG_LEVELS:
+        print(f"edgeward: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        print(f"{len(e.problems)} problem(s) in {config}", file=sys.stderr)
+        return EXIT_CONFIG
+    from .systemd import JournalFormatter, stderr_is_journal
+    handler = logging.StreamHandler()
+    # Under systemd, journald stamps the time and keeps each line's priority from its <N> prefix.
+    handler.setFormatter(JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=(log_level or cfg.edge.log_level).upper(), handlers=[handler])
+    try:
+        run_edge(str(config), cfg, demo)
+    except StartError as e:
+        print(f"edgeward: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def parse_run(args: list[str]) -> tuple[str, bool, str | None] | None:
+    """`run`'s arguments (after the word run) as (config, demo, log_level), or None for anything
+    else (--help, a typo, a missing value), which the full CLI then answers with its own message.
+    The options are those of cli.run; tests/unit/test_entry.py checks the two agree."""
+    config: str | None = None
+    demo = False
+    log_level: str | None = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--demo":
+            demo = True
+        elif a == "--no-demo":
+            demo = False
+        elif a == "--log-level" and i + 1 < len(args):
+            i += 1
+            log_level = args[i]
+        elif a.startswith("--log-level="):
+            log_level = a.split("=", 1)[1]
+        elif a.startswith("-") or config is not None:
+            return None
+        else:
+            config = a
+        i += 1
+    return None if config is None else (config, demo, log_level)
