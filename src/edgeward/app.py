@@ -254,6 +254,7 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     # Everything built so far (modules, config, runtime) lives as long as the process: move it out
     # of the cyclic collector's sight, so that collections triggered by per-connection objects do
     # not walk it again and again.
+    edge.memory.give_back()
     gc.freeze()
     try:
         await edge.wait_stopped()

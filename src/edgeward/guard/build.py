@@ -9,10 +9,18 @@ the objects that run. Both the `Guard` (service.py) and the matcher process
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from edgeward.config.schema import GuardSettings, JailSettings
-from edgeward.guard.filter import DEFAULT_SEARCH_DIRS, Filter, FilterError, load_filter
 from edgeward.guard.jail import BanHistory, Jail
+from edgeward.guard.types import DEFAULT_SEARCH_DIRS
+
+if TYPE_CHECKING:
+    from edgeward.guard.filter import Filter
+
+# The filter engine (guard/filter.py, datedetect.py: ~4 MB of compiled patterns and tables) is
+# imported by the functions below, when a jail has a filter: a guard without log jails (bans from
+# the admin API and the edge's own events only) never loads it.
 
 # Bans asked for by the admin without a jail live in this one; no configured jail may take the name.
 MANUAL_JAIL = "manual"
@@ -44,21 +52,22 @@ def build_filter(name: str, jail: JailSettings, search_path: Sequence[str]) -> F
     ``filter = "sshd[mode=aggressive]"`` passes parameters like a fail2ban jail
     (parsed by `load_filter`); inline ``failregex`` builds a filter of its own.
     """
+    if not (jail.filter or jail.failregex):
+        if jail.logpath or any(s.startswith("journal") for s in jail.sources):
+            raise GuardError(f"jail {name}: a log source needs a filter or failregex")
+        return None
+    from edgeward.guard.filter import Filter, FilterError, load_filter
     try:
         if jail.filter:
             if jail.failregex or jail.ignoreregex:
                 raise GuardError(f"jail {name}: give a filter or an inline failregex, not both")
             return load_filter(jail.filter, search_dirs=search_path, default_tz=jail.logtimezone)
-        if jail.failregex:
-            return Filter.from_inline(
-                jail.failregex, jail.ignoreregex, jail.datepattern, jail.maxlines,
-                default_tz=jail.logtimezone,
-            )
+        return Filter.from_inline(
+            jail.failregex, jail.ignoreregex, jail.datepattern, jail.maxlines,
+            default_tz=jail.logtimezone,
+        )
     except FilterError as exc:
         raise GuardError(f"jail {name}: {exc}") from exc
-    if jail.logpath or any(s.startswith("journal") for s in jail.sources):
-        raise GuardError(f"jail {name}: a log source needs a filter or failregex")
-    return None
 
 
 def build_jail(

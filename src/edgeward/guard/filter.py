@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from .datedetect import DateDetector, DatePatternError, parse_tz_offset
-from .types import FailMatch
+from .types import DEFAULT_SEARCH_DIRS, EDGEWARD_FILTER_DIR, FailMatch
 
 # The regex parser of the stdlib is how we find required literals.  It is
 # private (re._parser since 3.11), hence loaded dynamically and typed as Any;
@@ -93,8 +93,6 @@ __all__ = [
     "load_filter",
 ]
 
-EDGEWARD_FILTER_DIR = str(Path(__file__).with_name("filters"))
-DEFAULT_SEARCH_DIRS: tuple[str, ...] = ("/etc/fail2ban/filter.d", EDGEWARD_FILTER_DIR)
 # Long enough for any real log line (journald caps at 48 KiB by default), short
 # enough that a hostile line costs milliseconds, not seconds, in the regexes.
 DEFAULT_MAX_LINE_BYTES = 64 * 1024

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.banset import BanSet, normalize_addr
@@ -42,7 +42,6 @@ from edgeward.guard.build import (
     build_jail,
     filter_search_path,
 )
-from edgeward.guard.filter import Filter
 from edgeward.guard.jail import BanDecision, BanHistory, Jail
 from edgeward.guard.matcher import MatcherClosed, MatcherError, MatchTimeout, ProcessMatcher
 from edgeward.guard.nft import NftError, NftSync
@@ -50,6 +49,9 @@ from edgeward.guard.sources import EventSource, FileFollower, JournalSource
 from edgeward.guard.store import BanRecord, Position, Store
 from edgeward.guard.types import FailMatch
 from edgeward.guard.validate import jail_problems
+
+if TYPE_CHECKING:
+    from edgeward.guard.filter import Filter
 
 __all__ = ["MANUAL_JAIL", "Guard", "GuardError"]
 

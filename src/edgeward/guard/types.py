@@ -6,6 +6,12 @@ Kept free of I/O so that every part can be tested alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# Where filters named without a path are found: fail2ban's own directory, then the filters edgeward
+# ships. Here rather than in filter.py so that knowing the path does not load the filter engine.
+EDGEWARD_FILTER_DIR = str(Path(__file__).with_name("filters"))
+DEFAULT_SEARCH_DIRS: tuple[str, ...] = ("/etc/fail2ban/filter.d", EDGEWARD_FILTER_DIR)
 
 
 @dataclass(frozen=True, slots=True)
