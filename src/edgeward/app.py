@@ -210,7 +210,7 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     except OSError as e:
         await guard.stop()
         raise StartError(f"cannot start: {e}") from None
-    kernel = KernelTable(cfg.kernel)
+    kernel = KernelTable(cfg.kernel, cfg.edge.state_dir)
     try:
         await kernel.apply(cfg)
     except KernelForwardError as e:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config.loader import Loc, resolve_listen
-from .config.schema import Config, KernelSettings, ServiceSettings
+from .config.schema import Config, KernelSettings, ServiceSettings, nft_table_name
 from .config.units import BindSpec, looks_like_address, parse_target
 from .guard.nft import NftError, run_nft
 
@@ -205,13 +205,51 @@ def forwarding_enabled(families: Sequence[str] = ("ip",)) -> list[str]:
 
 
 class KernelTable:
-    """The running edge's side: apply at start and reload, remove at stop (asyncio, bounded)."""
+    """The running edge's side: apply at start and reload, remove at stop (asyncio, bounded).
 
-    def __init__(self, settings: KernelSettings) -> None:
+    The name of the table in force is kept in STATE_DIR/kernel-table while it exists: an edge
+    killed with SIGKILL cannot remove its table, so the next start finds the name there and
+    removes or replaces that table (it would otherwise keep forwarding ports the new config
+    no longer has)."""
+
+    MARKER = "kernel-table"
+
+    def __init__(self, settings: KernelSettings, state_dir: str | None = None) -> None:
         self.settings = settings
         self.applied = False
         self.rules = 0
         self._lock = asyncio.Lock()  # reloads in quick succession apply in order
+        self._marker = Path(state_dir) / self.MARKER if state_dir else None
+        left = self._read_marker()
+        if left is not None:
+            # A table left by an earlier run counts as applied: the first apply replaces it or,
+            # when this config forwards nothing in the kernel (or names another table), removes it.
+            self.settings = settings.model_copy(update={"table": left})
+            self.applied = True
+
+    def _read_marker(self) -> str | None:
+        if self._marker is None:
+            return None
+        try:
+            name = self._marker.read_text().strip()
+        except OSError:
+            return None
+        try:
+            return nft_table_name(name)
+        except ValueError:  # not written by edgeward: leave whatever it names alone
+            return None
+
+    def _write_marker(self) -> None:
+        if self._marker is None:
+            return
+        try:
+            if not self.applied:
+                self._marker.unlink(missing_ok=True)
+            elif self._read_marker() != self.settings.table:
+                self._marker.parent.mkdir(parents=True, exist_ok=True)
+                self._marker.write_text(self.settings.table + "\n")
+        except OSError as e:  # the table itself is in force either way
+            log.warning("could not record the kernel table's name in %s: %s", self._marker, e)
 
     async def _run(self, script: str) -> None:
         try:
@@ -239,6 +277,7 @@ class KernelTable:
         await self._run(render(cfg))
         self.applied = True
         self.rules = len(rules)
+        self._write_marker()
         log.info("kernel forwarding: %d rule(s) in table inet %s", len(rules), cfg.kernel.table)
 
     async def remove(self) -> None:
@@ -252,5 +291,8 @@ class KernelTable:
             await self._run(render_removal(self.settings))
         except KernelForwardError as e:
             log.error("could not remove table inet %s: %s", self.settings.table, e)
+            self.applied, self.rules = False, 0
+            return  # its name stays recorded: the next start tries again
         self.applied = False
         self.rules = 0
+        self._write_marker()

@@ -83,6 +83,23 @@ class Vps:
                               text=True, timeout=20).stdout
 
 
+def start_edge(edge: str, tmp: Path) -> subprocess.Popen[bytes]:
+    """edgeward with tmp/edge.toml in the edge namespace, once its admin socket is up."""
+    (tmp / "admin.sock").unlink(missing_ok=True)
+    exe = ROOT / ".venv/bin/edgeward"
+    with open(tmp / "edge.log", "ab") as log:
+        proc = run_in(edge, [str(exe) if exe.exists() else "edgeward", "run", str(tmp / "edge.toml")],
+                      stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 20
+    while not (tmp / "admin.sock").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(5)
+            raise AssertionError((tmp / "edge.log").read_text())
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vps]:
     require_netns()
@@ -103,16 +120,10 @@ def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vps]:
             servers.append(UdpEchoes(HOME, (3478, *RANGE), reply=lambda _data, peer: f"peer={peer[0]}".encode()))
         admin = f"unix:{tmp / 'admin.sock'}"
         (tmp / "edge.toml").write_text(config(tmp, admin))
-        exe = ROOT / ".venv/bin/edgeward"
-        log = open(tmp / "edge.log", "wb")  # noqa: SIM115 - closed below
-        proc = run_in(edge, [str(exe) if exe.exists() else "edgeward", "run", str(tmp / "edge.toml")],
-                      stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = time.monotonic() + 20
-        while not (tmp / "admin.sock").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "edge.log").read_text()
-            time.sleep(0.05)
-        yield Vps(client, edge, proc, admin, tmp)
-        log.close()
+        proc = start_edge(edge, tmp)
+        running = Vps(client, edge, proc, admin, tmp)
+        yield running
+        proc = running.edge_proc  # a test may have started another
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
@@ -207,3 +218,19 @@ def test_stopping_the_edge_removes_its_table(vps: Vps) -> None:
     vps.edge_proc.terminate()
     assert vps.edge_proc.wait(15) == 0
     assert "edgeward_fwd" not in vps.nft_table()
+
+
+def test_a_table_left_by_a_killed_edge_goes_at_the_next_start(vps: Vps) -> None:
+    """SIGKILL leaves the table behind (nothing can remove it); the next start removes it when its
+    config forwards nothing in the kernel, by the name recorded in the state directory."""
+    vps.edge_proc = start_edge(vps.edge, vps.tmp)
+    assert "edgeward_fwd" in vps.nft_table()
+    vps.edge_proc.kill()
+    vps.edge_proc.wait(15)
+    assert "edgeward_fwd" in vps.nft_table()  # still forwarding with no edgeward running
+    assert udp(vps, 3478) is not None
+    (vps.tmp / "edge.toml").write_text(config(vps.tmp, vps.admin).replace('forward = "kernel"', "")
+                                       .replace("masquerade = true", ""))
+    vps.edge_proc = start_edge(vps.edge, vps.tmp)
+    assert "edgeward_fwd" not in vps.nft_table()
+    assert not (vps.tmp / "state" / "kernel-table").exists()

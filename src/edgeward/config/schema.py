@@ -431,7 +431,7 @@ class JailSettings(_Strict):
     listeners: list[str] | None = Field(None, description="Listeners (names or addresses) the ban protects; default all.")
 
 
-def _nft_table_name(v: str) -> str:
+def nft_table_name(v: str) -> str:
     """An nftables table name edgeward writes into scripts: letters, digits, '_' and '-' only."""
     if not v or not v.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"invalid nft table name {v!r} (letters, digits, '_' and '-' only)")
@@ -463,7 +463,7 @@ class NftSettings(_Strict):
     @field_validator("table")
     @classmethod
     def _check_table(cls, v: str) -> str:
-        return _nft_table_name(v)
+        return nft_table_name(v)
 
 
 class GuardSettings(_Strict):
@@ -610,7 +610,7 @@ class KernelSettings(_Strict):
     @field_validator("table")
     @classmethod
     def _check_table(cls, v: str) -> str:
-        return _nft_table_name(v)
+        return nft_table_name(v)
 
 
 class Config(_Strict):
