@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.banset import BanSet, normalize_addr
@@ -50,6 +51,9 @@ from edgeward.guard.sources import EventSource, FileFollower, JournalSource
 from edgeward.guard.store import BanRecord, Position, Store
 from edgeward.guard.types import FailMatch
 from edgeward.guard.validate import jail_problems
+
+if TYPE_CHECKING:
+    from edgeward.guard.share import BanShare
 
 __all__ = ["MANUAL_JAIL", "Guard", "GuardError"]
 
@@ -133,6 +137,12 @@ class Guard:
         self._started = False
         self.ban_latency: list[float] = []  # seconds from match to enforcement, last 1000
         self.store_errors = 0  # bans the store failed to keep (enforced in memory only)
+        self.share: BanShare | None = None
+        if settings.share.redis is not None:
+            # Here, not at the top: only a config with [guard.share] imports the redis library.
+            from edgeward.guard.share import BanShare
+
+            self.share = BanShare(settings.share, self, clock=clock)
 
     @classmethod
     def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
@@ -179,6 +189,8 @@ class Guard:
             self._start_sources(rt)
         self._started = True
         self._schedule_expiry()
+        if self.share is not None:
+            await self.share.start()
 
     async def _restore(self) -> None:
         """Open the store, restore bans and history, apply the nftables table."""
@@ -192,6 +204,8 @@ class Guard:
         expired = await store.call(store.remove_expired, now)
         # History older than history_max_age no longer grows bans: keep the table small.
         await store.call(store.purge_history, now - self.settings.history_max_age)
+        if self.share is not None:
+            await store.call(store.purge_lifted, now - self.settings.share.unban_retention)
         records = await store.call(store.active_bans, now)
         for a, j, s, _ in await store.call(store.history, now - self.settings.history_max_age):
             self.history.record(a, j, s)
@@ -246,6 +260,8 @@ class Guard:
         """Stop the sources, wait for bans being committed, close the store."""
         if not self._started:
             return
+        if self.share is not None:
+            await self.share.stop()
         self._started = False
         for rt in self._jails.values():
             for f in rt.followers:
@@ -392,6 +408,8 @@ class Guard:
             del self.ban_latency[:-1000]
         end = "forever" if d.end is None else f"{d.bantime:g}s"
         log.warning("guard: banned %s in jail %s for %s (%s)", d.address, d.jail, end, d.reason)
+        if self.share is not None:
+            self.share.banned(rec)
         if stored is not None and report:
             raise BanNotStored(self._ban_dict(rec, self._clock()), str(stored))
         return rec
@@ -491,8 +509,12 @@ class Guard:
             if (key is None or a == key) and (jail is None or j == jail)
         ]
         store = self.store
+        now = self._clock()
+        shared = self.share is not None
         if store is not None:
-            await store.call(store.remove_ban, key, jail)
+            await store.call(
+                functools.partial(store.remove_ban, key, jail, lifted_at=now if shared else None)
+            )
         lifted: list[str] = []
         for a, j in targets:
             self._bans.pop((a, j), None)
@@ -507,7 +529,76 @@ class Guard:
                     self.nft.delete(a)
         for a in set(lifted):
             log.warning("guard: unbanned %s", a)
+        if self.share is not None:
+            # A ban named exactly is lifted on the other nodes even if it has not reached this one.
+            named = [(key, jail)] if key is not None and jail is not None else []
+            self.share.unbanned(dict.fromkeys([*targets, *named]), now)
         return sorted(set(lifted))
+
+    # -- shared bans ([guard.share], guard/share.py) -------------------------------------------
+
+    def held(self) -> list[BanRecord]:
+        """The bans in force here, this node's and other nodes'."""
+        now = self._clock()
+        return [r for r in self._bans.values() if r.end is None or r.end > now]
+
+    async def lifted_since(self, since: float) -> dict[tuple[str, str], float]:
+        """Unbans applied here since `since`, from the store."""
+        store = self.store
+        if store is None:
+            return {}
+        return await store.call(store.lifted, since)
+
+    async def apply_remote_ban(self, rec: BanRecord) -> bool:
+        """A ban from another node (through Redis): stored and enforced like ours, never published
+        again, not counted in this node's ban history. Ignored (False) if it has ended or a ban of
+        the same address and jail that started later is held."""
+        key = (rec.address, rec.jail)
+        cur = self._bans.get(key)
+        if (rec.end is not None and rec.end <= self._clock()) or (
+            cur is not None and (cur.start > rec.start or cur == rec)
+        ):
+            return False
+        store = self.store
+        if store is None:
+            return False
+        bantime = -1.0 if rec.end is None else rec.end - rec.start
+        try:
+            await store.call(functools.partial(store.add_ban, rec, bantime, history=False))
+        except Exception as exc:
+            self.store_errors += 1
+            log.error("guard: storing the ban of %s from node %s failed (%s); enforced in memory only",
+                      rec.address, rec.origin, exc)
+        cur = self._bans.get(key)
+        if cur is not None and cur.start > rec.start:  # one of ours arrived meanwhile
+            return False
+        self._enforce(rec)
+        end = "forever" if rec.end is None else f"{bantime:g}s"
+        log.warning("guard: banned %s in jail %s for %s (from node %s: %s)", rec.address, rec.jail, end,
+                    rec.origin or "this one", rec.reason)
+        return True
+
+    async def apply_remote_unban(self, address: str, jail: str, at: float) -> bool:
+        """An unban from another node at `at`: lifts the ban of (address, jail) if it started at
+        or before `at`, and remembers the unban (the store's `lifted`). Never published again."""
+        store = self.store
+        if store is not None:
+            await store.call(
+                functools.partial(store.remove_ban, address, jail, lifted_at=at, started_by=at)
+            )
+        cur = self._bans.get((address, jail))
+        if cur is None or cur.start > at:
+            return False
+        del self._bans[(address, jail)]
+        rt = self._jails.get(jail)
+        if rt is not None:
+            rt.banned.discard(address)
+            rt.jail.forget(address)
+        self.banset.remove(address, jail=jail)
+        if address not in self.banset and self.nft is not None:
+            self.nft.delete(address)
+        log.warning("guard: unbanned %s in jail %s (from another node)", address, jail)
+        return True
 
     def bans(self) -> list[dict[str, Any]]:
         """Bans in force, oldest first, JSON-serialisable."""
@@ -517,6 +608,8 @@ class Guard:
 
     def _ban_dict(self, rec: BanRecord, now: float) -> dict[str, Any]:
         d = rec.to_dict()
+        if self.share is not None and rec.origin is None:
+            d["origin"] = self.share.node
         d["remaining"] = None if rec.end is None else max(0.0, rec.end - now)
         d["refused"] = self.banset.refused(rec.address)
         return d
@@ -606,6 +699,8 @@ class Guard:
                 "pid": self._process.pid if self._process is not None else None,
                 "restarts": max(0, self._process.starts - 1) if self._process is not None else 0,
             }
+            if self.share is not None:
+                out["share"] = self.share.status()
             if self.nft is not None:
                 out["nft"] = {
                     "table": self.settings.nft.table,
