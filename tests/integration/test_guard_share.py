@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any
 import pytest
 
 from redis_peer import RedisServer, redis_server
-from support import EdgeProcess, ThreadServer, echo_handler, free_port, served, wait_until
+from support import EDGEWARD, EdgeProcess, ThreadServer, echo_handler, free_port, served, wait_until
 
 pytestmark = pytest.mark.peer("redis-server")
 
@@ -112,6 +115,15 @@ def test_a_ban_and_an_unban_on_one_node_hold_on_the_two_others(tmp_path: Path) -
             assert ban["origin"] == "a" and ban["reason"] == "seen on a" and ban["forever"]
         stored = json.loads(redis.cli("HGET", "edgeward:bans", f"{attacker}|manual"))
         assert stored["origin"] == "a"
+        # The commands show it too: `edgeward bans` with the origin, `edgeward status` the link.
+        env = dict(os.environ, COLUMNS="250")
+        out = subprocess.run([*EDGEWARD, "bans", "--admin", f"127.0.0.1:{b.edge.admin_port}"], env=env,
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        [row] = [ln for ln in out.splitlines() if attacker in ln]
+        assert re.search(rf"{re.escape(attacker)}\s*│\s*manual\s*│\s*a\s*│", row), out
+        out = subprocess.run([*EDGEWARD, "status", "--admin", f"127.0.0.1:{b.edge.admin_port}"], env=env,
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        assert "shared bans" in out and "connected" in out and redis.url in out, out
         # An unban on another node lifts it everywhere.
         c.unban(attacker)
         assert wait_until(lambda: all(n.serves(attacker) for n in nodes.values()), 5)
