@@ -23,13 +23,14 @@ from support import free_port, require
 
 class RedisServer:
     def __init__(self, tmp: Path, *, port: int | None = None, password: str | None = None,
-                 tls: bool = False, client_certs: bool = False) -> None:
+                 tls: bool = False, client_certs: bool = False, unix: bool = False) -> None:
         self.exe = require("redis-server")
         self.dir = tmp
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
         self.tls = tls
+        self.unix = self.dir / "redis.sock" if unix else None
         self.ca: trustme.CA | None = None
         self.ca_file = self.dir / "ca.pem"
         self.client_cert = self.dir / "client.pem"
@@ -50,6 +51,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.unix is not None:
+            return f"unix://{self.unix}?db=0"
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://127.0.0.1:{self.port}/0"
 
@@ -62,6 +65,8 @@ class RedisServer:
                      "--tls-key-file", str(self.dir / "server-key.pem"),
                      "--tls-ca-cert-file", str(self.ca_file),
                      "--tls-auth-clients", "yes" if self.client_certs else "no"]
+        elif self.unix is not None:
+            args += ["--port", "0", "--unixsocket", str(self.unix), "--unixsocketperm", "700"]
         else:
             args += ["--port", str(self.port)]
         if self.password is not None:
@@ -74,7 +79,12 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+            with contextlib.suppress(OSError):
+                if self.unix is not None:
+                    with socket.socket(socket.AF_UNIX) as u:
+                        u.connect(str(self.unix))
+                else:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
             time.sleep(0.02)
         raise TimeoutError(f"redis-server did not open port {self.port}")
@@ -96,7 +106,8 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         """redis-cli against this server (for looking at what the nodes wrote)."""
-        argv = [require("redis-cli"), "-h", "127.0.0.1", "-p", str(self.port), "--no-auth-warning"]
+        argv = [require("redis-cli"), "--no-auth-warning",
+                *(["-s", str(self.unix)] if self.unix is not None else ["-h", "127.0.0.1", "-p", str(self.port)])]
         if self.password is not None:
             argv += ["-a", self.password]
         if self.tls:

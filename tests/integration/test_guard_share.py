@@ -304,3 +304,31 @@ def test_unreachable_redis_at_start_the_edge_runs_retries_and_joins_later(tmp_pa
     finally:
         a.edge.stop()
         up.close()
+
+
+def test_a_unix_socket_url(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "redis", unix=True) as redis, cluster(tmp_path, redis, ("a", "b")) as nodes:
+        nodes["b"].ban("127.0.8.1")
+        assert wait_until(lambda: not nodes["a"].serves("127.0.8.1"), 5)
+        assert redis.cli("HKEYS", "edgeward:bans").split() == ["127.0.8.1|manual"]
+
+
+def test_a_node_keeps_its_ignoreip_for_other_nodes_jail_bans(tmp_path: Path) -> None:
+    """b's [guard] ignoreip holds against a's jail bans (a's admin bans in jail "manual" hold everywhere)."""
+    jail = '[jails.web]\nsources = ["edge:http401"]\nmaxretry = 3\nbantime = "1h"\n'
+    with redis_server(tmp_path / "redis") as redis:
+        up = ThreadServer(echo_handler())
+        a = Node(tmp_path, "a", up.port, f'redis = "{redis.url}"', jail)
+        b = Node(tmp_path, "b", up.port, f'redis = "{redis.url}"', '[guard]\nignoreip = ["127.0.9.0/24"]\n')
+        try:
+            assert wait_until(lambda: a.connected() and b.connected(), 10)
+            a.ban("127.0.9.1", jail="web")
+            a.ban("127.0.9.2")
+            a.ban("127.0.10.1", jail="web")
+            assert wait_until(lambda: not b.serves("127.0.10.1") and not b.serves("127.0.9.2"), 5)
+            assert b.serves("127.0.9.1") and not a.serves("127.0.9.1")
+            assert "127.0.9.1 in jail web from node a not applied: in guard.ignoreip" in b.edge.log()
+        finally:
+            a.edge.stop()
+            b.edge.stop()
+            up.close()

@@ -44,7 +44,7 @@ from edgeward.guard.build import (
     filter_search_path,
 )
 from edgeward.guard.filter import Filter
-from edgeward.guard.jail import BanDecision, BanHistory, Jail
+from edgeward.guard.jail import BanDecision, BanHistory, IgnoreList, Jail
 from edgeward.guard.matcher import MatcherClosed, MatcherError, MatchTimeout, ProcessMatcher
 from edgeward.guard.nft import NftError, NftSync
 from edgeward.guard.sources import EventSource, FileFollower, JournalSource
@@ -143,6 +143,8 @@ class Guard:
             from edgeward.guard.share import BanShare
 
             self.share = BanShare(settings.share, self, clock=clock)
+        # Other nodes' jails decided with their own ignoreip; this node's is kept for their bans too.
+        self._remote_ignore = IgnoreList(settings.ignoreip)
 
     @classmethod
     def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
@@ -511,6 +513,9 @@ class Guard:
         store = self.store
         now = self._clock()
         shared = self.share is not None
+        # The unban of a ban this node sees lifts that ban on every node, even if this node's clock
+        # runs behind the clock of the node that made it.
+        lifted_at = {k: max(now, self._bans[k].start) for k in targets}
         if store is not None:
             await store.call(
                 functools.partial(store.remove_ban, key, jail, lifted_at=now if shared else None)
@@ -531,8 +536,9 @@ class Guard:
             log.warning("guard: unbanned %s", a)
         if self.share is not None:
             # A ban named exactly is lifted on the other nodes even if it has not reached this one.
-            named = [(key, jail)] if key is not None and jail is not None else []
-            self.share.unbanned(dict.fromkeys([*targets, *named]), now)
+            if key is not None and jail is not None:
+                lifted_at.setdefault((key, jail), now)
+            self.share.unbanned(lifted_at)
         return sorted(set(lifted))
 
     # -- shared bans ([guard.share], guard/share.py) -------------------------------------------
@@ -558,6 +564,10 @@ class Guard:
         if (rec.end is not None and rec.end <= self._clock()) or (
             cur is not None and (cur.start > rec.start or cur == rec)
         ):
+            return False
+        if rec.jail != MANUAL_JAIL and rec.address in self._remote_ignore:
+            log.info("guard: ban of %s in jail %s from node %s not applied: in guard.ignoreip",
+                     rec.address, rec.jail, rec.origin)
             return False
         store = self.store
         if store is None:

@@ -67,6 +67,7 @@ _MAX_LINES = 10  # matched lines carried with a shared ban (status shows them; R
 _MAX_LINE = 500
 _MAX_QUEUE = 100_000  # changes waiting for Redis; beyond, the session restarts and merges instead
 _BATCH = 256  # scripts per pipeline while merging
+_PRUNE_EVERY = 60.0  # seconds between prunes of ended bans in Redis (each node, jittered)
 
 # KEYS: bans, ends, unbans, unban_times. ARGV: field, ban JSON, start, end ('' = forever), channel, message.
 # Refused (0) when an unban at or after this start is known, or a newer ban of the key is held.
@@ -355,9 +356,9 @@ class BanShare:
         """A ban this node made (jail, admin, edge source): published to the others."""
         self._put(_Change(rec=rec))
 
-    def unbanned(self, keys: Iterable[Key], at: float) -> None:
-        """Unbans this node made at `at`: published to the others."""
-        for key in keys:
+    def unbanned(self, lifted: Mapping[Key, float]) -> None:
+        """Unbans this node made: (address, jail) -> time of the unban; published to the others."""
+        for key, at in lifted.items():
             self._put(_Change(key=key, at=at))
 
     def _put(self, change: _Change) -> None:
@@ -469,7 +470,8 @@ class BanShare:
             self._down_logged = False
             self._first.set()
             tasks = [asyncio.create_task(self._receive(pubsub)),
-                     asyncio.create_task(self._send(client, scripts))]
+                     asyncio.create_task(self._send(client, scripts)),
+                     asyncio.create_task(self._prune(scripts[2]))]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -489,7 +491,8 @@ class BanShare:
         put, lift, prune = scripts
         now = self._clock()
         async with self._lock:
-            await prune(keys=self.keys, args=[now, now - self.settings.unban_retention])
+            while await prune(keys=self.keys, args=[now, now - self.settings.unban_retention]) >= 1000:
+                pass
             pipe = client.pipeline(transaction=True)  # one snapshot of both hashes
             pipe.hgetall(self.keys[0])
             pipe.hgetall(self.keys[2])
@@ -553,6 +556,16 @@ class BanShare:
                 elif change.key is not None:
                     await lift(keys=self.keys, args=self._lift_args(change.key, change.at))
                     self.stats.sent_unbans += 1
+
+    async def _prune(self, prune: Any) -> None:
+        """Drop ended bans and old unbans from Redis now and then (any node may: the script is
+        idempotent), so the hash stays the size of the bans in force."""
+        while True:
+            await asyncio.sleep(_PRUNE_EVERY * random.uniform(0.5, 1.0))
+            now = self._clock()
+            async with self._lock:
+                while await prune(keys=self.keys, args=[now, now - self.settings.unban_retention]) >= 1000:
+                    pass
 
     async def _receive(self, pubsub: Any) -> None:
         keepalive = max(1.0, min(5.0, self.settings.timeout))

@@ -266,8 +266,9 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             if lifted_at is not None:
-                db.execute("INSERT OR REPLACE INTO lifted (address, jail, at) SELECT address, jail, ? FROM bans"
-                           + where, [lifted_at, *args])
+                # max(): a ban that started after `lifted_at` by its node's clock is still lifted
+                db.execute("INSERT OR REPLACE INTO lifted (address, jail, at) SELECT address, jail, max(?, start)"
+                           " FROM bans" + where, [lifted_at, *args])
                 if address is not None and jail is not None:
                     db.execute("INSERT INTO lifted (address, jail, at) VALUES (?, ?, ?) ON CONFLICT"
                                " (address, jail) DO UPDATE SET at = max(at, excluded.at)",
