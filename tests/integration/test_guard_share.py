@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -332,3 +333,37 @@ def test_a_node_keeps_its_ignoreip_for_other_nodes_jail_bans(tmp_path: Path) -> 
             a.edge.stop()
             b.edge.stop()
             up.close()
+
+
+def test_garbage_in_redis_is_counted_and_skipped(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "redis") as redis, cluster(tmp_path, redis, ("a", "b")) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        for junk in ("not json", "[1,2]", '{"op":"ban","by":"x","ban":{"address":"nope"}}',
+                     '{"op":"unban","by":"x","address":"127.0.0.1","jail":"j","at":"soon"}', '{"op":"boom"}'):
+            redis.cli("PUBLISH", "edgeward:changes", junk)
+        redis.cli("HSET", "edgeward:bans", "127.0.11.1|manual", "{broken")
+        redis.cli("HSET", "edgeward:unbans", "no-jail", "1")
+        assert wait_until(lambda: a.share()["bad"] >= 5 and b.share()["bad"] >= 5, 5)
+        b.restart()  # a merge reads the broken hash entries
+        assert wait_until(b.connected, 10)
+        assert b.share()["bad"] == 2
+        a.ban("127.0.11.2")  # still sharing
+        assert wait_until(lambda: not b.serves("127.0.11.2"), 5)
+        assert b.serves("127.0.11.1")
+
+
+def test_a_stalled_redis_is_noticed_and_rejoined(tmp_path: Path) -> None:
+    """Redis stopped (SIGSTOP: the connection stays open, nothing answers): the keep-alive ping
+    notices within its timeout, the node retries, and merges once Redis answers again."""
+    with redis_server(tmp_path / "redis") as redis, cluster(tmp_path, redis, ("a", "b")) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            a.ban("127.0.12.1")  # returns at once: publishing never holds up a ban
+            assert not a.serves("127.0.12.1")
+            assert wait_until(lambda: not a.connected() and not b.connected(), 10)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert wait_until(lambda: a.connected() and b.connected(), 10)
+        assert wait_until(lambda: not b.serves("127.0.12.1"), 5)

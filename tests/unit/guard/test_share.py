@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,11 @@ def test_the_password_never_shows_in_errors_or_status() -> None:
     assert redact_url("rediss://user:hunter2@h:1/0") == "rediss://user:***@h:1/0"
     assert redact_url("redis://:hunter2@h") == "redis://:***@h"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_the_share_example_in_docs_is_a_valid_config() -> None:
+    text = (Path(__file__).resolve().parents[3] / "docs" / "config.md").read_text(encoding="utf-8")
+    section = text[text.index("### Shared bans between edge nodes (Redis)"):]
+    start = section.index("```toml") + len("```toml")
+    cfg = Config.model_validate(tomllib.loads(section[start:section.index("```\n", start)]))
+    assert cfg.guard.share.redis == "rediss://edge@redis.internal:6380/0" and cfg.guard.share.node == "edge-paris-1"
