@@ -367,3 +367,20 @@ def test_a_stalled_redis_is_noticed_and_rejoined(tmp_path: Path) -> None:
             os.kill(redis.proc.pid, signal.SIGCONT)
         assert wait_until(lambda: a.connected() and b.connected(), 10)
         assert wait_until(lambda: not b.serves("127.0.12.1"), 5)
+
+
+def test_an_acl_user_limited_to_the_prefix(tmp_path: Path) -> None:
+    """A Redis ACL user that may touch only edgeward's keys and channel (and not run admin
+    commands) is enough: redis://edge@host with the password in password_file."""
+    with redis_server(tmp_path / "redis", password="admin-pw") as redis:
+        redis.cli("ACL", "SETUSER", "edge", "on", ">edge-pw", "resetkeys", "~edgeward:*", "resetchannels",
+                  "&edgeward:*", "+@all", "-@admin", "-@dangerous")
+        pwfile = tmp_path / "edge.pass"
+        pwfile.write_text("edge-pw\n")
+        share = f'redis = "redis://edge@127.0.0.1:{redis.port}/0"\npassword_file = "{pwfile}"'
+        with cluster(tmp_path, redis, ("a", "b"), share=share) as nodes:
+            nodes["a"].ban("127.0.13.1", bantime=3600)
+            assert wait_until(lambda: not nodes["b"].serves("127.0.13.1"), 5)
+            nodes["b"].unban("127.0.13.1")
+            assert wait_until(lambda: nodes["a"].serves("127.0.13.1"), 5)
+            assert nodes["a"].share()["bad"] == 0 and nodes["a"].share()["failures"] == 0
