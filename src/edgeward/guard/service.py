@@ -593,9 +593,13 @@ class Guard:
         or before `at`, and remembers the unban (the store's `lifted`). Never published again."""
         store = self.store
         if store is not None:
-            await store.call(
-                functools.partial(store.remove_ban, address, jail, lifted_at=at, started_by=at)
-            )
+            try:
+                await store.call(
+                    functools.partial(store.remove_ban, address, jail, lifted_at=at, started_by=at)
+                )
+            except Exception as exc:  # the unban still holds here, until a restart brings the ban back
+                self.store_errors += 1
+                log.error("guard: storing the unban of %s in jail %s failed (%s)", address, jail, exc)
         cur = self._bans.get((address, jail))
         if cur is None or cur.start > at:
             return False

@@ -369,8 +369,7 @@ class BanShare:
             # Redis is far behind: stop queueing; the next session merges the whole state instead.
             self._accepting = False
             self.stats.deferred += 1
-            if self._task is not None:
-                self._task.get_loop().call_soon(self._restart_session)
+            self._session_broken = True
             return
         self._queue.put_nowait(change)
 
@@ -392,9 +391,6 @@ class BanShare:
             await asyncio.gather(task, return_exceptions=True)
         self.connected = False
 
-    def _restart_session(self) -> None:
-        self._session_broken = True
-
     # -- sessions ---------------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -407,7 +403,8 @@ class BanShare:
             except (RedisError, OSError, TimeoutError, BadRecord, _SessionEnded) as exc:
                 self._failed(exc)
             except Exception as exc:  # a bug must not end sharing for the life of the process
-                log.exception("guard.share: unexpected error; reconnecting")
+                if not self._down_logged:  # with its traceback once, not at every retry
+                    log.exception("guard.share: unexpected error; reconnecting")
                 self._failed(exc)
             if self.connected:  # this session had merged: start the back-off again
                 delay = self.settings.retry_min
