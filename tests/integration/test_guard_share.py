@@ -22,7 +22,16 @@ from typing import Any
 import pytest
 
 from redis_peer import RedisServer, redis_server
-from support import EDGEWARD, EdgeProcess, ThreadServer, echo_handler, free_port, served, wait_until
+from support import (
+    EDGEWARD,
+    EdgeProcess,
+    ThreadServer,
+    connect_from,
+    echo_handler,
+    free_port,
+    served,
+    wait_until,
+)
 
 pytestmark = pytest.mark.peer("redis-server")
 
@@ -384,3 +393,37 @@ def test_an_acl_user_limited_to_the_prefix(tmp_path: Path) -> None:
             nodes["b"].unban("127.0.13.1")
             assert wait_until(lambda: nodes["a"].serves("127.0.13.1"), 5)
             assert nodes["a"].share()["bad"] == 0 and nodes["a"].share()["failures"] == 0
+
+
+def test_a_ban_from_an_edge_source_is_shared(tmp_path: Path) -> None:
+    """a's jail on what a's edge sees itself (edge:proto: malformed ClientHellos) bans on b too."""
+    tls_port = free_port()
+    with redis_server(tmp_path / "redis") as redis:
+        up = ThreadServer(echo_handler())
+        extra = f"""
+[services.tls]
+listen = ["127.0.0.1:{tls_port}"]
+names = ["a.example.org"]
+to = "127.0.0.1:{up.port}"
+[jails.garbage]
+sources = ["edge:proto"]
+maxretry = 2
+findtime = "1m"
+bantime = "1h"
+"""
+        a = Node(tmp_path, "a", up.port, f'redis = "{redis.url}"', extra)
+        b = Node(tmp_path, "b", up.port, f'redis = "{redis.url}"')
+        try:
+            assert wait_until(lambda: a.connected() and b.connected(), 10)
+            for _ in range(2):
+                with connect_from("127.0.0.41", tls_port) as c:
+                    c.sendall(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # a handshake that is no ClientHello
+                    with contextlib.suppress(OSError):
+                        c.recv(10)
+            assert wait_until(lambda: not b.serves("127.0.0.41"), 5), b.edge.log()
+            [ban] = b.bans()
+            assert (ban["jail"], ban["origin"]) == ("garbage", "a")
+        finally:
+            a.edge.stop()
+            b.edge.stop()
+            up.close()
