@@ -117,7 +117,8 @@ if newer or deleted == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return deleted
 """
 
-# KEYS as _PUT. ARGV: now, forget unbans before this. Bounded work per call.
+# KEYS as _PUT. ARGV: now (bans that ended by then go), forget unbans older than this. Bounded
+# work per call (the caller repeats while it returns 1000 or more).
 _PRUNE = """
 local n = 0
 local ended = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
@@ -126,7 +127,7 @@ for _, k in ipairs(ended) do
   redis.call('ZREM', KEYS[2], k)
   n = n + 1
 end
-local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[2], 'LIMIT', 0, 1000)
+local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 1000)
 for _, k in ipairs(old) do
   redis.call('HDEL', KEYS[3], k)
   redis.call('ZREM', KEYS[4], k)
