@@ -267,6 +267,11 @@ def test_password_in_url_and_in_a_file(tmp_path: Path) -> None:
             assert c.serves("127.0.4.1")
             st = c.share()
             assert not st["connected"] and st["failures"] >= 1
+            fds = len(os.listdir(f"/proc/{c.edge.pid}/fd"))
+            assert wait_until(lambda: c.share()["failures"] >= st["failures"] + 6, 10)
+            # Refused logins leave no descriptor behind (one may be open at the moment of looking).
+            assert wait_until(lambda: len(os.listdir(f"/proc/{c.edge.pid}/fd")) <= fds, 3)
+            st = c.share()
             assert "auth" in st["last_error"].lower() or "noauth" in st["last_error"].lower(), st
             assert pw not in json.dumps(a.share()) and pw not in a.edge.log()
         finally:
@@ -304,6 +309,10 @@ def test_unreachable_redis_at_start_the_edge_runs_retries_and_joins_later(tmp_pa
         a.ban("127.0.6.1")  # and banning, locally
         assert not a.serves("127.0.6.1")
         assert wait_until(lambda: a.share()["failures"] >= 3, 10)  # retries, bounded back-off
+        fds = len(os.listdir(f"/proc/{a.edge.pid}/fd"))
+        assert wait_until(lambda: a.share()["failures"] >= 10, 10)
+        # No descriptor left behind by an attempt (one may be open at the moment of looking).
+        assert wait_until(lambda: len(os.listdir(f"/proc/{a.edge.pid}/fd")) <= fds, 3)
         st = a.share()
         assert not st["connected"]
         assert st["retry_in"] is None or st["retry_in"] <= 0.5  # retry_max
