@@ -289,3 +289,19 @@ def test_the_share_example_in_docs_is_a_valid_config() -> None:
     start = section.index("```toml") + len("```toml")
     cfg = Config.model_validate(tomllib.loads(section[start:section.index("```\n", start)]))
     assert cfg.guard.share.redis == "rediss://edge@redis.internal:6380/0" and cfg.guard.share.node == "edge-paris-1"
+
+
+def test_check_reports_unreadable_share_files_at_their_line(tmp_path: Path) -> None:
+    from edgeward.app import load_config
+    from edgeward.config.loader import ConfigError
+
+    pw = tmp_path / "pw"
+    pw.write_text("x\n")
+    good = tmp_path / "good.toml"
+    good.write_text(f'[guard.share]\nredis = "redis://127.0.0.1:1/0"\npassword_file = "{pw}"\n')
+    assert load_config(good).guard.share.password_file == str(pw)  # unreachable Redis is no config error
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[guard.share]\nredis = "rediss://127.0.0.1:1/0"\nca_file = "{tmp_path}/missing.pem"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert f"{bad}:3:" in str(e.value) and "guard.share.ca_file: cannot read" in str(e.value)
