@@ -562,7 +562,9 @@ class Guard:
         key = (rec.address, rec.jail)
         cur = self._bans.get(key)
         if (rec.end is not None and rec.end <= self._clock()) or (
-            cur is not None and (cur.start > rec.start or cur == rec)
+            # a later ban is held, or this one already (its reason and matched lines aside)
+            cur is not None and (cur.start > rec.start or (cur.start, cur.end, cur.listeners, cur.origin)
+                                 == (rec.start, rec.end, rec.listeners, rec.origin))
         ):
             return False
         if rec.jail != MANUAL_JAIL and rec.address in self._remote_ignore:
