@@ -305,3 +305,75 @@ def test_check_reports_unreadable_share_files_at_their_line(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as e:
         load_config(bad)
     assert f"{bad}:3:" in str(e.value) and "guard.share.ca_file: cannot read" in str(e.value)
+
+
+# -- the guard's side (no Redis: a recorder in place of the share) ----------------------------------
+
+
+class _Recorder:
+    node = "me"
+
+    def __init__(self) -> None:
+        self.bans: list[BanRecord] = []
+        self.unbans: list[dict[tuple[str, str], float]] = []
+
+    def banned(self, rec: BanRecord) -> None:
+        self.bans.append(rec)
+
+    def unbanned(self, lifted: dict[tuple[str, str], float]) -> None:
+        self.unbans.append(dict(lifted))
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, object]:
+        return {}
+
+
+async def test_the_guard_applies_received_changes_by_the_rule_and_publishes_only_its_own(tmp_path: Path) -> None:
+    from edgeward.config.schema import GuardSettings
+    from edgeward.guard.service import Guard
+
+    now = [1000.0]
+    settings = GuardSettings.model_validate({"ignoreip": ["198.51.100.0/24"],
+                                             "share": {"redis": "redis://127.0.0.1:1/0"}})
+    g = Guard(settings, {}, db_path=str(tmp_path / "g.sqlite"), clock=lambda: now[0])
+    rec_share = _Recorder()
+    g.share = rec_share  # type: ignore[assignment]
+    await g.start()
+    try:
+        theirs = BanRecord("192.0.2.1", "sshd", "r", (), 1005.0, None, origin="b")  # b's clock is ahead
+        assert await g.apply_remote_ban(theirs)
+        assert g.banset.is_banned("192.0.2.1")
+        assert not await g.apply_remote_ban(theirs)  # already held
+        assert not await g.apply_remote_ban(BanRecord("192.0.2.1", "sshd", "r", (), 1001.0, None, origin="c"))
+        assert not await g.apply_remote_ban(BanRecord("198.51.100.9", "sshd", "r", (), 1001.0, None, origin="b"))
+        assert await g.apply_remote_ban(BanRecord("198.51.100.9", "manual", "r", (), 1001.0, None, origin="b"))
+        assert not await g.apply_remote_ban(BanRecord("192.0.2.2", "sshd", "r", (), 900.0, 990.0, origin="b"))
+        assert rec_share.bans == []  # nothing received is published again
+        assert [b["origin"] for b in g.bans()] == ["b", "b"]
+        # An unban older than the ban leaves it; a later one lifts it and is remembered.
+        assert not await g.apply_remote_unban("192.0.2.1", "sshd", 1004.0)
+        assert g.banset.is_banned("192.0.2.1")
+        # Our own unban of it, at our clock's 1000, is published as lifting the ban we saw (1005).
+        assert await g.unban("192.0.2.1") == ["192.0.2.1"]
+        assert rec_share.unbans == [{("192.0.2.1", "sshd"): 1005.0}]
+        assert await g.lifted_since(0) == {("192.0.2.1", "sshd"): 1005.0}
+        # Our own ban is published, with no origin (ours); shown with this node's name.
+        await g.ban("manual", "192.0.2.3")
+        assert [r.address for r in rec_share.bans] == ["192.0.2.3"] and rec_share.bans[0].origin is None
+        assert {b["address"]: b["origin"] for b in g.bans()}["192.0.2.3"] == "me"
+        assert await g.apply_remote_unban("198.51.100.9", "manual", 1002.0)
+        assert not g.banset.is_banned("198.51.100.9")
+        assert await g.apply_remote_ban(BanRecord("192.0.2.4", "sshd", "r", (), 1001.0, 5000.0, origin="b"))
+    finally:
+        await g.stop()
+    # The peers' bans are in the store: a restart without Redis enforces them.
+    g2 = Guard(GuardSettings.model_validate({}), {}, db_path=str(tmp_path / "g.sqlite"), clock=lambda: now[0])
+    await g2.start()
+    try:
+        assert {(b["address"], b["origin"]) for b in g2.bans()} == {("192.0.2.3", None), ("192.0.2.4", "b")}
+        assert g2.banset.is_banned("192.0.2.4")
+    finally:
+        await g2.stop()
