@@ -145,6 +145,7 @@ class Guard:
             self.share = BanShare(settings.share, self, clock=clock)
         # Other nodes' jails decided with their own ignoreip; this node's is kept for their bans too.
         self._remote_ignore = IgnoreList(settings.ignoreip)
+        self._unbanned_at: dict[tuple[str, str], float] = {}  # shared bans: the last unban of each
 
     @classmethod
     def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
@@ -208,6 +209,7 @@ class Guard:
         await store.call(store.purge_history, now - self.settings.history_max_age)
         if self.share is not None:
             await store.call(store.purge_lifted, now - self.settings.share.unban_retention)
+            self._unbanned_at = await store.call(store.lifted, 0.0)
         records = await store.call(store.active_bans, now)
         for a, j, s, _ in await store.call(store.history, now - self.settings.history_max_age):
             self.history.record(a, j, s)
@@ -383,7 +385,9 @@ class Guard:
             jail=d.jail,
             reason=d.reason,
             lines=d.lines,
-            start=d.start,
+            # Shared bans: a new ban starts after every unban of it this node knows, so that an unban
+            # stamped by a clock running ahead of ours does not refuse it everywhere else.
+            start=max(d.start, self._unbanned_at.get((d.address, d.jail), -1.0) + 0.001),
             end=d.end,
             count=d.count,
             listeners=None if listeners is None else tuple(sorted(listeners)),
@@ -538,10 +542,18 @@ class Guard:
             # A ban named exactly is lifted on the other nodes even if it has not reached this one.
             if key is not None and jail is not None:
                 lifted_at.setdefault((key, jail), now)
+            self._note_unbans(lifted_at)
             self.share.unbanned(lifted_at)
         return sorted(set(lifted))
 
     # -- shared bans ([guard.share], guard/share.py) -------------------------------------------
+
+    def _note_unbans(self, lifted: Mapping[tuple[str, str], float]) -> None:
+        for k, at in lifted.items():
+            self._unbanned_at[k] = max(at, self._unbanned_at.get(k, at))
+        if len(self._unbanned_at) > 100_000 and self.share is not None:  # forget what Redis forgets too
+            oldest = self._clock() - self.settings.share.unban_retention
+            self._unbanned_at = {k: t for k, t in self._unbanned_at.items() if t >= oldest}
 
     def held(self) -> list[BanRecord]:
         """The bans in force here, this node's and other nodes'."""
@@ -602,6 +614,7 @@ class Guard:
             except Exception as exc:  # the unban still holds here, until a restart brings the ban back
                 self.store_errors += 1
                 log.error("guard: storing the unban of %s in jail %s failed (%s)", address, jail, exc)
+        self._note_unbans({(address, jail): at})
         cur = self._bans.get((address, jail))
         if cur is None or cur.start > at:
             return False

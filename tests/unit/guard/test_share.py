@@ -360,6 +360,14 @@ async def test_the_guard_applies_received_changes_by_the_rule_and_publishes_only
         assert await g.unban("192.0.2.1") == ["192.0.2.1"]
         assert rec_share.unbans == [{("192.0.2.1", "sshd"): 1005.0}]
         assert await g.lifted_since(0) == {("192.0.2.1", "sshd"): 1005.0}
+        # An unban stamped by a clock ahead of ours (1010): a new ban here starts after it, so the
+        # other nodes and Redis keep it rather than count it as lifted.
+        assert not await g.apply_remote_unban("192.0.2.5", "manual", 1010.0)
+        await g.ban("manual", "192.0.2.5")
+        assert rec_share.bans[-1].address == "192.0.2.5" and rec_share.bans[-1].start == pytest.approx(1010.001)
+        await g.unban("192.0.2.5")
+        assert rec_share.unbans[-1] == {("192.0.2.5", "manual"): pytest.approx(1010.001)}
+        rec_share.bans.clear()
         # Our own ban is published, with no origin (ours); shown with this node's name.
         await g.ban("manual", "192.0.2.3")
         assert [r.address for r in rec_share.bans] == ["192.0.2.3"] and rec_share.bans[0].origin is None
