@@ -69,18 +69,31 @@ _MAX_QUEUE = 100_000  # changes waiting for Redis; beyond, the session restarts 
 _BATCH = 256  # scripts per pipeline while merging
 _PRUNE_EVERY = 60.0  # seconds between prunes of ended bans in Redis (each node, jittered)
 
+# Numbers read back from Redis count only when finite: what another writer left there ("inf",
+# "nan", text) must not refuse or lift bans forever.
+_FINITE = """
+local function finite(x)
+  local n = tonumber(x)
+  if n and n == n and n ~= math.huge and n ~= -math.huge then return n end
+  return nil
+end
+local function start_of(doc)
+  local ok, c = pcall(cjson.decode, doc)
+  if ok and type(c) == 'table' then return finite(c.start) end
+  return nil
+end
+"""
+
 # KEYS: bans, ends, unbans, unban_times. ARGV: field, ban JSON, start, end ('' = forever), channel, message.
 # Refused (0) when an unban at or after this start is known, or a newer ban of the key is held.
-_PUT = """
-local lifted = redis.call('HGET', KEYS[3], ARGV[1])
-if lifted and tonumber(lifted) >= tonumber(ARGV[3]) then return 0 end
+_PUT = _FINITE + """
+local lifted = finite(redis.call('HGET', KEYS[3], ARGV[1]))
+if lifted and lifted >= tonumber(ARGV[3]) then return 0 end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   if cur == ARGV[2] then return 2 end
-  local ok, c = pcall(cjson.decode, cur)
-  if ok and type(c) == 'table' and tonumber(c.start) and tonumber(c.start) > tonumber(ARGV[3]) then
-    return 0
-  end
+  local s = start_of(cur)
+  if s and s > tonumber(ARGV[3]) then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[4] == '' then
@@ -95,10 +108,10 @@ return 1
 # KEYS as _PUT. ARGV: field, time of the unban, channel, message.
 # Remembers the unban (the latest per key), deletes a ban that started at or before it, and
 # publishes when anything changed. Returns 1 if a ban was deleted.
-_LIFT = """
+_LIFT = _FINITE + """
 local at = tonumber(ARGV[2])
-local prev = redis.call('HGET', KEYS[3], ARGV[1])
-local newer = (not prev) or tonumber(prev) < at
+local prev = finite(redis.call('HGET', KEYS[3], ARGV[1]))
+local newer = (not prev) or prev < at
 if newer then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
@@ -106,8 +119,8 @@ end
 local deleted = 0
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
-  local ok, c = pcall(cjson.decode, cur)
-  if (not ok) or type(c) ~= 'table' or (not tonumber(c.start)) or tonumber(c.start) <= at then
+  local s = start_of(cur)
+  if (not s) or s <= at then
     redis.call('HDEL', KEYS[1], ARGV[1])
     redis.call('ZREM', KEYS[2], ARGV[1])
     deleted = 1
@@ -504,7 +517,7 @@ class BanShare:
             remote_unbans: dict[Key, float] = {}
             for fld, raw in raw_unbans.items():
                 try:
-                    remote_unbans[key_of(_text_of(fld))] = float(raw)
+                    remote_unbans[key_of(_text_of(fld))] = _number(float(raw), "unban time")
                 except (BadRecord, ValueError) as exc:
                     self._bad(f"unban {_text_of(fld)[:80]!r} in {self.keys[2]}", exc)
             local_unbans = await self.guard.lifted_since(now - self.settings.unban_retention)
