@@ -392,7 +392,7 @@ class BanShare:
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="edgeward-share")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first.wait(), self.settings.timeout + 1.0)
+            await asyncio.wait_for(self._first.wait(), self.settings.timeout)
         if not self.connected:
             log.warning("guard.share: not connected to Redis at %s yet; bans are enforced locally, "
                         "and shared once it is reached", self.shown_url)
