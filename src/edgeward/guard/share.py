@@ -53,7 +53,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from edgeward.config.schema import ShareSettings, redact_url
 from edgeward.guard.banset import normalize_addr
@@ -435,6 +435,8 @@ class BanShare:
     def _failed(self, exc: BaseException) -> None:
         self.stats.failures += 1
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, AuthenticationError | NoPermissionError) or "NOAUTH" in str(exc):
+            text += " (check the password, in the URL or password_file, and the ACL user)"
         self.last_error = text
         level = logging.DEBUG if self._down_logged else logging.ERROR
         self._down_logged = True
@@ -448,6 +450,9 @@ class BanShare:
             "socket_connect_timeout": s.timeout,
             "retry": Retry(NoBackoff(), 0),  # our loop retries, with back-off and a merge
             "client_name": f"edgeward-{self.node}"[:100],
+            # RESP2: what every Redis speaks (redis-py's default RESP3 needs HELLO, Redis >= 6), and
+            # all this module needs (hashes, scripts, pub/sub).
+            "protocol": 2,
         }
         if s.password_file is not None:
             kwargs["password"] = Path(s.password_file).read_text().rstrip("\r\n")
