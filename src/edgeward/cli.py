@@ -224,9 +224,10 @@ def _print_share(con: Any, sh: dict[str, Any]) -> None:
     state = "connected" if sh["connected"] else f"DOWN ({sh.get('last_error') or 'not reached yet'})"
     if not sh["connected"] and sh.get("retry_in") is not None:
         state += f", retry in {sh['retry_in']:.1f}s"
-    t = Table("node", "redis", "state", "sent bans/unbans", "received bans/unbans", "failures", "merges",
-              title="shared bans")
-    t.add_row(sh["node"], sh["redis"], state, f"{sh['sent']['bans']}/{sh['sent']['unbans']}",
+    t = Table("node", "redis", "state", "bans held, by origin", "sent bans/unbans", "received bans/unbans",
+              "failures", "merges", title="shared bans")
+    held = ", ".join(f"{k} {v}" for k, v in (sh.get("bans_by_origin") or {}).items()) or "none"
+    t.add_row(sh["node"], sh["redis"], state, held, f"{sh['sent']['bans']}/{sh['sent']['unbans']}",
               f"{sh['received']['bans']}/{sh['received']['unbans']}", str(sh["failures"]), str(sh["merges"]))
     con.print(t)
 

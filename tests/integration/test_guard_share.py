@@ -134,6 +134,8 @@ def test_a_ban_and_an_unban_on_one_node_hold_on_the_two_others(tmp_path: Path) -
         out = subprocess.run([*EDGEWARD, "status", "--admin", f"127.0.0.1:{b.edge.admin_port}"], env=env,
                              capture_output=True, text=True, timeout=30, check=True).stdout
         assert "shared bans" in out and "connected" in out and redis.url in out, out
+        assert re.search(r"│\s*a 1\s*│", out), out  # bans held here, by origin
+        assert b.share()["bans_by_origin"] == {"a": 1}
         # An unban on another node lifts it everywhere.
         c.unban(attacker)
         assert wait_until(lambda: all(n.serves(attacker) for n in nodes.values()), 5)

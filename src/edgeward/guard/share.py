@@ -45,6 +45,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,6 +664,7 @@ class BanShare:
             "merges": s.merges,
             "last_merge": dict(self.last_merge),
             "queued": self._queue.qsize(),
+            "bans_by_origin": dict(sorted(Counter(r.origin or self.node for r in self.guard.held()).items())),
         }
 
 
