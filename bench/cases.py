@@ -940,6 +940,10 @@ def ban_latency(ctx: Context) -> None:
     run_script_case(ctx, "ban_latency")
 
 
+def shared_ban_latency(ctx: Context) -> None:
+    run_script_case(ctx, "shared_ban_latency")
+
+
 def kernel_path(ctx: Context) -> None:
     run_script_case(ctx, "kernel_path")
 
@@ -1022,6 +1026,7 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "jail_lines": jail_lines_args,
     "ban_latency": ban_latency_args,
+    "shared_ban_latency": ban_latency_args,  # the same --rounds: addresses banned
     "kernel_path": kernel_path_args,
     "observe_cost": observe_cost_args,
     "handoff": handoff_args,
@@ -1035,6 +1040,7 @@ CASES: dict[str, Callable[[Context], None]] = {
     "udp": udp,
     "jail_lines": jail_lines,
     "ban_latency": ban_latency,
+    "shared_ban_latency": shared_ban_latency,
     "kernel_path": kernel_path,
     "observe_cost": observe_cost,
     "http_keepalive": http_keepalive,

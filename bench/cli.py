@@ -35,6 +35,7 @@ DEFAULT_CASES = (
     "http_idle_memory",
     "jail_lines",
     "ban_latency",
+    "shared_ban_latency",
     "kernel_path",
     "observe_cost",
     "handoff",

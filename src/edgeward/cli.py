@@ -199,11 +199,27 @@ def _print_status(st: dict[str, Any]) -> None:
             t.add_row(j["name"], str(j["counters"]["lines"]), str(len(j.get("failures", {}))),
                       str(len(j.get("bans", []))), str(j["counters"]["refused"]))
         con.print(t)
+        if g.get("share"):
+            _print_share(con, g["share"])
     if st["counters"]:
         t = Table("event", "count", title="counters")
         for c in st["counters"]:
             t.add_row(" ".join(c["key"]), str(c["value"]))
         con.print(t)
+
+
+def _print_share(con: Any, sh: dict[str, Any]) -> None:
+    """[guard.share]: the link to Redis and what crossed it."""
+    from rich.table import Table
+    state = "connected" if sh["connected"] else f"DOWN ({sh.get('last_error') or 'not reached yet'})"
+    if not sh["connected"] and sh.get("retry_in") is not None:
+        state += f", retry in {sh['retry_in']:.1f}s"
+    t = Table("node", "redis", "state", "bans held, by origin", "sent bans/unbans", "received bans/unbans",
+              "failures", "merges", title="shared bans")
+    held = ", ".join(f"{k} {v}" for k, v in (sh.get("bans_by_origin") or {}).items()) or "none"
+    t.add_row(sh["node"], sh["redis"], state, held, f"{sh['sent']['bans']}/{sh['sent']['unbans']}",
+              f"{sh['received']['bans']}/{sh['received']['unbans']}", str(sh["failures"]), str(sh["merges"]))
+    con.print(t)
 
 
 @app.command()
@@ -308,12 +324,14 @@ def bans(admin: AdminOpt = None, config: CfgOpt = None, token: TokenOpt = None,
         typer.echo(json.dumps(data, indent=1))
         return
     from rich.table import Table
-    t = Table("address", "jail", "since", "until", "reason", title=f"{len(data)} ban(s)")
+    shared = any(b.get("origin") for b in data)  # [guard.share]: which node banned
+    t = Table("address", "jail", *(["origin"] if shared else []), "since", "until", "reason",
+              title=f"{len(data)} ban(s)")
     import time as _t
     for b in data:
         until = "forever" if b.get("end") is None else _t.strftime("%F %T", _t.localtime(b["end"]))
-        t.add_row(b["address"], b["jail"], _t.strftime("%F %T", _t.localtime(b["start"])), until,
-                  str(b.get("reason", ""))[:80])
+        t.add_row(b["address"], b["jail"], *([str(b.get("origin") or "")] if shared else []),
+                  _t.strftime("%F %T", _t.localtime(b["start"])), until, str(b.get("reason", ""))[:80])
     _console().print(t)
 
 

@@ -466,6 +466,121 @@ class NftSettings(_Strict):
         return nft_table_name(v)
 
 
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by "***", for errors, logs and status."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(url)
+        if u.password is None:
+            return url
+        user = u.username or ""
+        host = u.netloc.rsplit("@", 1)[1]
+        return urlunsplit(u._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unreadable URL>"
+
+
+class ShareSettings(_Strict):
+    """Bans shared between edge nodes through Redis: a ban or unban on one node holds on every node.
+
+    Redis keeps the current bans (a hash) and recent unbans; changes reach the other nodes by
+    pub/sub. A node that starts later, or comes back after Redis was away, merges both ways: it
+    takes the bans it missed and publishes the bans it made meanwhile. While Redis is away every
+    node keeps its own bans and keeps banning."""
+
+    redis: str | None = Field(
+        None,
+        description="Redis URL: \"redis://[user:password@]host:port/db\", \"rediss://...\" (TLS) or "
+        "\"unix:///run/redis/redis.sock?db=0\"; unset = bans are not shared.",
+    )
+    password_file: str | None = Field(
+        None,
+        description="File holding the Redis password (requirepass, or the ACL user's password), read at each "
+        "connection; instead of a password in the URL.",
+    )
+    ca_file: str | None = Field(
+        None, description="rediss:// only: PEM CA bundle trusted for the Redis server's certificate; unset = the system's.",
+    )
+    cert_file: str | None = Field(
+        None, description="rediss:// only: PEM client certificate, for a Redis with tls-auth-clients yes (with key_file).",
+    )
+    key_file: str | None = Field(None, description="rediss:// only: the client certificate's PEM private key.")
+    node: str | None = Field(
+        None,
+        description="This node's name, shown as the origin of its bans on the other nodes; unset = the host name.",
+    )
+    prefix: str = Field(
+        "edgeward",
+        description="Prefix of the Redis keys and channel (\"<prefix>:bans\", ...): nodes with the same prefix "
+        "share their bans; another prefix makes another group on the same Redis.",
+    )
+    timeout: Duration = Field(3.0, gt=0, description="Longest wait for connecting to Redis and for one command.")
+    retry_min: Duration = Field(0.5, gt=0, description="Wait before reconnecting after Redis was lost; doubles each failure.")
+    retry_max: Duration = Field(30.0, gt=0, description="Longest wait between reconnection attempts.")
+    unban_retention: Duration = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long an unban is remembered (in Redis and on each node), so that a node cut off from "
+        "Redis for less than this does not bring back a ban lifted meanwhile.",
+    )
+
+    @field_validator("redis")
+    @classmethod
+    def _check_redis(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        text = v.strip()
+        shown = redact_url(text)  # the error is printed and logged: never with the password
+        try:
+            u = urlsplit(text)
+            port = u.port
+        except ValueError as e:
+            raise ValueError(f"cannot read {shown!r} as a Redis URL ({e})") from None
+        if u.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"{shown!r}: a Redis URL starts with redis://, rediss:// (TLS) or unix:// "
+                "(e.g. \"redis://127.0.0.1:6379/0\")"
+            )
+        if u.scheme == "unix":
+            if not u.path.startswith("/"):
+                raise ValueError(f"{shown!r}: give the socket's absolute path, e.g. \"unix:///run/redis/redis.sock\"")
+        else:
+            if not u.hostname:
+                raise ValueError(f"{shown!r}: no host (write e.g. \"{u.scheme}://127.0.0.1:6379/0\")")
+            db = u.path.lstrip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"{shown!r}: the path is the database number (e.g. /0), not {u.path!r}")
+            if port == 0:
+                raise ValueError(f"{shown!r}: port 0")
+        return text
+
+    @field_validator("node", "prefix")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c.isspace() or c in "\"{}" for c in v) or len(v) > 200):
+            raise ValueError(f"{v!r}: a name without spaces, quotes or braces (at most 200 characters)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_share(self) -> ShareSettings:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.redis) if self.redis is not None else None
+        if url is not None and url.password and self.password_file:
+            raise ValueError("give the Redis password in the URL or in password_file, not both")
+        tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n) is not None]
+        if tls_files and (url is None or url.scheme != "rediss"):
+            raise ValueError(f"{', '.join(tls_files)}: only for a rediss:// (TLS) URL")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate and its key)")
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max must not be shorter than retry_min")
+        return self
+
+
 class GuardSettings(_Strict):
     """Settings shared by all jails."""
 
@@ -511,6 +626,9 @@ class GuardSettings(_Strict):
         7 * 86400.0, gt=0, description="How long past bans count for growing bans (older history is purged)."
     )
     nft: NftSettings = Field(default_factory=lambda: NftSettings.model_validate({}), description="nftables mirror of bans.")
+    share: ShareSettings = Field(
+        default_factory=lambda: ShareSettings.model_validate({}), description="Bans shared between edge nodes (Redis)."
+    )
 
 
 class CertificateFiles(_Strict):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -42,7 +43,7 @@ from edgeward.guard.build import (
     build_jail,
     filter_search_path,
 )
-from edgeward.guard.jail import BanDecision, BanHistory, Jail
+from edgeward.guard.jail import BanDecision, BanHistory, IgnoreList, Jail
 from edgeward.guard.matcher import MatcherClosed, MatcherError, MatchTimeout, ProcessMatcher
 from edgeward.guard.nft import NftError, NftSync
 from edgeward.guard.sources import EventSource, FileFollower, JournalSource
@@ -52,6 +53,7 @@ from edgeward.guard.validate import jail_problems
 
 if TYPE_CHECKING:
     from edgeward.guard.filter import Filter
+    from edgeward.guard.share import BanShare
 
 __all__ = ["MANUAL_JAIL", "Guard", "GuardError"]
 
@@ -135,6 +137,15 @@ class Guard:
         self._started = False
         self.ban_latency: list[float] = []  # seconds from match to enforcement, last 1000
         self.store_errors = 0  # bans the store failed to keep (enforced in memory only)
+        self.share: BanShare | None = None
+        if settings.share.redis is not None:
+            # Here, not at the top: only a config with [guard.share] imports the redis library.
+            from edgeward.guard.share import BanShare
+
+            self.share = BanShare(settings.share, self, clock=clock)
+        # Other nodes' jails decided with their own ignoreip; this node's is kept for their bans too.
+        self._remote_ignore = IgnoreList(settings.ignoreip)
+        self._unbanned_at: dict[tuple[str, str], float] = {}  # shared bans: the last unban of each
 
     @classmethod
     def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
@@ -181,6 +192,8 @@ class Guard:
             self._start_sources(rt)
         self._started = True
         self._schedule_expiry()
+        if self.share is not None:
+            await self.share.start()
 
     async def _restore(self) -> None:
         """Open the store, restore bans and history, apply the nftables table."""
@@ -194,6 +207,9 @@ class Guard:
         expired = await store.call(store.remove_expired, now)
         # History older than history_max_age no longer grows bans: keep the table small.
         await store.call(store.purge_history, now - self.settings.history_max_age)
+        if self.share is not None:
+            await store.call(store.purge_lifted, now - self.settings.share.unban_retention)
+            self._unbanned_at = await store.call(store.lifted, 0.0)
         records = await store.call(store.active_bans, now)
         for a, j, s, _ in await store.call(store.history, now - self.settings.history_max_age):
             self.history.record(a, j, s)
@@ -248,6 +264,8 @@ class Guard:
         """Stop the sources, wait for bans being committed, close the store."""
         if not self._started:
             return
+        if self.share is not None:
+            await self.share.stop()
         self._started = False
         for rt in self._jails.values():
             for f in rt.followers:
@@ -367,7 +385,9 @@ class Guard:
             jail=d.jail,
             reason=d.reason,
             lines=d.lines,
-            start=d.start,
+            # Shared bans: a new ban starts after every unban of it this node knows, so that an unban
+            # stamped by a clock running ahead of ours does not refuse it everywhere else.
+            start=max(d.start, self._unbanned_at.get((d.address, d.jail), -1.0) + 0.001),
             end=d.end,
             count=d.count,
             listeners=None if listeners is None else tuple(sorted(listeners)),
@@ -394,6 +414,8 @@ class Guard:
             del self.ban_latency[:-1000]
         end = "forever" if d.end is None else f"{d.bantime:g}s"
         log.warning("guard: banned %s in jail %s for %s (%s)", d.address, d.jail, end, d.reason)
+        if self.share is not None:
+            self.share.banned(rec)
         if stored is not None and report:
             raise BanNotStored(self._ban_dict(rec, self._clock()), str(stored))
         return rec
@@ -493,8 +515,15 @@ class Guard:
             if (key is None or a == key) and (jail is None or j == jail)
         ]
         store = self.store
+        now = self._clock()
+        shared = self.share is not None
+        # The unban of a ban this node sees lifts that ban on every node, even if this node's clock
+        # runs behind the clock of the node that made it.
+        lifted_at = {k: max(now, self._bans[k].start) for k in targets}
         if store is not None:
-            await store.call(store.remove_ban, key, jail)
+            await store.call(
+                functools.partial(store.remove_ban, key, jail, lifted_at=now if shared else None)
+            )
         lifted: list[str] = []
         for a, j in targets:
             self._bans.pop((a, j), None)
@@ -509,7 +538,96 @@ class Guard:
                     self.nft.delete(a)
         for a in set(lifted):
             log.warning("guard: unbanned %s", a)
+        if self.share is not None:
+            # A ban named exactly is lifted on the other nodes even if it has not reached this one.
+            if key is not None and jail is not None:
+                lifted_at.setdefault((key, jail), now)
+            self._note_unbans(lifted_at)
+            self.share.unbanned(lifted_at)
         return sorted(set(lifted))
+
+    # -- shared bans ([guard.share], guard/share.py) -------------------------------------------
+
+    def _note_unbans(self, lifted: Mapping[tuple[str, str], float]) -> None:
+        for k, at in lifted.items():
+            self._unbanned_at[k] = max(at, self._unbanned_at.get(k, at))
+        if len(self._unbanned_at) > 100_000 and self.share is not None:  # forget what Redis forgets too
+            oldest = self._clock() - self.settings.share.unban_retention
+            self._unbanned_at = {k: t for k, t in self._unbanned_at.items() if t >= oldest}
+
+    def held(self) -> list[BanRecord]:
+        """The bans in force here, this node's and other nodes'."""
+        now = self._clock()
+        return [r for r in self._bans.values() if r.end is None or r.end > now]
+
+    async def lifted_since(self, since: float) -> dict[tuple[str, str], float]:
+        """Unbans applied here since `since`, from the store."""
+        store = self.store
+        if store is None:
+            return {}
+        return await store.call(store.lifted, since)
+
+    async def apply_remote_ban(self, rec: BanRecord) -> bool:
+        """A ban from another node (through Redis): stored and enforced like ours, never published
+        again, not counted in this node's ban history. Ignored (False) if it has ended or a ban of
+        the same address and jail that started later is held."""
+        key = (rec.address, rec.jail)
+        cur = self._bans.get(key)
+        if (rec.end is not None and rec.end <= self._clock()) or (
+            # a later ban is held, or this one already (its reason and matched lines aside)
+            cur is not None and (cur.start > rec.start or (cur.start, cur.end, cur.listeners, cur.origin)
+                                 == (rec.start, rec.end, rec.listeners, rec.origin))
+        ):
+            return False
+        if rec.jail != MANUAL_JAIL and rec.address in self._remote_ignore:
+            log.info("guard: ban of %s in jail %s from node %s not applied: in guard.ignoreip",
+                     rec.address, rec.jail, rec.origin)
+            return False
+        store = self.store
+        if store is None:
+            return False
+        bantime = -1.0 if rec.end is None else rec.end - rec.start
+        try:
+            await store.call(functools.partial(store.add_ban, rec, bantime, history=False))
+        except Exception as exc:
+            self.store_errors += 1
+            log.error("guard: storing the ban of %s from node %s failed (%s); enforced in memory only",
+                      rec.address, rec.origin, exc)
+        cur = self._bans.get(key)
+        if cur is not None and cur.start > rec.start:  # one of ours arrived meanwhile
+            return False
+        self._enforce(rec)
+        end = "forever" if rec.end is None else f"{bantime:g}s"
+        log.warning("guard: banned %s in jail %s for %s (from node %s: %s)", rec.address, rec.jail, end,
+                    rec.origin or "this one", rec.reason)
+        return True
+
+    async def apply_remote_unban(self, address: str, jail: str, at: float) -> bool:
+        """An unban from another node at `at`: lifts the ban of (address, jail) if it started at
+        or before `at`, and remembers the unban (the store's `lifted`). Never published again."""
+        store = self.store
+        if store is not None:
+            try:
+                await store.call(
+                    functools.partial(store.remove_ban, address, jail, lifted_at=at, started_by=at)
+                )
+            except Exception as exc:  # the unban still holds here, until a restart brings the ban back
+                self.store_errors += 1
+                log.error("guard: storing the unban of %s in jail %s failed (%s)", address, jail, exc)
+        self._note_unbans({(address, jail): at})
+        cur = self._bans.get((address, jail))
+        if cur is None or cur.start > at:
+            return False
+        del self._bans[(address, jail)]
+        rt = self._jails.get(jail)
+        if rt is not None:
+            rt.banned.discard(address)
+            rt.jail.forget(address)
+        self.banset.remove(address, jail=jail)
+        if address not in self.banset and self.nft is not None:
+            self.nft.delete(address)
+        log.warning("guard: unbanned %s in jail %s (from another node)", address, jail)
+        return True
 
     def bans(self) -> list[dict[str, Any]]:
         """Bans in force, oldest first, JSON-serialisable."""
@@ -519,6 +637,8 @@ class Guard:
 
     def _ban_dict(self, rec: BanRecord, now: float) -> dict[str, Any]:
         d = rec.to_dict()
+        if self.share is not None and rec.origin is None:
+            d["origin"] = self.share.node
         d["remaining"] = None if rec.end is None else max(0.0, rec.end - now)
         d["refused"] = self.banset.refused(rec.address)
         return d
@@ -608,6 +728,8 @@ class Guard:
                 "pid": self._process.pid if self._process is not None else None,
                 "restarts": max(0, self._process.starts - 1) if self._process is not None else 0,
             }
+            if self.share is not None:
+                out["share"] = self.share.status()
             if self.nft is not None:
                 out["nft"] = {
                     "table": self.settings.nft.table,

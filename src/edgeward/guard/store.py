@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bans.origin, lifted (shared bans, guard/share.py)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,6 +52,13 @@ CREATE TABLE IF NOT EXISTS bans (
     end       REAL,                   -- NULL: forever
     count     INTEGER NOT NULL,       -- 1 for the first ban of the address
     listeners TEXT,                   -- JSON list; NULL: every listener
+    origin    TEXT,                   -- the node whose ban it is ([guard.share]); NULL: this node
+    PRIMARY KEY (address, jail)
+);
+CREATE TABLE IF NOT EXISTS lifted (   -- recent unbans, kept only with [guard.share]: a node that
+    address TEXT NOT NULL,            -- reconnects must not bring back a ban lifted meanwhile
+    jail    TEXT NOT NULL,
+    at      REAL NOT NULL,
     PRIMARY KEY (address, jail)
 );
 CREATE TABLE IF NOT EXISTS ban_history (
@@ -102,6 +109,7 @@ class BanRecord:
     end: float | None  # None: forever
     count: int = 1
     listeners: tuple[str, ...] | None = None  # None: every listener
+    origin: str | None = None  # the node whose ban this is ([guard.share]); None: this node
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +122,7 @@ class BanRecord:
             "forever": self.end is None,
             "count": self.count,
             "listeners": None if self.listeners is None else list(self.listeners),
+            "origin": self.origin,
         }
 
 
@@ -164,6 +173,11 @@ class Store:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(bans)")}
+        if "origin" not in columns:  # a store of schema 1: bans were all this node's own
+            conn.execute("ALTER TABLE bans ADD COLUMN origin TEXT")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -189,15 +203,19 @@ class Store:
     # -- bans (run these on the writer thread: via run/call/submit) --------------------
 
     def add_ban(
-        self, rec: BanRecord, bantime: float, position: tuple[str, Position] | None = None
+        self, rec: BanRecord, bantime: float, position: tuple[str, Position] | None = None,
+        *, history: bool = True,
     ) -> None:
-        """Store a ban and its history entry (and optionally a log position) in one commit."""
+        """Store a ban and its history entry (and optionally a log position) in one commit.
+
+        history=False stores the ban only (a ban received from another node: it does not
+        grow this node's bans)."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute(
-                "INSERT OR REPLACE INTO bans (address, jail, reason, lines, start, end, count, listeners)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO bans (address, jail, reason, lines, start, end, count, listeners, origin)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.address,
                     rec.jail,
@@ -207,12 +225,14 @@ class Store:
                     rec.end,
                     rec.count,
                     None if rec.listeners is None else json.dumps(list(rec.listeners)),
+                    rec.origin,
                 ),
             )
-            db.execute(
-                "INSERT INTO ban_history (address, jail, start, bantime) VALUES (?, ?, ?, ?)",
-                (rec.address, rec.jail, rec.start, bantime),
-            )
+            if history:
+                db.execute(
+                    "INSERT INTO ban_history (address, jail, start, bantime) VALUES (?, ?, ?, ?)",
+                    (rec.address, rec.jail, rec.start, bantime),
+                )
             if position is not None:
                 self._write_position(db, *position)
             db.execute("COMMIT")
@@ -221,19 +241,56 @@ class Store:
                 db.execute("ROLLBACK")
             raise
 
-    def remove_ban(self, address: str | None = None, jail: str | None = None) -> int:
-        """Delete bans of `address` (None: all) in `jail` (None: every jail); returns how many."""
+    def remove_ban(
+        self, address: str | None = None, jail: str | None = None, *, lifted_at: float | None = None,
+        started_by: float | None = None,
+    ) -> int:
+        """Delete bans of `address` (None: all) in `jail` (None: every jail); returns how many.
+
+        With `lifted_at` (shared bans) the unban is remembered in the same commit (`lifted`), for
+        every ban deleted and for the (address, jail) asked even if none was stored here. With
+        `started_by` only bans that started at or before it are deleted (a newer ban stays)."""
         db = self._db()
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         if address is not None:
             clauses.append("address = ?")
             args.append(address)
         if jail is not None:
             clauses.append("jail = ?")
             args.append(jail)
+        if started_by is not None:
+            clauses.append("start <= ?")
+            args.append(started_by)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         db.execute("BEGIN IMMEDIATE")
-        cur = db.execute("DELETE FROM bans" + where, args)
+        try:
+            if lifted_at is not None:
+                # max(): a ban that started after `lifted_at` by its node's clock is still lifted
+                db.execute("INSERT OR REPLACE INTO lifted (address, jail, at) SELECT address, jail, max(?, start)"
+                           " FROM bans" + where, [lifted_at, *args])
+                if address is not None and jail is not None:
+                    db.execute("INSERT INTO lifted (address, jail, at) VALUES (?, ?, ?) ON CONFLICT"
+                               " (address, jail) DO UPDATE SET at = max(at, excluded.at)",
+                               (address, jail, lifted_at))
+            cur = db.execute("DELETE FROM bans" + where, args)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return cur.rowcount
+
+    def lifted(self, since: float) -> dict[tuple[str, str], float]:
+        """(address, jail) -> time of the unban, for the unbans since `since` (shared bans)."""
+        rows = self._db().execute("SELECT address, jail, at FROM lifted WHERE at >= ?", (since,))
+        return {(a, j): at for a, j, at in rows}
+
+    def purge_lifted(self, before: float) -> int:
+        """Forget unbans older than `before`."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        cur = db.execute("DELETE FROM lifted WHERE at < ?", (before,))
         db.execute("COMMIT")
         return cur.rowcount
 
@@ -248,13 +305,13 @@ class Store:
     def active_bans(self, now: float | None = None) -> list[BanRecord]:
         """Bans in force at `now` (None: all stored), oldest first."""
         db = self._db()
-        sql = "SELECT address, jail, reason, lines, start, end, count, listeners FROM bans"
+        sql = "SELECT address, jail, reason, lines, start, end, count, listeners, origin FROM bans"
         args: tuple[Any, ...] = ()
         if now is not None:
             sql += " WHERE end IS NULL OR end > ?"
             args = (now,)
         out = []
-        for address, jail, reason, lines, start, end, count, listeners in db.execute(
+        for address, jail, reason, lines, start, end, count, listeners, origin in db.execute(
             sql + " ORDER BY start", args
         ):
             out.append(
@@ -267,6 +324,7 @@ class Store:
                     end=end,
                     count=count,
                     listeners=None if listeners is None else tuple(_json_list(listeners)),
+                    origin=origin,
                 )
             )
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from edgeward.config.schema import Config, GuardSettings, JailSettings
+from edgeward.config.schema import Config, GuardSettings, JailSettings, ShareSettings
 
 # (key path in the config, message, hint), e.g. (("jails", "prosody", "filter"), "...", "...")
 Problem = tuple[tuple[str | int, ...], str, str]
@@ -22,7 +22,23 @@ HINT = "see `edgeward check` docs in docs/config.md"
 
 def config_problems(cfg: Config) -> Iterator[Problem]:
     """Every problem of the config's jails (a check for `edgeward.config.loader.load`)."""
-    return jail_problems(cfg.guard, cfg.jails)
+    yield from jail_problems(cfg.guard, cfg.jails)
+    yield from share_problems(cfg.guard.share)
+
+
+def share_problems(share: ShareSettings) -> Iterator[Problem]:
+    """[guard.share]'s files must be readable (the schema checked the URL; Redis itself being
+    reachable is not a config problem: the edge starts and retries)."""
+    for name in ("password_file", "ca_file", "cert_file", "key_file"):
+        path = getattr(share, name)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            yield (("guard", "share", name), f"guard.share.{name}: cannot read {path}: {exc.strerror or exc}",
+                   "give a readable file (the edge reads it at each connection to Redis)")
 
 
 def jail_problems(settings: GuardSettings, jails: Mapping[str, JailSettings]) -> Iterator[Problem]:

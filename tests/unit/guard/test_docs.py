@@ -26,6 +26,7 @@ from edgeward.config.schema import (
     GuardSettings,
     JailSettings,
     NftSettings,
+    ShareSettings,
 )
 from edgeward.config.units import parse_duration
 from edgeward.guard.validate import config_problems
@@ -36,6 +37,7 @@ END = "<!-- /guard-options -->"
 TABLES: list[tuple[str, type[BaseModel]]] = [
     ("[guard]", GuardSettings),
     ("[guard.nft]", NftSettings),
+    ("[guard.share]", ShareSettings),
     ("[jails.NAME]", JailSettings),
     ("[jails.NAME.increment]", BanIncrementSettings),
 ]
