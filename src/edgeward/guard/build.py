@@ -16,6 +16,8 @@ from edgeward.guard.jail import BanHistory, Jail
 
 # Bans asked for by the admin without a jail live in this one; no configured jail may take the name.
 MANUAL_JAIL = "manual"
+# Bans from a CrowdSec Local API's decisions ([guard.crowdsec]) live in this one.
+CROWDSEC_JAIL = "crowdsec"
 
 
 class GuardError(ValueError):

@@ -30,11 +30,12 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.banset import BanSet, normalize_addr
 from edgeward.guard.build import (
+    CROWDSEC_JAIL,
     MANUAL_JAIL,
     BanNotStored,
     GuardError,
@@ -50,6 +51,9 @@ from edgeward.guard.sources import EventSource, FileFollower, JournalSource
 from edgeward.guard.store import BanRecord, Position, Store
 from edgeward.guard.types import FailMatch
 from edgeward.guard.validate import jail_problems
+
+if TYPE_CHECKING:
+    from edgeward.guard.crowdsec import CrowdSecBouncer
 
 __all__ = ["MANUAL_JAIL", "Guard", "GuardError"]
 
@@ -133,6 +137,7 @@ class Guard:
         self._started = False
         self.ban_latency: list[float] = []  # seconds from match to enforcement, last 1000
         self.store_errors = 0  # bans the store failed to keep (enforced in memory only)
+        self.crowdsec: CrowdSecBouncer | None = None  # [guard.crowdsec]: made at start
 
     @classmethod
     def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
@@ -177,6 +182,12 @@ class Guard:
                 self._matcher = self._thread_matcher()
         for rt in self._jails.values():
             self._start_sources(rt)
+        if self.settings.crowdsec is not None:
+            # Imported only for a config that asks for it (it brings requests).
+            from edgeward.guard.crowdsec import CrowdSecBouncer
+            self.crowdsec = CrowdSecBouncer(self.settings.crowdsec, self.banset, clock=self._clock,
+                                            on_change=self._schedule_expiry)
+            await self.crowdsec.start()
         self._started = True
         self._schedule_expiry()
 
@@ -257,6 +268,8 @@ class Guard:
             rt.followers.clear()
             rt.journals.clear()
             rt.unsubscribe.clear()
+        if self.crowdsec is not None:
+            await self.crowdsec.stop()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._expiry is not None:
@@ -392,6 +405,8 @@ class Guard:
             del self.ban_latency[:-1000]
         end = "forever" if d.end is None else f"{d.bantime:g}s"
         log.warning("guard: banned %s in jail %s for %s (%s)", d.address, d.jail, end, d.reason)
+        if self.crowdsec is not None:
+            self.crowdsec.report_ban(d.address, d.jail, d.reason, d.start, d.end, max(1, d.failures))
         if stored is not None and report:
             raise BanNotStored(self._ban_dict(rec, self._clock()), str(stored))
         return rec
@@ -513,7 +528,10 @@ class Guard:
         """Bans in force, oldest first, JSON-serialisable."""
         now = self._clock()
         recs = sorted(self._bans.values(), key=lambda r: r.start)
-        return [self._ban_dict(r, now) for r in recs if r.end is None or r.end > now]
+        out = [self._ban_dict(r, now) for r in recs if r.end is None or r.end > now]
+        if self.crowdsec is not None:
+            out = sorted(out + self.crowdsec.bans(now), key=lambda b: float(b["start"]))
+        return out
 
     def _ban_dict(self, rec: BanRecord, now: float) -> dict[str, Any]:
         d = rec.to_dict()
@@ -523,6 +541,8 @@ class Guard:
 
     def status(self, jail: str | None = None) -> dict[str, Any]:
         """Jails (settings, sources, failure counts per address, bans with reasons), JSON-serialisable."""
+        if jail == CROWDSEC_JAIL and self.crowdsec is not None:
+            return {"crowdsec": self.crowdsec.status(with_bans=True)}
         if jail is not None and jail not in self._jails:
             raise GuardError(f"no jail named {jail!r}")
         now = self._clock()
@@ -606,6 +626,8 @@ class Guard:
                 "pid": self._process.pid if self._process is not None else None,
                 "restarts": max(0, self._process.starts - 1) if self._process is not None else 0,
             }
+            if self.crowdsec is not None:
+                out["crowdsec"] = self.crowdsec.status()
             if self.nft is not None:
                 out["nft"] = {
                     "table": self.settings.nft.table,

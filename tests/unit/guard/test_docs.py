@@ -23,6 +23,7 @@ from pydantic_core import PydanticUndefined
 from edgeward.config.schema import (
     BanIncrementSettings,
     Config,
+    CrowdSecSettings,
     GuardSettings,
     JailSettings,
     NftSettings,
@@ -36,6 +37,7 @@ END = "<!-- /guard-options -->"
 TABLES: list[tuple[str, type[BaseModel]]] = [
     ("[guard]", GuardSettings),
     ("[guard.nft]", NftSettings),
+    ("[guard.crowdsec]", CrowdSecSettings),
     ("[jails.NAME]", JailSettings),
     ("[jails.NAME.increment]", BanIncrementSettings),
 ]
