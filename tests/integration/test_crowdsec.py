@@ -216,6 +216,17 @@ def test_own_bans_are_sent_as_alerts(tmp_path: Path, upstream: ThreadServer) -> 
             assert "127.0.0.9" in decisions and "edgeward/manual" in decisions
             st = edge.status()["guard"]["crowdsec"]["alerts"]  # type: ignore[index]
             assert st["sent"] == 1 and st["errors"] == 0 and st["pending"] == 0
+            # The decision comes back through the stream, like any other: enforced twice over.
+            assert wait_until(lambda: any(b["jail"] == "crowdsec" and b["address"] == "127.0.0.9"
+                                          for b in edge.api("GET", "/bans")[1]), 10 * POLL + 5)  # type: ignore[union-attr]
+            assert not served("127.0.0.9", port)
+            # An admin's unban here withdraws this node's decision from the LAPI too, so the
+            # address is free here and everywhere else.
+            code, lifted = edge.api("POST", "/unban", {"addr": "127.0.0.9"})
+            assert code == 200
+            assert wait_until(lambda: served("127.0.0.9", port), 10 * POLL + 5), edge.log()
+            assert "127.0.0.9" not in server.cscli("decisions", "list", "-o", "json")
+            assert edge.status()["guard"]["crowdsec"]["alerts"]["withdrawn"] == 1  # type: ignore[index]
         finally:
             edge.stop()
             upstream.close()

@@ -173,6 +173,25 @@ class LapiClient:
             return [str(i) for i in ids] if isinstance(ids, list) else []
         raise LapiUnavailable("alerts", "posting alerts: unauthorized after a fresh login")
 
+    def delete_decisions(self, params: dict[str, str]) -> int:
+        """Delete (as the machine) the decisions matching `params`; returns how many."""
+        for attempt in (1, 2):
+            token = self._token if self._token is not None and time.monotonic() < self._token_until else None
+            if token is None:
+                token = self._login()
+            r = self._request("alerts", "DELETE", "v1/decisions", params=params,
+                              headers={"Authorization": f"Bearer {token}"})
+            if r.status_code == 401 and attempt == 1:
+                self._token = None
+                continue
+            if r.status_code != 200:
+                raise LapiUnavailable("alerts", f"deleting decisions answered {r.status_code} {_message(r)}")
+            try:
+                return int(r.json().get("nbDeleted", 0))
+            except (ValueError, TypeError, AttributeError):
+                return 0
+        raise LapiUnavailable("alerts", "deleting decisions: unauthorized after a fresh login")
+
     def close(self) -> None:
         for s in self._sessions.values():
             s.close()
@@ -254,7 +273,8 @@ class CrowdSecBouncer:
         self._pool: ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._first_poll: asyncio.Event | None = None
-        self._alerts: collections.deque[dict[str, Any]] = collections.deque()
+        # Jobs for the LAPI as the machine, in order: ("alert", alert) or ("delete", query).
+        self._alerts: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self._alerts_ready: asyncio.Event | None = None
         # what status shows
         self.polls = 0
@@ -269,6 +289,7 @@ class CrowdSecBouncer:
         self.added = 0
         self.deleted = 0
         self.alerts_sent = 0
+        self.decisions_withdrawn = 0
         self.alerts_dropped = 0
         self.alert_errors = 0
         self.last_alert_error: str | None = None
@@ -402,10 +423,20 @@ class CrowdSecBouncer:
                               origin=self.settings.alert_origin, events_count=failures)
         except ValueError:
             return
+        self._queue("alert", alert)
+
+    def report_unban(self, address: str, jail: str) -> None:
+        """Withdraw the decisions this node's alerts made for a ban an admin lifted here, so that
+        the LAPI (and this bouncer, which sees its own decisions come back) lifts it too."""
+        if not self.push_alerts or jail == CROWDSEC_JAIL:
+            return
+        self._queue("delete", {"value": address, "scenario": f"edgeward/{jail}"})
+
+    def _queue(self, kind: str, job: dict[str, Any]) -> None:
         if len(self._alerts) >= _MAX_PENDING_ALERTS:
             self._alerts.popleft()
             self.alerts_dropped += 1
-        self._alerts.append(alert)
+        self._alerts.append((kind, job))
         if self._alerts_ready is not None:
             self._alerts_ready.set()
 
@@ -419,24 +450,40 @@ class CrowdSecBouncer:
             await self._alerts_ready.wait()
             self._alerts_ready.clear()
             while self._alerts:
-                batch = [self._alerts[i] for i in range(min(_ALERTS_PER_POST, len(self._alerts)))]
+                # Taken out while in flight (so overflow drops only jobs not yet tried), put back
+                # in front if the LAPI fails.
+                kind, first = self._alerts.popleft()
+                jobs = [(kind, first)]
+                if kind == "alert":  # consecutive alerts go in one request
+                    while self._alerts and self._alerts[0][0] == "alert" and len(jobs) < _ALERTS_PER_POST:
+                        jobs.append(self._alerts.popleft())
                 try:
-                    await loop.run_in_executor(self._pool, self.client.push_alerts, batch)
+                    if kind == "delete":
+                        n = await loop.run_in_executor(self._pool, self.client.delete_decisions, first)
+                    else:
+                        await loop.run_in_executor(self._pool, self.client.push_alerts, [j for _, j in jobs])
                 except LapiUnavailable as e:
                     failures += 1
                     self.alert_errors += 1
                     self.last_alert_error = str(e)
+                    room = _MAX_PENDING_ALERTS - len(self._alerts)
+                    self.alerts_dropped += max(0, len(jobs) - room)
+                    self._alerts.extendleft(reversed(jobs[:max(0, room)]))
                     log.log(logging.ERROR if e.kind != last_kind else logging.DEBUG,
                             "crowdsec: alerts not sent (%d waiting): %s", len(self._alerts), e)
                     last_kind = e.kind
                     await asyncio.sleep(min(cs.max_backoff, cs.update_frequency * 2.0 ** min(failures - 1, 30)))
                     continue
+                if failures:
+                    log.warning("crowdsec: alerts go through again")
                 failures, last_kind = 0, None
-                for _ in batch:
-                    if self._alerts:
-                        self._alerts.popleft()
-                self.alerts_sent += len(batch)
-                log.info("crowdsec: sent %d alert(s) to the LAPI", len(batch))
+                if kind == "delete":
+                    self.decisions_withdrawn += n
+                    log.info("crowdsec: withdrew %d decision(s) of %s (%s) from the LAPI", n, first["value"],
+                             first["scenario"])
+                else:
+                    self.alerts_sent += len(jobs)
+                    log.info("crowdsec: sent %d alert(s) to the LAPI", len(jobs))
 
     # -- views ----------------------------------------------------------------------
 
@@ -468,6 +515,7 @@ class CrowdSecBouncer:
             "alerts": None if not self.push_alerts else {
                 "machine_id": self.settings.machine_id,
                 "sent": self.alerts_sent,
+                "withdrawn": self.decisions_withdrawn,
                 "pending": len(self._alerts),
                 "dropped": self.alerts_dropped,
                 "errors": self.alert_errors,

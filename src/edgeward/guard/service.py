@@ -516,6 +516,8 @@ class Guard:
                 rt.banned.discard(a)
                 rt.jail.forget(a)
             self.banset.remove(a, jail=j)
+            if self.crowdsec is not None:
+                self.crowdsec.report_unban(a, j)
             if a not in self.banset:
                 lifted.append(a)
                 if self.nft is not None:
