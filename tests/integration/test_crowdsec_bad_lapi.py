@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+
 from support import EdgeProcess, ThreadServer, echo_handler, free_port, served, wait_until
 
 POLL = 0.2
@@ -33,7 +34,7 @@ class FakeLapi:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 u = urlsplit(self.path)
                 with fake.lock:
                     fake.requests.append((u.path, parse_qs(u.query), self.headers.get("X-Api-Key")))
