@@ -20,6 +20,7 @@ what it did: one dict lookup per accept.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import logging
 import time
@@ -130,6 +131,8 @@ class BanSet:
         self._nets: dict[int, dict[int, dict[int, _Entry]]] = {4: {}, 6: {}}
         self._ranges = 0
         self._ints: dict[str, int] = {}  # canonical address -> its number, bounded like _alias
+        # (end, key, jail) of every timed part; stale ones (lifted, replaced) are skipped when met.
+        self._ends: list[tuple[float, str, str]] = []
         self._on_ban: list[BanCallback] = []
         self._on_unban: list[UnbanCallback] = []
         self.refused_by_jail: dict[str, int] = {}
@@ -151,9 +154,11 @@ class BanSet:
                 key = self._remember_alias(addr)
             if key is None:
                 return False
-            entry = self._entries.get(key) if key != addr else None
+            if key == addr:  # the canonical spelling missed: only a range can cover it
+                return self._ranges != 0 and self._range_refuses(key, listener)
+            entry = self._entries.get(key)
             if entry is None:
-                return self._ranges > 0 and self._range_refuses(key, listener)
+                return self._ranges != 0 and self._range_refuses(key, listener)
         if entry.until is not None and entry.until <= self._clock():
             return False
         if listener is not None and entry.listeners is not None and listener not in entry.listeners:
@@ -233,6 +238,10 @@ class BanSet:
             before = entry.listeners
         entry.parts[jail] = _Part(None if listeners is None else frozenset(listeners), until)
         entry.merge()
+        if until is not None:
+            heapq.heappush(self._ends, (until, key, jail))
+            if len(self._ends) > 4 * len(self._entries) + 1024:
+                self._compact_ends()
         grew = before is not None and (entry.listeners is None or not entry.listeners <= before)
         if grew:
             for cb in list(self._on_ban):
@@ -278,28 +287,27 @@ class BanSet:
         self._entries.clear()
         self._nets = {4: {}, 6: {}}
         self._ranges = 0
+        self._ends = []
         for key in keys:
             self._notify_unban(key)
         return keys
 
     def expire(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Drop the parts whose time is up; returns (address, jail) pairs dropped."""
+        """Drop the parts whose time is up; returns (address, jail) pairs dropped.
+
+        Only the ended parts are visited (a heap of end times), not every ban: with tens of
+        thousands of timed bans (a CrowdSec blocklist) a sweep stays a few microseconds."""
         now = self._clock() if now is None else now
         dropped: list[tuple[str, str]] = []
-        for key, entry in list(self._entries.items()):
-            if entry.until is None or entry.until > now:
-                # The merged view is still in force, but a shorter part of
-                # another jail may have ended.
-                ended = [
-                    j for j, p in entry.parts.items() if p.until is not None and p.until <= now
-                ]
-                if not ended:
-                    continue
-            else:
-                ended = list(entry.parts)
-            for jail in ended:
-                del entry.parts[jail]
-                dropped.append((key, jail))
+        heap = self._ends
+        while heap and heap[0][0] <= now:
+            until, key, jail = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            part = entry.parts.get(jail) if entry is not None else None
+            if entry is None or part is None or part.until != until:
+                continue  # lifted or replaced since: a stale end
+            del entry.parts[jail]
+            dropped.append((key, jail))
             if entry.parts:
                 entry.merge()
             else:
@@ -307,12 +315,23 @@ class BanSet:
                 self._notify_unban(key)
         return dropped
 
+    def _compact_ends(self) -> None:
+        """Rebuild the heap from the parts in force (bans replaced over and over leave stale ends)."""
+        self._ends = [(p.until, k, j) for k, e in self._entries.items() for j, p in e.parts.items()
+                      if p.until is not None]
+        heapq.heapify(self._ends)
+
     def next_expiry(self) -> float | None:
         """Earliest end time of any timed part, for scheduling `expire`."""
-        ends = [
-            p.until for e in self._entries.values() for p in e.parts.values() if p.until is not None
-        ]
-        return min(ends) if ends else None
+        heap = self._ends
+        while heap:
+            until, key, jail = heap[0]
+            entry = self._entries.get(key)
+            part = entry.parts.get(jail) if entry is not None else None
+            if part is not None and part.until == until:
+                return until
+            heapq.heappop(heap)  # stale
+        return None
 
     # -- subscribers --------------------------------------------------------
 
