@@ -27,12 +27,15 @@ on_success: break
 
 
 class Lapi:
-    def __init__(self, tmp: Path, port: int | None = None) -> None:
+    """`tls`: (certificate, key, CA) PEM paths: the LAPI serves HTTPS with that certificate and
+    accepts bouncers' client certificates signed by the CA with OU "bouncer-ou"."""
+
+    def __init__(self, tmp: Path, port: int | None = None, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.exe = require("crowdsec")
         self.cscli_exe = require("cscli")
         self.dir = tmp
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/"
         d = tmp
         for sub in ("data", "hub", "notifications"):
             (d / sub).mkdir(parents=True, exist_ok=True)
@@ -40,6 +43,14 @@ class Lapi:
         (d / "simulation.yaml").write_text("simulation: false\n")
         (d / "local_api_credentials.yaml").write_text("")
         self.config = d / "config.yaml"
+        tls_server = "" if tls is None else f"""
+    tls:
+      cert_file: {tls[0]}
+      key_file: {tls[1]}
+      ca_cert_path: {tls[2]}
+      client_verification: VerifyClientCertIfGiven
+      bouncers_allowed_ou: [bouncer-ou]
+      agents_allowed_ou: [agent-ou]"""
         self.config.write_text(f"""\
 common:
   daemonize: false
@@ -60,17 +71,19 @@ db_config:
 api:
   client:
     credentials_path: {d}/local_api_credentials.yaml
+    insecure_skip_verify: {"true" if tls else "false"}
   server:
     listen_uri: 127.0.0.1:{self.port}
     profiles_path: {d}/profiles.yaml
-    trusted_ips: [127.0.0.1]
+    trusted_ips: [127.0.0.1]{tls_server}
 prometheus:
   enabled: false
 """)
         self.log_path = d / "lapi.log"
         self.proc: subprocess.Popen[bytes] | None = None
         # cscli talks to the LAPI as a machine (decisions add/delete, alerts list).
-        self.cscli("machines", "add", "tester", "--auto", "-f", str(d / "local_api_credentials.yaml"))
+        self.cscli("machines", "add", "tester", "--auto", "-f", str(d / "local_api_credentials.yaml"),
+                   "--url", self.url)
 
     def cscli(self, *args: str) -> str:
         r = subprocess.run([self.cscli_exe, "-c", str(self.config), *args], capture_output=True, timeout=60)

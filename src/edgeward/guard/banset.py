@@ -380,6 +380,8 @@ class BanSet:
 
     def refused(self, addr: str) -> int:
         """Connections refused from `addr` (an address, or a banned network) since it was banned."""
-        key = normalize_key(addr)
-        entry = self._entries.get(key) if key is not None else None
+        entry = self._entries.get(addr)  # keys are canonical: the lists of bans ask with them
+        if entry is None:
+            key = normalize_key(addr)
+            entry = self._entries.get(key) if key is not None else None
         return 0 if entry is None else entry.refused

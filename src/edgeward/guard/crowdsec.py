@@ -84,27 +84,33 @@ class LapiClient:
         self._token: str | None = None
         self._token_until = 0.0
         self._sessions: dict[str, requests.Session] = {}
+        # Given with every request, not set on the sessions: requests lets REQUESTS_CA_BUNDLE or
+        # CURL_CA_BUNDLE in the environment override a session's `verify` (psf/requests#3829).
+        self._verify: bool | str = True
+        if settings.insecure_skip_verify:
+            self._verify = False
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            log.warning("crowdsec: insecure_skip_verify: the LAPI's certificate is not checked")
+        elif settings.ca_cert_path is not None:
+            self._verify = settings.ca_cert_path
+        self._cert = (settings.cert_path, settings.key_path) if settings.cert_path and settings.key_path else None
 
     def _session(self, role: str) -> requests.Session:
         s = self._sessions.get(role)
         if s is None:
             s = requests.Session()
             s.headers["User-Agent"] = f"edgeward-bouncer/{__version__}"
-            cs = self.settings
-            if cs.insecure_skip_verify:
-                s.verify = False
-            elif cs.ca_cert_path is not None:
-                s.verify = cs.ca_cert_path
-            if cs.cert_path is not None and cs.key_path is not None:
-                s.cert = (cs.cert_path, cs.key_path)
             self._sessions[role] = s
         return s
 
     def _request(self, role: str, method: str, path: str, **kw: Any) -> requests.Response:
         try:
-            return self._session(role).request(method, self.base + path, timeout=self.settings.timeout, **kw)
+            return self._session(role).request(method, self.base + path, timeout=self.settings.timeout,
+                                               verify=self._verify, cert=self._cert, **kw)
         except requests.exceptions.SSLError as e:
-            raise LapiUnavailable("tls", f"TLS with the LAPI failed: {e}") from None
+            raise LapiUnavailable("tls", f"TLS with the LAPI failed: {_short(e)}") from None
         except requests.exceptions.Timeout:
             raise LapiUnavailable("timeout", f"no answer within {self.settings.timeout:g}s") from None
         except requests.exceptions.ConnectionError as e:
