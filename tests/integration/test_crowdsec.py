@@ -231,3 +231,43 @@ def test_own_bans_are_sent_as_alerts(tmp_path: Path, upstream: ThreadServer) -> 
         finally:
             edge.stop()
             upstream.close()
+
+
+def test_restart_while_the_lapi_is_down_keeps_the_last_decisions(tmp_path: Path, upstream: ThreadServer) -> None:
+    server = Lapi(tmp_path / "lapi")
+    server.start()
+    edge: EdgeProcess | None = None
+    port = free_port()
+    try:
+        key = server.add_bouncer("edge")
+        cfg = config(port, upstream.port, server.url, key)
+        server.cscli("decisions", "add", "--ip", "127.0.0.11", "--duration", "1h", "--reason", "kept")
+        server.cscli("decisions", "add", "--range", "127.0.5.0/24", "--duration", "1h")
+        edge = EdgeProcess(tmp_path, cfg, wait=[("127.0.0.1", port)])
+        assert not served("127.0.0.11", port) and not served("127.0.5.5", port)
+        edge.stop()
+        # While the edge is away: one decision deleted, one added; then the LAPI goes down.
+        server.cscli("decisions", "delete", "--range", "127.0.5.0/24")
+        server.cscli("decisions", "add", "--ip", "127.0.0.12", "--duration", "1h")
+        server.kill()
+
+        edge = EdgeProcess(tmp_path, cfg, wait=[("127.0.0.1", port)])
+        st = edge.status()["guard"]["crowdsec"]  # type: ignore[index]
+        assert st["restored"] == 2 and not st["connected"]
+        assert not served("127.0.0.11", port)  # the last known decisions, from the snapshot
+        assert not served("127.0.5.5", port)  # (its deletion is not known yet)
+        assert served("127.0.0.12", port)
+        reasons = {b["address"]: b["reason"] for b in edge.api("GET", "/bans")[1]}  # type: ignore[union-attr]
+        assert reasons["127.0.0.11"] == "kept"
+
+        server.start()
+        # The first answer is the LAPI's whole state: the deleted range is lifted, the new one enforced.
+        assert wait_until(lambda: served("127.0.5.5", port), 1 + 10 * POLL + 5), edge.log()
+        assert wait_until(lambda: not served("127.0.0.12", port), 5)
+        assert not served("127.0.0.11", port)
+        assert edge.status()["guard"]["crowdsec"]["decisions"] == 2  # type: ignore[index]
+    finally:
+        if edge is not None:
+            edge.stop()
+        server.stop()
+        upstream.close()

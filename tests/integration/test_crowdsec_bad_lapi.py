@@ -141,3 +141,68 @@ timeout = "1s"
     finally:
         edge.stop()
         up.close()
+
+
+def edge_config(port: int, up: int, lapi_port: int) -> str:
+    return f"""
+[services.app]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up}"
+
+[guard.crowdsec]
+lapi_url = "http://127.0.0.1:{lapi_port}/"
+api_key = "k3y"
+update_frequency = "{int(POLL * 1000)}ms"
+max_backoff = "400ms"
+timeout = "1s"
+"""
+
+
+def test_snapshot_restored_then_reconciled_with_the_lapi(tmp_path: Path, fake: FakeLapi) -> None:
+    """Decisions of the last run hold until the LAPI answers; its first answer is its whole state, so
+    a restored decision it no longer has (flushed from its database) is lifted; an ended one is not
+    restored; a snapshot of another LAPI is not used; a corrupt snapshot is an error, not a crash."""
+    state = tmp_path / "state"
+    state.mkdir()
+    now = time.time()
+    snap = state / "crowdsec-decisions.json"
+
+    def row(key: str, until: float) -> dict[str, object]:
+        return {"key": key, "id": 9, "scope": "Ip", "scenario": "old/run", "origin": "crowdsec",
+                "start": now - 60, "until": until}
+
+    snap.write_text(json.dumps({"lapi_url": f"http://127.0.0.1:{fake.port}/", "decisions": [
+        row("127.0.0.50", now + 3600), row("127.0.0.51", now - 1), {"key": "nonsense"}]}))
+    fake.script = [(500, b'{"message":"starting"}', 0.0)] * 3 + [
+        (200, json.dumps({"new": [dict(GOOD, value="127.0.0.52")], "deleted": None}).encode(), 0.0)]
+    up = ThreadServer(echo_handler())
+    port = free_port()
+    edge = EdgeProcess(tmp_path, edge_config(port, up.port, fake.port), wait=[("127.0.0.1", port)])
+    try:
+        st = edge.status()["guard"]["crowdsec"]  # type: ignore[index]
+        assert st["restored"] == 1 and st["snapshot_errors"] == 1
+        assert not served("127.0.0.50", port) and served("127.0.0.51", port)
+        assert wait_until(lambda: served("127.0.0.50", port), 10), edge.log()
+        assert not served("127.0.0.52", port)
+        assert "1 decision(s) of the last run are no longer in the LAPI: lifted" in edge.log()
+        # The snapshot now holds what the LAPI said.
+        assert wait_until(lambda: [r["key"] for r in json.loads(snap.read_text())["decisions"]] == ["127.0.0.52"], 5)
+    finally:
+        edge.stop()
+
+    # Another LAPI's snapshot is not used; a corrupt one is said and skipped.
+    other = FakeLapi()
+    try:
+        for text, restored, errors in ((snap.read_text(), 0, 0), ("{not json", 0, 1)):
+            snap.write_text(text)
+            other.script = [(500, b"{}", 0.0)] * 50
+            edge = EdgeProcess(tmp_path, edge_config(port, up.port, other.port), wait=[("127.0.0.1", port)])
+            try:
+                st = edge.status()["guard"]["crowdsec"]  # type: ignore[index]
+                assert (st["restored"], st["snapshot_errors"]) == (restored, errors), edge.log()
+                assert served("127.0.0.52", port)
+            finally:
+                edge.stop()
+    finally:
+        other.close()
+        up.close()

@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +238,7 @@ class CrowdSecBan:
     origin: str
     start: float  # when this edge got it
     until: float
+    restored: bool = False  # from the snapshot, not (yet) confirmed by the LAPI
 
     def to_dict(self, now: float, refused: int) -> dict[str, Any]:
         return {
@@ -263,8 +266,13 @@ class CrowdSecBouncer:
     its expiry sweep there)."""
 
     def __init__(self, settings: CrowdSecSettings, banset: BanSet, *, clock: Callable[[], float] = time.time,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, snapshot: str | None = None) -> None:
+        """`snapshot`: a file where the decisions in force are kept, so that an edge restarted while
+        the LAPI is down still enforces them (None: memory only)."""
         self.settings = settings
+        self.snapshot_path = snapshot
+        self.restored = 0
+        self.snapshot_errors = 0
         self.banset = banset
         self._clock = clock
         self._on_change = on_change
@@ -307,6 +315,7 @@ class CrowdSecBouncer:
         """Start polling; returns after the first poll (applied) or after `timeout`, whichever
         comes first, so the edge starts with the LAPI's decisions when it can, and starts anyway."""
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgeward-crowdsec")
+        self._restore()
         self._first_poll = asyncio.Event()
         self._alerts_ready = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -328,6 +337,66 @@ class CrowdSecBouncer:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self.client.close()
+
+    # -- the snapshot -----------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """The decisions of the last run that have not ended, enforced until the LAPI says otherwise
+        (the first successful poll lifts those it no longer has)."""
+        path = self.snapshot_path
+        if path is None or not os.path.exists(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            items = doc["decisions"]
+            assert isinstance(items, list)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            self.snapshot_errors += 1
+            log.error("crowdsec: the snapshot %s is unreadable (%s); starting without it", path, e)
+            return
+        if doc.get("lapi_url") != self.settings.lapi_url:
+            log.info("crowdsec: the snapshot %s is of another LAPI (%s): not restored", path, doc.get("lapi_url"))
+            return
+        now = self._clock()
+        for it in items:
+            try:
+                key = normalize_key(str(it["key"]))
+                until = float(it["until"])
+                ban = CrowdSecBan(str(key), int(it["id"]), str(it["scope"]), str(it["scenario"])[:1024],
+                                  str(it["origin"])[:1024], float(it["start"]), until, restored=True)
+            except (KeyError, TypeError, ValueError):
+                self.snapshot_errors += 1
+                continue
+            if key is None or until <= now:
+                continue
+            self.decisions[key] = ban
+            self.banset.add(key, jail=CROWDSEC_JAIL, until=until)
+            self.restored += 1
+        if self.restored:
+            log.warning("crowdsec: %d decision(s) of the last run enforced until the LAPI answers", self.restored)
+            if self._on_change is not None:
+                self._on_change()
+
+    def _save(self) -> None:
+        """Write the snapshot on the worker thread (atomically: a new file renamed over the old)."""
+        path = self.snapshot_path
+        if path is None or self._pool is None:
+            return
+        rows = [{"key": b.key, "id": b.id, "scope": b.scope, "scenario": b.scenario, "origin": b.origin,
+                 "start": b.start, "until": b.until} for b in self.decisions.values()]
+
+        def write() -> None:
+            tmp = f"{path}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({"lapi_url": self.settings.lapi_url, "decisions": rows}, f)
+                os.replace(tmp, path)
+            except OSError as e:
+                self.snapshot_errors += 1
+                log.error("crowdsec: cannot write the snapshot %s: %s", path, e)
+
+        self._pool.submit(write)
 
     # -- the decision stream --------------------------------------------------------
 
@@ -396,12 +465,23 @@ class CrowdSecBouncer:
             if i % _SLICE == _SLICE - 1:
                 await asyncio.sleep(0)
         self.added += added
-        if added or batch.deleted:
+        if startup:
+            # The first answer is the LAPI's whole state: what the snapshot had and the LAPI no
+            # longer has was deleted while this edge was away.
+            gone = [k for k, b in self.decisions.items() if b.restored]
+            for k in gone:
+                del self.decisions[k]
+                self.banset.remove(k, jail=CROWDSEC_JAIL)
+            if gone:
+                log.info("crowdsec: %d decision(s) of the last run are no longer in the LAPI: lifted", len(gone))
+        if added or batch.deleted or startup:
             log.info("crowdsec: %d decision(s) added, %d deleted%s; %d in force", added, len(batch.deleted),
                      " (startup)" if startup else "", len(self.decisions))
         if added and self._on_change is not None:
             self._on_change()
         self._prune(now)
+        if added or batch.deleted or startup:
+            self._save()
 
     def _lift(self, d: Decision) -> None:
         key = normalize_key(d.value)
@@ -518,6 +598,8 @@ class CrowdSecBouncer:
             "other_scope": self.other_scope,
             "other_type": self.other_type,
             "refused": self.banset.refused_by_jail.get(CROWDSEC_JAIL, 0),
+            "restored": self.restored,
+            "snapshot_errors": self.snapshot_errors,
             "alerts": None if not self.push_alerts else {
                 "machine_id": self.settings.machine_id,
                 "sent": self.alerts_sent,

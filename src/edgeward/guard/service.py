@@ -185,8 +185,9 @@ class Guard:
         if self.settings.crowdsec is not None:
             # Imported only for a config that asks for it (it brings requests).
             from edgeward.guard.crowdsec import CrowdSecBouncer
+            snapshot = str(Path(self.db_path).with_name("crowdsec-decisions.json")) if self.db_path else None
             self.crowdsec = CrowdSecBouncer(self.settings.crowdsec, self.banset, clock=self._clock,
-                                            on_change=self._schedule_expiry)
+                                            on_change=self._schedule_expiry, snapshot=snapshot)
             await self.crowdsec.start()
         self._started = True
         self._schedule_expiry()
