@@ -6,6 +6,8 @@ counted error, and this node's own bans show up in `cscli alerts list`."""
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -100,6 +102,17 @@ def test_decisions_ban_ranges_expire_and_lift(tmp_path: Path, upstream: ThreadSe
             assert out.returncode == 0, out.stderr
             assert "crowdsec" in out.stdout and "connected" in out.stdout
             assert attacker in out.stdout and "crowdsecurity/ssh-bf" in out.stdout
+            # The dashboard's live view lists it with its scenario.
+            with socket.create_connection(("127.0.0.1", edge.admin_port), timeout=5) as s:
+                s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+                got = b""
+                while b"\n\n" not in got.split(b"data: ", 1)[-1] or b"data: " not in got:
+                    chunk = s.recv(65536)
+                    assert chunk
+                    got += chunk
+                view = json.loads(got.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])
+            assert {"address": attacker, "jail": "crowdsec", "reason": "crowdsecurity/ssh-bf"}.items() <= \
+                view["bans"][0].items()
             detail = edge.api("GET", "/guard?jail=crowdsec")[1]
             assert [b["address"] for b in detail["crowdsec"]["bans"]] == [attacker]  # type: ignore[index]
 
