@@ -28,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,9 @@ _MAX_PENDING_ALERTS = 1000
 _ALERTS_PER_POST = 100
 # A JWT is renewed this long before the LAPI says it expires.
 _TOKEN_MARGIN = 60.0
+# The largest decision stream read (a community blocklist of 100k decisions is ~20 MB): past it
+# the answer is an error, not an unbounded allocation.
+MAX_STREAM_BYTES = 128 * 1024 * 1024
 
 
 class LapiUnavailable(Exception):
@@ -129,15 +133,24 @@ class LapiClient:
             if values:
                 params[key] = ",".join(values)
         headers = {"X-Api-Key": self.api_key} if self.api_key is not None else {}
-        r = self._request("stream", "GET", "v1/decisions/stream", params=params, headers=headers)
-        if r.status_code in (401, 403):
-            raise LapiUnavailable(
-                "auth", f"the LAPI refused the bouncer's credentials ({r.status_code} {_message(r)}): "
-                "check api_key / api_key_file (`cscli bouncers list`, `cscli bouncers add NAME`)")
-        if r.status_code != 200:
-            raise LapiUnavailable("http", f"the LAPI answered {r.status_code} {_message(r)}")
+        r = self._request("stream", "GET", "v1/decisions/stream", params=params, headers=headers, stream=True)
+        with r:
+            if r.status_code in (401, 403):
+                raise LapiUnavailable(
+                    "auth", f"the LAPI refused the bouncer's credentials ({r.status_code} {_message(r)}): "
+                    "check api_key / api_key_file (`cscli bouncers list`, `cscli bouncers add NAME`)")
+            if r.status_code != 200:
+                raise LapiUnavailable("http", f"the LAPI answered {r.status_code} {_message(r)}")
+            body = bytearray()
+            try:
+                for chunk in r.iter_content(1 << 16):
+                    body += chunk
+                    if len(body) > MAX_STREAM_BYTES:
+                        raise LapiUnavailable("protocol", f"decision stream larger than {MAX_STREAM_BYTES >> 20} MiB")
+            except requests.exceptions.RequestException as e:
+                raise LapiUnavailable("connect", f"the answer was cut: {_short(e)}") from None
         try:
-            return parse_stream(r.content)
+            return parse_stream(bytes(body))
         except LapiError as e:
             raise LapiUnavailable("protocol", str(e)) from None
 
@@ -207,13 +220,19 @@ class LapiClient:
 
 
 def _message(r: requests.Response) -> str:
+    """What an error answer says (its JSON "message", else its first bytes), read bounded."""
     try:
-        doc = r.json()
+        raw = next(r.iter_content(4096), b"")
+    except (requests.exceptions.RequestException, OSError):
+        return "(unreadable answer)"
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    try:
+        doc = json.loads(text)
     except ValueError:
-        return repr(r.text[:200])
+        return repr(text[:200])
     if isinstance(doc, dict) and isinstance(doc.get("message"), str):
         return repr(doc["message"][:200])
-    return repr(r.text[:200])
+    return repr(text[:200])
 
 
 def _short(e: Exception) -> str:
@@ -266,10 +285,18 @@ class CrowdSecBouncer:
     its expiry sweep there)."""
 
     def __init__(self, settings: CrowdSecSettings, banset: BanSet, *, clock: Callable[[], float] = time.time,
-                 on_change: Callable[[], None] | None = None, snapshot: str | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, snapshot: str | None = None,
+                 ignore: Iterable[str] = ()) -> None:
         """`snapshot`: a file where the decisions in force are kept, so that an edge restarted while
-        the LAPI is down still enforces them (None: memory only)."""
+        the LAPI is down still enforces them (None: memory only). `ignore`: the guard's ignoreip,
+        addresses and networks no decision bans (a range that overlaps one is not enforced)."""
         self.settings = settings
+        self._ignore: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for item in ignore:
+            key = normalize_key(item)
+            if key is not None:
+                self._ignore.append(ipaddress.ip_network(key))
+        self.ignored = 0
         self.snapshot_path = snapshot
         self.restored = 0
         self.snapshot_errors = 0
@@ -368,7 +395,7 @@ class CrowdSecBouncer:
             except (KeyError, TypeError, ValueError):
                 self.snapshot_errors += 1
                 continue
-            if key is None or until <= now:
+            if key is None or until <= now or (self._ignore and self._ignored(key)):
                 continue
             self.decisions[key] = ban
             self.banset.add(key, jail=CROWDSEC_JAIL, until=until)
@@ -408,7 +435,13 @@ class CrowdSecBouncer:
         while True:
             startup = self._startup
             try:
-                batch = await loop.run_in_executor(self._pool, self.client.stream, startup)
+                try:
+                    batch = await loop.run_in_executor(self._pool, self.client.stream, startup)
+                except LapiUnavailable:
+                    raise
+                except Exception as exc:  # a bug here must not end the polling: said, counted, retried
+                    log.exception("crowdsec: poll failed unexpectedly")
+                    raise LapiUnavailable("internal", f"poll failed: {exc!r}") from None
             except LapiUnavailable as e:
                 failures += 1
                 self._count_error(e)
@@ -424,7 +457,11 @@ class CrowdSecBouncer:
                 if failures:
                     log.warning("crowdsec: the LAPI answers again after %d failed poll(s)", failures)
                 failures, last_kind, self.failing_since = 0, None, None
-                await self._apply(batch, startup)
+                try:
+                    await self._apply(batch, startup)
+                except Exception as exc:
+                    log.exception("crowdsec: applying decisions failed")
+                    self._count_error(LapiUnavailable("internal", f"applying decisions failed: {exc!r}"))
                 self._startup = False
                 self.polls += 1
                 self.last_poll = self._clock()
@@ -457,7 +494,9 @@ class CrowdSecBouncer:
                 self.other_type += 1  # captcha, throttle...: nothing the edge can do at admit
             elif d.duration > 0:
                 key = normalize_key(d.value)
-                if key is not None:
+                if key is not None and self._ignore and self._ignored(key):
+                    self.ignored += 1
+                elif key is not None:
                     ban = CrowdSecBan(key, d.id, d.scope, d.scenario, d.origin, now, now + d.duration)
                     self.decisions[key] = ban
                     banset.add(key, jail=CROWDSEC_JAIL, until=ban.until)
@@ -482,6 +521,16 @@ class CrowdSecBouncer:
         self._prune(now)
         if added or batch.deleted or startup:
             self._save()
+
+    def _ignored(self, key: str) -> bool:
+        """True if the decision's address or range touches guard.ignoreip (never refused)."""
+        net = ipaddress.ip_network(key)
+        for ign in self._ignore:
+            if net.version == ign.version and net.overlaps(ign):  # type: ignore[arg-type]
+                if "/" in key:
+                    log.warning("crowdsec: decision for %s not enforced: it covers ignoreip %s", key, ign)
+                return True
+        return False
 
     def _lift(self, d: Decision) -> None:
         key = normalize_key(d.value)
@@ -544,10 +593,16 @@ class CrowdSecBouncer:
                     while self._alerts and self._alerts[0][0] == "alert" and len(jobs) < _ALERTS_PER_POST:
                         jobs.append(self._alerts.popleft())
                 try:
-                    if kind == "delete":
-                        n = await loop.run_in_executor(self._pool, self.client.delete_decisions, first)
-                    else:
-                        await loop.run_in_executor(self._pool, self.client.push_alerts, [j for _, j in jobs])
+                    try:
+                        if kind == "delete":
+                            n = await loop.run_in_executor(self._pool, self.client.delete_decisions, first)
+                        else:
+                            await loop.run_in_executor(self._pool, self.client.push_alerts, [j for _, j in jobs])
+                    except LapiUnavailable:
+                        raise
+                    except Exception as exc:  # a bug must not end the sending: said, counted, retried
+                        log.exception("crowdsec: sending to the LAPI failed unexpectedly")
+                        raise LapiUnavailable("internal", f"sending failed: {exc!r}") from None
                 except LapiUnavailable as e:
                     failures += 1
                     self.alert_errors += 1
@@ -599,6 +654,7 @@ class CrowdSecBouncer:
             "other_type": self.other_type,
             "refused": self.banset.refused_by_jail.get(CROWDSEC_JAIL, 0),
             "restored": self.restored,
+            "ignored": self.ignored,
             "snapshot_errors": self.snapshot_errors,
             "alerts": None if not self.push_alerts else {
                 "machine_id": self.settings.machine_id,

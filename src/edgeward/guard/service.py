@@ -187,7 +187,8 @@ class Guard:
             from edgeward.guard.crowdsec import CrowdSecBouncer
             snapshot = str(Path(self.db_path).with_name("crowdsec-decisions.json")) if self.db_path else None
             self.crowdsec = CrowdSecBouncer(self.settings.crowdsec, self.banset, clock=self._clock,
-                                            on_change=self._schedule_expiry, snapshot=snapshot)
+                                            on_change=self._schedule_expiry, snapshot=snapshot,
+                                            ignore=self.settings.ignoreip)
             await self.crowdsec.start()
         self._started = True
         self._schedule_expiry()
