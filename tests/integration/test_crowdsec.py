@@ -284,3 +284,36 @@ def test_restart_while_the_lapi_is_down_keeps_the_last_decisions(tmp_path: Path,
             edge.stop()
         server.stop()
         upstream.close()
+
+
+def test_alerts_wait_for_a_lapi_that_is_down(tmp_path: Path, upstream: ThreadServer) -> None:
+    server = Lapi(tmp_path / "lapi")
+    server.start()
+    edge: EdgeProcess | None = None
+    try:
+        key = server.add_bouncer("edge")
+        server.add_machine("edge-node", "another-pass-word")
+        port = free_port()
+        extra = 'machine_id = "edge-node"\npassword = "another-pass-word"\n'
+        edge = EdgeProcess(tmp_path, config(port, upstream.port, server.url, key, extra), wait=[("127.0.0.1", port)])
+        assert edge.api("POST", "/ban", {"addr": "127.0.0.13", "jail": "manual", "bantime": 600})[0] == 200
+
+        def alerts() -> dict[str, object]:
+            return edge.status()["guard"]["crowdsec"]["alerts"]  # type: ignore[index, no-any-return]
+
+        assert wait_until(lambda: alerts()["sent"] == 1, 10), edge.log()  # logged in, token kept
+        server.kill()
+        assert edge.api("POST", "/ban", {"addr": "127.0.0.14", "jail": "manual", "bantime": 600})[0] == 200
+        assert not served("127.0.0.14", port)  # the ban holds here at once, whatever the LAPI
+        assert wait_until(lambda: int(alerts()["errors"]) >= 2, 10)  # type: ignore[call-overload]
+        assert alerts()["pending"] == 1 and alerts()["sent"] == 1
+        server.start()
+        # Sent once the LAPI is back (with a new login if it no longer takes the old token).
+        assert wait_until(lambda: alerts()["sent"] == 2 and alerts()["pending"] == 0, 10), edge.log()
+        values = {a["source"]["value"] for a in server.alerts() if a.get("scenario") == "edgeward/manual"}  # type: ignore[index]
+        assert values == {"127.0.0.13", "127.0.0.14"}
+    finally:
+        if edge is not None:
+            edge.stop()
+        server.stop()
+        upstream.close()
