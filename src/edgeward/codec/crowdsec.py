@@ -121,6 +121,10 @@ def parse_decision(d: object) -> Decision | None:
     value = _text(d, "value").strip()
     if scope is None:
         return None
+    if scope == "Ip" and "/" in value:
+        # `cscli decisions import` (1.4) files a CSV's ranges under scope Ip; the LAPI stores their
+        # bounds like a Range's, so they are one.
+        scope = "Range"
     try:
         if scope == "Ip":
             value = str(ipaddress.ip_address(value))

@@ -77,9 +77,11 @@ def test_bad_decisions_are_counted_not_fatal() -> None:
         {**good, "scope": "Country", "value": "FR"},
         "nonsense",
         {**good, "scope": "range", "value": "10.1.2.3/8"},
+        {**good, "scope": "Ip", "value": "127.0.8.0/24"},  # what `cscli decisions import` 1.4 files
     ], "deleted": None}).encode()
     b = parse_stream(body)
-    assert [(d.scope, d.value) for d in b.new] == [("Ip", "2001:db8::1"), ("Range", "10.0.0.0/8")]
+    assert [(d.scope, d.value) for d in b.new] == [("Ip", "2001:db8::1"), ("Range", "10.0.0.0/8"),
+                                                   ("Range", "127.0.8.0/24")]
     assert b.invalid == 5 and b.other_scope == 1
     assert len(b.problems) == 5 and "not-an-ip" in b.problems[0]
 
