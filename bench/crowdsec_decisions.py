@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from crowdsec_peer import lapi  # noqa: E402
-from support import EdgeProcess, ThreadServer, echo_handler, free_port, served, wait_until  # noqa: E402
+from crowdsec_peer import lapi
+from support import EdgeProcess, ThreadServer, echo_handler, free_port, served, wait_until
 
 
 def rss_mib(pid: int) -> float:
