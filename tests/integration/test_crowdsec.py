@@ -317,3 +317,24 @@ def test_alerts_wait_for_a_lapi_that_is_down(tmp_path: Path, upstream: ThreadSer
             edge.stop()
         server.stop()
         upstream.close()
+
+
+def test_origin_and_scenario_filters(tmp_path: Path, upstream: ThreadServer) -> None:
+    with lapi(tmp_path / "lapi") as server:
+        key = server.add_bouncer("edge")
+        server.cscli("decisions", "add", "--ip", "127.0.0.15", "--reason", "crowdsecurity/ssh-bf")
+        server.cscli("decisions", "add", "--ip", "127.0.0.16", "--reason", "crowdsecurity/http-probing")
+        imported = tmp_path / "list.csv"
+        imported.write_text("duration,scope,value,reason\n1h,ip,127.0.0.17,crowdsecurity/ssh-bf\n")
+        server.cscli("decisions", "import", "-i", str(imported))  # origin cscli-import
+        port = free_port()
+        extra = 'origins = ["cscli"]\nscenarios_not_containing = ["http"]\n'
+        edge = EdgeProcess(tmp_path, config(port, upstream.port, server.url, key, extra), wait=[("127.0.0.1", port)])
+        try:
+            assert not served("127.0.0.15", port)
+            assert served("127.0.0.16", port)  # scenario filtered out by the LAPI
+            assert served("127.0.0.17", port)  # origin filtered out by the LAPI
+            assert edge.status()["guard"]["crowdsec"]["decisions"] == 1  # type: ignore[index]
+        finally:
+            edge.stop()
+            upstream.close()
