@@ -201,6 +201,16 @@ def _print_status(st: dict[str, Any]) -> None:
         con.print(t)
         if g.get("share"):
             _print_share(con, g["share"])
+        cs = g.get("crowdsec")
+        if cs:
+            state = "connected" if cs["connected"] else f"NOT CONNECTED ({cs.get('last_error') or 'no poll yet'})"
+            t = Table("address", "reason (scenario)", "origin", "until",
+                      title=f"crowdsec {cs['lapi_url']}: {state}; {cs['decisions']} decision(s) ({cs['ranges']} "
+                            f"range(s)), refused {cs['refused']}, errors {cs['errors']}")
+            import time as _t
+            for d in cs.get("recent", []):
+                t.add_row(d["address"], d["reason"], d["origin"], _t.strftime("%F %T", _t.localtime(d["end"])))
+            con.print(t)
     if st["counters"]:
         t = Table("event", "count", title="counters")
         for c in st["counters"]:

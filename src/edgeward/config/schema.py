@@ -581,6 +581,99 @@ class ShareSettings(_Strict):
         return self
 
 
+class CrowdSecSettings(_Strict):
+    """edgeward as a CrowdSec bouncer: decisions of the Local API (type ban, scopes Ip and Range)
+    are enforced at admit like local bans. With machine credentials, this node's own bans are
+    also sent to the LAPI as alerts. Names follow CrowdSec's bouncers (update_frequency,
+    ca_cert_path, cert_path, key_path, insecure_skip_verify); read at start."""
+
+    lapi_url: str = Field(
+        ..., description="The Local API, e.g. \"http://127.0.0.1:8080/\" (a bouncer's api_url)."
+    )
+    api_key: str | None = Field(None, description="The bouncer's API key (`cscli bouncers add NAME`).")
+    api_key_file: str | None = Field(
+        None, description="A file holding the API key (instead of api_key; surrounding whitespace is ignored)."
+    )
+    update_frequency: Duration = Field(10.0, gt=0, description="How often the decision stream is polled.")
+    max_backoff: Duration = Field(
+        60.0, gt=0,
+        description="While the LAPI fails, polls back off (update_frequency doubled per failure) up to this; "
+        "the last known decisions stay enforced meanwhile.",
+    )
+    timeout: Duration = Field(
+        5.0, gt=0,
+        description="Longest LAPI request. The start of the edge waits for the first poll at most this long.",
+    )
+    origins: list[str] = Field(
+        default_factory=list,
+        description="Only decisions of these origins (e.g. [\"crowdsec\", \"cscli\", \"CAPI\", \"lists\"]); "
+        "empty = all.",
+    )
+    scenarios_containing: list[str] = Field(
+        default_factory=list, description="Only decisions whose scenario contains one of these words."
+    )
+    scenarios_not_containing: list[str] = Field(
+        default_factory=list, description="No decision whose scenario contains one of these words."
+    )
+    ca_cert_path: str | None = Field(None, description="CA certificate (PEM) the LAPI's certificate must chain to.")
+    cert_path: str | None = Field(
+        None, description="Client certificate (PEM) for TLS authentication to the LAPI (with key_path)."
+    )
+    key_path: str | None = Field(None, description="Key of cert_path (PEM, unencrypted).")
+    insecure_skip_verify: bool = Field(
+        False, description="Accept any LAPI certificate (tests only: anyone on the path can feed decisions)."
+    )
+    machine_id: str | None = Field(
+        None,
+        description="A machine (watcher) login, e.g. from `cscli machines add NAME --password ...`: with it, this "
+        "node's jail bans are sent to the LAPI as alerts.",
+    )
+    password: str | None = Field(None, description="The machine's password.")
+    password_file: str | None = Field(None, description="A file holding the machine's password (instead of password).")
+    alert_origin: str = Field(
+        "crowdsec", min_length=1,
+        description="Origin of the decisions sent with alerts. \"crowdsec\" (what a CrowdSec agent's own decisions "
+        "carry) is listed by `cscli decisions list` and `cscli alerts list`; any other origin only with --all. The "
+        "scenario is \"edgeward/<jail>\".",
+    )
+
+    @field_validator("lapi_url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(v.strip())
+        if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+            raise ValueError(f"lapi_url {v!r} is not an http:// or https:// URL like \"http://127.0.0.1:8080/\"")
+        try:
+            u.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError(f"lapi_url {v!r} has an invalid port") from None
+        return v.strip() if v.strip().endswith("/") else v.strip() + "/"
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> CrowdSecSettings:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give api_key or api_key_file, not both")
+        if (self.cert_path is None) != (self.key_path is None):
+            raise ValueError("cert_path and key_path go together (TLS client authentication)")
+        if self.api_key is None and self.api_key_file is None and self.cert_path is None:
+            raise ValueError("needs api_key or api_key_file (`cscli bouncers add NAME` prints a key), "
+                             "or cert_path and key_path")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty")
+        if self.cert_path is not None and not self.lapi_url.startswith("https://"):
+            raise ValueError("cert_path needs an https:// lapi_url")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        has_password = self.password is not None or self.password_file is not None
+        if self.machine_id is not None and not has_password:
+            raise ValueError("machine_id needs password or password_file")
+        if self.machine_id is None and has_password:
+            raise ValueError("password needs machine_id")
+        return self
+
+
 class GuardSettings(_Strict):
     """Settings shared by all jails."""
 
@@ -628,6 +721,9 @@ class GuardSettings(_Strict):
     nft: NftSettings = Field(default_factory=lambda: NftSettings.model_validate({}), description="nftables mirror of bans.")
     share: ShareSettings = Field(
         default_factory=lambda: ShareSettings.model_validate({}), description="Bans shared between edge nodes (Redis)."
+    )
+    crowdsec: CrowdSecSettings | None = Field(
+        None, description="Enforce a CrowdSec Local API's decisions (unset: not a bouncer)."
     )
 
 

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 # Bans asked for by the admin without a jail live in this one; no configured jail may take the name.
 MANUAL_JAIL = "manual"
+# Bans from a CrowdSec Local API's decisions ([guard.crowdsec]) live in this one.
+CROWDSEC_JAIL = "crowdsec"
 
 
 class GuardError(ValueError):

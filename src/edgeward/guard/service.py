@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.banset import BanSet, normalize_addr
 from edgeward.guard.build import (
+    CROWDSEC_JAIL,
     MANUAL_JAIL,
     BanNotStored,
     GuardError,
@@ -52,6 +53,7 @@ from edgeward.guard.types import FailMatch
 from edgeward.guard.validate import jail_problems
 
 if TYPE_CHECKING:
+    from edgeward.guard.crowdsec import CrowdSecBouncer
     from edgeward.guard.filter import Filter
     from edgeward.guard.share import BanShare
 
@@ -146,6 +148,7 @@ class Guard:
         # Other nodes' jails decided with their own ignoreip; this node's is kept for their bans too.
         self._remote_ignore = IgnoreList(settings.ignoreip)
         self._unbanned_at: dict[tuple[str, str], float] = {}  # shared bans: the last unban of each
+        self.crowdsec: CrowdSecBouncer | None = None  # [guard.crowdsec]: made at start
 
     @classmethod
     def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time) -> Guard:
@@ -190,6 +193,14 @@ class Guard:
                 self._matcher = self._thread_matcher()
         for rt in self._jails.values():
             self._start_sources(rt)
+        if self.settings.crowdsec is not None:
+            # Imported only for a config that asks for it (it brings requests).
+            from edgeward.guard.crowdsec import CrowdSecBouncer
+            snapshot = str(Path(self.db_path).with_name("crowdsec-decisions.json")) if self.db_path else None
+            self.crowdsec = CrowdSecBouncer(self.settings.crowdsec, self.banset, clock=self._clock,
+                                            on_change=self._schedule_expiry, snapshot=snapshot,
+                                            ignore=self.settings.ignoreip)
+            await self.crowdsec.start()
         self._started = True
         self._schedule_expiry()
         if self.share is not None:
@@ -277,6 +288,8 @@ class Guard:
             rt.followers.clear()
             rt.journals.clear()
             rt.unsubscribe.clear()
+        if self.crowdsec is not None:
+            await self.crowdsec.stop()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._expiry is not None:
@@ -416,6 +429,8 @@ class Guard:
         log.warning("guard: banned %s in jail %s for %s (%s)", d.address, d.jail, end, d.reason)
         if self.share is not None:
             self.share.banned(rec)
+        if self.crowdsec is not None:
+            self.crowdsec.report_ban(d.address, d.jail, d.reason, d.start, d.end, max(1, d.failures))
         if stored is not None and report:
             raise BanNotStored(self._ban_dict(rec, self._clock()), str(stored))
         return rec
@@ -532,6 +547,8 @@ class Guard:
                 rt.banned.discard(a)
                 rt.jail.forget(a)
             self.banset.remove(a, jail=j)
+            if self.crowdsec is not None:
+                self.crowdsec.report_unban(a, j)
             if a not in self.banset:
                 lifted.append(a)
                 if self.nft is not None:
@@ -633,7 +650,10 @@ class Guard:
         """Bans in force, oldest first, JSON-serialisable."""
         now = self._clock()
         recs = sorted(self._bans.values(), key=lambda r: r.start)
-        return [self._ban_dict(r, now) for r in recs if r.end is None or r.end > now]
+        out = [self._ban_dict(r, now) for r in recs if r.end is None or r.end > now]
+        if self.crowdsec is not None:
+            out = sorted(out + self.crowdsec.bans(now), key=lambda b: float(b["start"]))
+        return out
 
     def _ban_dict(self, rec: BanRecord, now: float) -> dict[str, Any]:
         d = rec.to_dict()
@@ -645,6 +665,8 @@ class Guard:
 
     def status(self, jail: str | None = None) -> dict[str, Any]:
         """Jails (settings, sources, failure counts per address, bans with reasons), JSON-serialisable."""
+        if jail == CROWDSEC_JAIL and self.crowdsec is not None:
+            return {"crowdsec": self.crowdsec.status(with_bans=True)}
         if jail is not None and jail not in self._jails:
             raise GuardError(f"no jail named {jail!r}")
         now = self._clock()
@@ -730,6 +752,8 @@ class Guard:
             }
             if self.share is not None:
                 out["share"] = self.share.status()
+            if self.crowdsec is not None:
+                out["crowdsec"] = self.crowdsec.status()
             if self.nft is not None:
                 out["nft"] = {
                     "table": self.settings.nft.table,

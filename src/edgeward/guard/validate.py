@@ -24,6 +24,7 @@ def config_problems(cfg: Config) -> Iterator[Problem]:
     """Every problem of the config's jails (a check for `edgeward.config.loader.load`)."""
     yield from jail_problems(cfg.guard, cfg.jails)
     yield from share_problems(cfg.guard.share)
+    yield from crowdsec_problems(cfg.guard)
 
 
 def share_problems(share: ShareSettings) -> Iterator[Problem]:
@@ -41,6 +42,25 @@ def share_problems(share: ShareSettings) -> Iterator[Problem]:
                    "give a readable file (the edge reads it at each connection to Redis)")
 
 
+def crowdsec_problems(settings: GuardSettings) -> Iterator[Problem]:
+    """Files named in [guard.crowdsec] that cannot be read (the schema checked the rest)."""
+    cs = settings.crowdsec
+    if cs is None:
+        return
+    for key in ("api_key_file", "password_file", "ca_cert_path", "cert_path", "key_path"):
+        path = getattr(cs, key)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                empty = not f.read(65536).strip()
+        except OSError as e:
+            yield ("guard", "crowdsec", key), f"[guard.crowdsec] {key}: cannot read {path}: {e.strerror}", HINT
+            continue
+        if empty:
+            yield ("guard", "crowdsec", key), f"[guard.crowdsec] {key}: {path} is empty", HINT
+
+
 def jail_problems(settings: GuardSettings, jails: Mapping[str, JailSettings]) -> Iterator[Problem]:
     """Every problem of `jails` run with `settings` (none: the guard can run them).
 
@@ -52,6 +72,7 @@ def jail_problems(settings: GuardSettings, jails: Mapping[str, JailSettings]) ->
     # Here, not at the top: every `edgeward` command imports this module to pass the
     # check, and only a config with jails needs the filter engine (~20 ms to import).
     from edgeward.guard.build import (
+        CROWDSEC_JAIL,
         MANUAL_JAIL,
         GuardError,
         build_filter,
@@ -64,7 +85,7 @@ def jail_problems(settings: GuardSettings, jails: Mapping[str, JailSettings]) ->
     search_path = filter_search_path(settings)
     for name, jail in jails.items():
         at = ("jails", name)
-        if name == MANUAL_JAIL:
+        if name in (MANUAL_JAIL, CROWDSEC_JAIL):
             yield at, f"jail {name}: duplicate or reserved name", HINT
         for i, src in enumerate(jail.sources):
             if not (src.startswith("edge:") and len(src) > 5) and src != "journal":

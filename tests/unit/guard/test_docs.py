@@ -23,6 +23,7 @@ from pydantic_core import PydanticUndefined
 from edgeward.config.schema import (
     BanIncrementSettings,
     Config,
+    CrowdSecSettings,
     GuardSettings,
     JailSettings,
     NftSettings,
@@ -38,6 +39,7 @@ TABLES: list[tuple[str, type[BaseModel]]] = [
     ("[guard]", GuardSettings),
     ("[guard.nft]", NftSettings),
     ("[guard.share]", ShareSettings),
+    ("[guard.crowdsec]", CrowdSecSettings),
     ("[jails.NAME]", JailSettings),
     ("[jails.NAME.increment]", BanIncrementSettings),
 ]
