@@ -11,13 +11,14 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Iterable, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .accesslog import AccessLog
 from .admin.api import AdminAPI
-from .config.loader import ConfigError, Problem, load, service_scheme
+from .config.loader import ConfigError, Problem, load, loads, service_scheme
 from .config.schema import Config, ServiceSettings
 from .edge import BindError, Edge
 from .events import EventBus
@@ -34,6 +35,8 @@ from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
 from .systemd import Supervision
 from .upstream.pool import Pool, Upstreams
+from .workers import MasterEdge, WorkerLink, worker_count
+from .workers import problems as worker_problems
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -59,7 +62,12 @@ def _certificate_problems(cfg: Config) -> Iterable[tuple[tuple[str | int, ...], 
 def load_config(path: str | Path) -> Config:
     """Read and check a config file (the guard checks its jails and filters, the certificate store
     its certificate files). Raises ConfigError with every problem at file:line:col."""
-    return load(path, checks=(jail_problems, _certificate_problems, kernel_problems))
+    return load(path, checks=(jail_problems, _certificate_problems, kernel_problems, worker_problems))
+
+
+def load_config_text(text: str, name: str) -> Config:
+    """`load_config` of a config's text (what a master sends its workers)."""
+    return loads(text, name, checks=(jail_problems, _certificate_problems, kernel_problems, worker_problems))
 
 
 def has_http_services(cfg: Config) -> bool:
@@ -179,26 +187,17 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         demo_servers = await start_demo_upstreams()
     loop = asyncio.get_running_loop()
     builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
+    workers = worker_count(cfg)
     try:
-        edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
+        if workers > 1:  # a master: the control plane here, the data plane in `workers` processes
+            edge: Edge = MasterEdge(path, cfg, builder, load_config, load_config_text, workers, loop, builder.bus)
+        else:
+            edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
     except ConfigError as e:
         raise StartError(str(e)) from None
-    builder.admission = edge.admission
-    builder.presence = edge.presence
-    if builder.front is not None:
-        builder.front.admission = edge.admission
-        builder.front.presence = edge.presence
-    builder.apply_web(edge.runtime)
-    edge.on_reload.append(builder.apply_web)
-    edge.extra_status["web"] = builder.web_status
-    access_log: AccessLog | None = None
-    if cfg.edge.access_log:
-        try:
-            access_log = AccessLog(cfg.edge.access_log, cfg.edge.access_log_format)
-        except OSError as e:
-            raise StartError(f"cannot open the access log {cfg.edge.access_log}: {e.strerror or e}") from None
-        access_log.attach(edge.bus)
-        edge.on_reload.append(lambda _rt: access_log.reopen() if access_log is not None else None)
+    _wire_web(builder, edge)
+    # With workers, each writes its own lines (to the same file, appending whole lines).
+    access_log = _access_log(cfg, edge) if workers == 1 else None
     guard = GuardAdapter.from_config(edge, cfg)
     await guard.start()
     try:
@@ -251,6 +250,8 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         supervision.ready()
     if access_log is not None:
         loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)  # logrotate's postrotate: kill -USR1
+    elif isinstance(edge, MasterEdge):
+        loop.add_signal_handler(signal.SIGUSR1, edge.reopen_logs)
     # Everything built so far (modules, config, runtime) lives as long as the process: move it out
     # of the cyclic collector's sight, so that collections triggered by per-connection objects do
     # not walk it again and again.
@@ -270,6 +271,67 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
             s.close()
 
 
+def _wire_web(builder: RuntimeBuilder, edge: Edge) -> None:
+    builder.admission = edge.admission
+    builder.presence = edge.presence
+    if builder.front is not None:
+        builder.front.admission = edge.admission
+        builder.front.presence = edge.presence
+    builder.apply_web(edge.runtime)
+    edge.on_reload.append(builder.apply_web)
+    edge.extra_status["web"] = builder.web_status
+
+
+def _access_log(cfg: Config, edge: Edge) -> AccessLog | None:
+    if not cfg.edge.access_log:
+        return None
+    try:
+        access_log = AccessLog(cfg.edge.access_log, cfg.edge.access_log_format)
+    except OSError as e:
+        raise StartError(f"cannot open the access log {cfg.edge.access_log}: {e.strerror or e}") from None
+    access_log.attach(edge.bus)
+    edge.on_reload.append(lambda _rt: access_log.reopen())
+    return access_log
+
+
+async def serve_worker(control: socket.socket) -> None:
+    """One worker of a master (`[edge] workers = N`): the data plane only, until the master says
+    stop (or goes away). Its listening sockets, bans and server health come from the master."""
+    loop = asyncio.get_running_loop()
+    link = WorkerLink(control, loop)
+    init = await link.wait_init()
+    cfg = load_config_text(str(init["config"]), str(init["path"]))
+    builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
+    edge = Edge(str(init["path"]), cfg, builder, link.load, loop, builder.bus)
+    _wire_web(builder, edge)
+    link.attach(edge, load_config_text, bool(init.get("conn_reports")))
+    access_log = _access_log(cfg, edge)
+    if access_log is not None:
+        link.reopen.append(access_log.reopen)
+    try:
+        await edge.start()
+    except (ConfigError, OSError) as e:
+        raise StartError(f"worker {link.index}: cannot start: {e.__cause__ or e}") from None
+    for sig in (signal.SIGHUP, signal.SIGUSR1):  # the master reloads and reopens, and tells us
+        loop.add_signal_handler(sig, lambda: None)
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(edge.drain()))
+    loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(edge.drain(0)))
+    link.ready()
+    gc.freeze()
+    try:
+        await edge.wait_stopped()
+    finally:
+        link.close()
+        await builder.close()
+        if access_log is not None:
+            access_log.close()
+
+
+def run_worker(control_fd: int) -> None:
+    """`edgeward worker`: started by a master, never by hand."""
+    _runner()(serve_worker(socket.socket(fileno=control_fd)))
+
+
 def _summary(edge: Edge) -> str:
     """One line for systemd's STATUS= (`systemctl status edgeward`)."""
     adm = edge.admission
@@ -282,10 +344,12 @@ def _summary(edge: Edge) -> str:
 
 def run(path: str, cfg: Config, demo: bool = False) -> None:
     """Run on uvloop (plain asyncio where uvloop is missing). Raises StartError."""
-    runner: Callable[[Coroutine[Any, Any, None]], None]
+    _runner()(serve(path, cfg, demo))
+
+
+def _runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     try:
         import uvloop
-        runner = uvloop.run
+        return uvloop.run  # type: ignore[no-any-return]
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
-        runner = asyncio.run
-    runner(serve(path, cfg, demo))
+        return asyncio.run

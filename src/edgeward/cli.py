@@ -142,6 +142,26 @@ def run(config: ConfigArg,
         raise typer.Exit(EXIT_RUNTIME) from None
 
 
+@app.command(hidden=True)
+def worker(config: ConfigArg,
+           control_fd: Annotated[int, typer.Option(help="The master's control socket.")],
+           index: Annotated[int, typer.Option(help="This worker's number.")] = 0,
+           log_level: Annotated[str | None, typer.Option(help="Override edge.log_level.")] = None) -> None:
+    """A data-plane worker of `edgeward run` with [edge] workers > 1 (started by the master)."""
+    cfg = _load_or_exit(config)
+    from .systemd import JournalFormatter, stderr_is_journal
+    handler = logging.StreamHandler()
+    handler.setFormatter(JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"))
+    logging.basicConfig(level=(log_level or cfg.edge.log_level).upper(), handlers=[handler])
+    from .app import StartError, run_worker
+    try:
+        run_worker(control_fd)
+    except StartError as e:
+        typer.echo(f"edgeward: {e}", err=True)
+        raise typer.Exit(EXIT_RUNTIME) from None
+
+
 def admin_request(method: str, path: str, admin: str | None, config: Path | None, token: str | None,
                   body: Any = None) -> tuple[int, Any]:
     """A request to the running edge's admin API, found with --admin or from --config."""
