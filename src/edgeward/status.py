@@ -203,9 +203,12 @@ def merge_reports(control: dict[str, Any], reports: list[dict[str, Any]], full: 
                 counters[key] = counters.get(key, 0) + c["value"]
     out["counters"] = [{"key": list(k), "value": v} for k, v in sorted(counters.items())]
     out["pipes"] = {k: sum(r.get("pipes", {}).get(k, 0) for r in reports) for k in ("pooled", "in_use")}
-    out["splice"] = all(r.get("splice", False) for r in reports) if reports else control.get("splice")
+    live = [r for r in reports if not r.get("retired")]
+    out["splice"] = all(r.get("splice", False) for r in live) if live else control.get("splice")
     per_worker = []
     for r in reports:
+        if r.get("retired"):  # the totals of workers that died: in the sums above, not a process
+            continue
         w = r.get("worker", {})
         per_worker.append({
             "index": w.get("index"), "pid": w.get("pid"), "restarts": w.get("restarts", 0),

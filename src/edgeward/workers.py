@@ -227,6 +227,7 @@ class Worker:
         self.started = 0.0
         self.restarts = 0
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.last: dict[str, Any] | None = None  # its last status report (what it counted, until then)
 
     @property
     def pid(self) -> int:
@@ -260,6 +261,8 @@ class MasterEdge(Edge):
         self.workers = [Worker(i) for i in range(count)]
         self.restarts = 0
         self.stopping = False
+        # What dead workers had counted (at their last report): totals stay totals across restarts.
+        self.retired: dict[str, Any] = {"services": {}, "pools": {}, "counters": [], "retired": True}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_reports = False
@@ -390,6 +393,7 @@ class MasterEdge(Edge):
             w.ready.exception()  # retrieved: start() or the restart below reports it
         if self.stopping or w.proc is not proc:
             return
+        self._retire(w)
         lived = time.monotonic() - w.started
         w.restarts += 1
         self.restarts += 1
@@ -567,8 +571,38 @@ class MasterEdge(Edge):
         for w, rep in zip(self.workers, replies, strict=True):
             if isinstance(rep, dict):
                 rep["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts}
+                w.last = rep
                 out.append(rep)
+        if self.restarts:
+            out.append(self.retired)
         return out
+
+    def _retire(self, w: Worker) -> None:
+        """Keep the totals of a worker that died, as of its last report (what it counted after that
+        is lost with it), so that status and /metrics counters do not go back at a restart."""
+        last, w.last = w.last, None
+        if last is None:
+            return
+        r = self.retired
+        for name, svc in last.get("services", {}).items():
+            mine = r["services"].setdefault(name, {})
+            for k in ("total", "bytes_in", "bytes_out", "udp_sessions_total", "requests", "datagrams_in",
+                      "datagrams_out"):
+                mine[k] = mine.get(k, 0) + svc.get(k, 0)
+        for pname, pool in last.get("pools", {}).items():
+            servers = r["pools"].setdefault(pname, {"servers": []})["servers"]
+            for srv in pool.get("servers", ()):
+                mine = next((x for x in servers if x["server"] == srv["server"]), None)
+                if mine is None:
+                    mine = {"server": srv["server"]}
+                    servers.append(mine)
+                for k in ("total", "bytes_in", "bytes_out"):
+                    mine[k] = mine.get(k, 0) + srv.get(k, 0)
+        counters = {tuple(c["key"]): c["value"] for c in r["counters"]}
+        for c in last.get("counters", ()):
+            key = tuple(c["key"])
+            counters[key] = counters.get(key, 0) + c["value"]
+        r["counters"] = [{"key": list(k), "value": v} for k, v in counters.items()]
 
     async def plane_clients(self, service: str | None, address: str | None, limit: int) -> list[dict[str, Any]]:
         replies = await asyncio.gather(*(self._ask(w, ["clients", service, address, limit]) for w in self.workers))

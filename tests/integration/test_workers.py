@@ -223,6 +223,8 @@ listen = ["127.0.0.1:{port}"]
 to = "127.0.0.1:{up.port}"
 """) as e:
         ws = wait_workers(e)
+        assert all(served("127.0.0.2", port) for _ in range(60))
+        assert e.status()["services"]["echo"]["total"] == 60  # type: ignore[index]
         victim = ws[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         # The master keeps the dead worker's listening socket: clients the kernel queues on it wait
@@ -236,6 +238,11 @@ to = "127.0.0.1:{up.port}"
         assert metric(metrics(e), "edgeward_worker_restarts_total", worker="0") == 1
         assert all(served("127.0.0.2", port) for _ in range(50))
         assert "worker 0 (pid" in e.log() and "restarting it" in e.log()
+        # Totals survive the restart (the dead worker's, as of its last report, are kept).
+        st = e.status()
+        assert st["services"]["echo"]["total"] == 210  # type: ignore[index]
+        assert e.counter("closed", f"127.0.0.1:{port}", "done") == 210
+        assert metric(metrics(e), "edgeward_service_connections_total", service="echo") == 210
     up.close()
 
 
@@ -455,3 +462,90 @@ to = "http://127.0.0.1:8080"
         load_config(p)
     p.write_text(p.read_text().replace("workers = 2", "workers = 2\n[acme]\nenabled = false"))
     assert load_config(p).edge.workers == 2
+
+
+def test_jails_hear_what_every_worker_sees(tmp_path: Path) -> None:
+    """Protocol errors seen by a worker reach the master's jails; the ban then holds in every worker."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.tls]
+listen = ["127.0.0.1:{port}"]
+names = ["a.example.org"]
+to = "127.0.0.1:{up.port}"
+
+[jails.garbage]
+sources = ["edge:proto"]
+maxretry = 4
+findtime = "1m"
+bantime = "1h"
+""") as e:
+        wait_workers(e)
+        for _ in range(4):  # four malformed ClientHellos, from new source ports: spread over the workers
+            with connect_from("127.0.0.41", port) as c:
+                c.sendall(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # a handshake that is no ClientHello
+                with contextlib.suppress(OSError):
+                    c.recv(10)
+        assert wait_until(lambda: any(b["address"] == "127.0.0.41" for b in e.api("GET", "/bans")[1]), 5)  # type: ignore[union-attr]
+        st = e.status()
+        (jail,) = st["guard"]["jails"]  # type: ignore[index]
+        assert jail["counters"]["bans"] == 1
+        assert e.counter("protocol_errors", f"127.0.0.1:{port}", "bad_tls") == 4  # counted once, by the workers
+        before = e.counter("refused", f"127.0.0.1:{port}", "banned")
+        for _ in range(20):  # refused (reset at admission) by every worker
+            with contextlib.suppress(OSError), connect_from("127.0.0.41", port) as c:
+                assert c.recv(10) == b""
+        assert e.counter("refused", f"127.0.0.1:{port}", "banned") == before + 20
+        assert all(w["refused"] > 0 for w in processes(e.status()))
+    up.close()
+
+
+def http_upstream(c: socket.socket) -> None:
+    """A minimal HTTP/1.1 upstream: 401 for /secret, 200 "ok" otherwise; one request per connection."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(4096)
+        if not d:
+            return
+        buf += d
+    path = buf.split(b" ", 2)[1]
+    status = b"401 Unauthorized" if path.startswith(b"/secret") else b"200 OK"
+    c.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+def http_get(port: int, path: str, src: str = "127.0.0.2") -> int:
+    """The response's status; 0 if the edge closed or reset the connection instead."""
+    data = b""
+    with contextlib.suppress(ConnectionError), connect_from(src, port) as c:
+        c.sendall(f"GET {path} HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n".encode())
+        while chunk := c.recv(4096):
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_http_services_run_in_the_workers_without_acme(tmp_path: Path) -> None:
+    up = ThreadServer(http_upstream)
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[acme]
+enabled = false
+[http]
+redirect = "off"
+[services.web]
+listen = ["127.0.0.1:{port}"]
+to = "http://127.0.0.1:{up.port}"
+
+[jails.auth]
+sources = ["edge:http401"]
+maxretry = 3
+findtime = "1m"
+bantime = "1h"
+""") as e:
+        wait_workers(e)
+        assert [http_get(port, "/") for _ in range(40)] == [200] * 40
+        st = e.status()
+        assert st["services"]["web"]["requests"] == 40  # type: ignore[index]
+        assert [http_get(port, "/secret", "127.0.0.50") for _ in range(3)] == [401] * 3
+        assert wait_until(lambda: http_get(port, "/", "127.0.0.50") == 0, 5)  # banned: closed at admission
+        assert http_get(port, "/") == 200
+    up.close()
