@@ -5,6 +5,7 @@ sockets the master holds. The edge runs as a subprocess; every process is found 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -549,3 +550,38 @@ bantime = "1h"
         assert wait_until(lambda: http_get(port, "/", "127.0.0.50") == 0, 5)  # banned: closed at admission
         assert http_get(port, "/") == 200
     up.close()
+
+
+def test_server_drain_and_the_dashboard_reach_every_worker(tmp_path: Path) -> None:
+    a, b = ThreadServer(echo_handler(b"A")), ThreadServer(echo_handler(b"B"))
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[pools.web]
+servers = ["127.0.0.1:{a.port}", "127.0.0.1:{b.port}"]
+[services.web]
+listen = ["127.0.0.1:{port}"]
+to = "web"
+""") as e:
+        wait_workers(e)
+
+        def tags(n: int) -> set[bytes]:
+            out = set()
+            for _ in range(n):
+                with connect_from("127.0.0.2", port) as c:
+                    out.add(c.recv(1))
+            return out
+        assert tags(20) == {b"A", b"B"}
+        code, _ = e.api("POST", f"/pools/web/drain?server=127.0.0.1:{a.port}")
+        assert code == 200
+        assert tags(30) == {b"B"}  # neither worker sends new clients to the drained server
+        assert e.status()["pools"]["web"]["servers"][0]["drain"] is True  # type: ignore[index]
+        # The dashboard's live view (what `edgeward top` reads too) adds the workers up.
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/events", timeout=10) as r:
+            while not (line := r.readline()).startswith(b"data: "):
+                pass
+        view = json.loads(line[6:])
+        assert view["services"]["web"]["active"] == 0 and view["pools"]["web"]["servers"][1]["server"].endswith(
+            str(b.port))
+        assert e.api("GET", "/history")[0] == 200
+    a.close()
+    b.close()

@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -82,6 +83,8 @@ class AdminAPI:
         else:
             host, _, port = self.address.rpartition(":")
             self.server = await asyncio.start_server(self._handle, host.strip("[]"), int(port))
+        if await self.edge.plane_reports(False) is not None:  # workers: the history is theirs, summed
+            self.monitor.point_source = self._history_point
         self.monitor.start()
         log.info("admin API on %s", self.address)
 
@@ -228,6 +231,12 @@ class AdminAPI:
         if code != 200 or not isinstance(bans, list):
             return []
         return sorted(bans, key=lambda b: -float(b.get("start", 0)))
+
+    async def _history_point(self) -> dict[str, Any]:
+        st = await read_status(self.edge, self.monitor, full=False)
+        return {"time": round(time.time(), 1), "clients": st["clients"], "connections": st["connections"],
+                "udp_sessions": st["udp_sessions"], "in_rate": st["in_rate"], "out_rate": st["out_rate"],
+                "services": {name: s["clients"] for name, s in st["services"].items()}}
 
     async def _history(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         return 200, {"step": self.monitor.step, "points": list(self.monitor.history)}
