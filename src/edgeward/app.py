@@ -198,6 +198,9 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     _wire_web(builder, edge)
     # With workers, each writes its own lines (to the same file, appending whole lines).
     access_log = _access_log(cfg, edge) if workers == 1 else None
+    if workers == 1:
+        edge.on_reload.append(lambda rt: log.warning("workers = %s takes effect at the next start",
+                                                     rt.config.edge.workers) if worker_count(rt.config) != 1 else None)
     guard = GuardAdapter.from_config(edge, cfg)
     await guard.start()
     try:
@@ -337,6 +340,10 @@ def _summary(edge: Edge) -> str:
     adm = edge.admission
     bans = adm.bans
     banned = len(bans) if isinstance(bans, Sized) else 0
+    if isinstance(edge, MasterEdge):  # the connections are the workers' (`edgeward status` adds them up)
+        alive = sum(1 for w in edge.workers if w.alive)
+        return (f"{alive} of {edge.count} workers running ({edge.restarts} restarts); {edge.describe_listeners()}; "
+                f"{banned} banned; {edge.reloads} reloads")
     return (f"{len(edge.listeners)} TCP and {len(edge.udp_listeners)} UDP listeners; {adm.tcp_count} connections, "
             f"{adm.udp_count} UDP sessions, {adm.distinct_clients()} clients; {banned} banned; "
             f"{edge.reloads} reloads")

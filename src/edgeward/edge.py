@@ -192,8 +192,7 @@ class Edge:
         if self.active_health:
             self.health.start()
         self._sweeper = self.loop.create_task(self._sweep())
-        log.info("edgeward started: %d TCP and %d UDP listeners, splice=%s", len(self.listeners),
-                 len(self.udp_listeners), self.plane.splice)
+        log.info("edgeward started: %s, splice=%s", self.describe_listeners(), self.plane.splice)
 
     def _resume_all(self) -> None:
         for lst in self.listeners.values():
@@ -298,8 +297,7 @@ class Edge:
             self._resume_all()
         self.reloads += 1
         self.counters.inc("reloads", "applied")
-        log.info("reloaded %s: %d TCP and %d UDP listeners", self.config_path, len(self.listeners),
-                 len(self.udp_listeners))
+        log.info("reloaded %s: %s", self.config_path, self.describe_listeners())
         return True
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -340,6 +338,9 @@ class Edge:
                 await self._sweeper
         self.plane.pipes.close()
         self._stopped.set()
+
+    def describe_listeners(self) -> str:
+        return f"{len(self.listeners)} TCP and {len(self.udp_listeners)} UDP listeners"
 
     async def plane_reports(self, full: bool) -> list[dict[str, Any]] | None:
         """The state of the worker processes' data planes (status.py merges them), or None: this

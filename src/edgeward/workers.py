@@ -419,7 +419,13 @@ class MasterEdge(Edge):
             if fut is not None and not fut.done():
                 fut.set_result(msg[2])
             if kind == "reloaded" and not msg[2]:
+                # A worker that cannot apply what the master checked and applied would leave the new
+                # addresses' sockets in its share unserved: it is replaced (its successor starts
+                # with the master's config).
                 self.counters.inc("reloads", "worker_rejected")
+                log.error("worker %d rejected the reload the master applied; replacing it", w.index)
+                if w.proc is not None and w.proc.returncode is None:
+                    w.proc.send_signal(signal.SIGTERM)
         elif kind == "report":
             self._report(msg[1:])
 
@@ -454,6 +460,9 @@ class MasterEdge(Edge):
         if not super()._reload(path):
             return False
         self.config_text = self._next_text
+        if worker_count(self.runtime.config) != self.count:
+            log.warning("workers = %s: the number of workers changes at the next start; %d run until then",
+                        self.runtime.config.edge.workers, self.count)
         rid = next(self._ids)
         for w in self.workers:
             ch = w.channel
@@ -607,6 +616,11 @@ class MasterEdge(Edge):
     async def plane_clients(self, service: str | None, address: str | None, limit: int) -> list[dict[str, Any]]:
         replies = await asyncio.gather(*(self._ask(w, ["clients", service, address, limit]) for w in self.workers))
         return [r for r in replies if isinstance(r, dict)]
+
+    def describe_listeners(self) -> str:
+        tcp = sum(1 for k in self.held if k[0] == "tcp")
+        return (f"{tcp} TCP and {len(self.held) - tcp} UDP listening addresses, one socket each for "
+                f"{self.count} workers")
 
     def _workers_status(self) -> dict[str, object]:
         return {"count": self.count, "restarts": self.restarts,
