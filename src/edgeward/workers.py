@@ -652,6 +652,9 @@ class WorkerLink:
         self._text = ""
         self._path = ""
         self.reopen: list[Callable[[], None]] = []  # the access log's reopen
+        # What needs the edge and came before it was built (a reload sent while this worker was
+        # starting): handled once it runs.
+        self._early: list[list[Any]] = []
         self.channel.start()
 
     async def wait_init(self) -> dict[str, Any]:
@@ -701,6 +704,9 @@ class WorkerLink:
         assert self.monitor is not None
         self.monitor.start()
         self.channel.send(["ready"])
+        early, self._early = self._early, []
+        for msg in early:
+            self._on_message(msg, [])
 
     def _take(self, key: ListenerKey) -> socket.socket | None:
         return self.offered.pop(key, None)
@@ -755,6 +761,9 @@ class WorkerLink:
             return
         for s in fds:
             s.close()
+        if self.edge is None and kind in ("reload", "server_drain", "reopen", "stop"):
+            self._early.append(msg)
+            return
         if kind == "ban":
             self.bans.add(msg[1], jail="master", listeners=msg[2])
             self._delay(msg[3])

@@ -585,3 +585,30 @@ to = "web"
         assert e.api("GET", "/history")[0] == 200
     a.close()
     b.close()
+
+
+def test_a_reload_while_a_worker_starts_reaches_it(tmp_path: Path) -> None:
+    """A reload sent while a restarted worker is still starting is applied once it runs: the new
+    address's socket in its share is served, not left queueing for nobody."""
+    up = ThreadServer(echo_handler())
+    port, extra_port, admin = free_port(), free_port(), free_port()
+    base = edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+"""
+    with edge_with_workers(tmp_path, admin, base) as e:
+        ws = wait_workers(e)
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        assert wait_until(lambda: e.status()["workers"]["restarts"] == 1, 10)  # type: ignore[index]
+        e.write_config(base + f"""
+[services.extra]
+listen = ["127.0.0.1:{extra_port}"]
+to = "127.0.0.1:{up.port}"
+""")
+        assert e.api("POST", "/reload")[1] == {"applied": True}
+        ws2 = wait_workers(e)
+        assert all(served("127.0.0.2", extra_port) for _ in range(40))
+        assert wait_until(lambda: all(w["total"] > 0 for w in processes(e.status())), 5)
+        assert ws2[0]["pid"] != ws[0]["pid"]
+    up.close()
