@@ -208,6 +208,16 @@ def _print_status(st: dict[str, Any]) -> None:
                       str(s.get("udp_sessions", 0)), str(s["total"]), str(s["bytes_in"]), str(s["bytes_out"]),
                       human_rate(s.get("in_rate", 0)), human_rate(s.get("out_rate", 0)))
     con.print(t)
+    workers = st.get("workers")
+    if workers:  # [edge] workers = N
+        t = Table("worker", "pid", "restarts", "connections", "udp sessions", "clients", "total", "refused",
+                  "reloads", "rss KiB", "bans/health in (ms, max)",
+                  title=f"workers ({workers['alive']} of {workers['count']} running, {workers['restarts']} restarts)")
+        for w in workers.get("processes", ()):
+            t.add_row(str(w["index"]), str(w["pid"]), str(w["restarts"]), str(w["connections"]),
+                      str(w["udp_sessions"]), str(w["clients"]), str(w["total"]), str(w["refused"]), str(w["reloads"]),
+                      str(w["rss_kib"]), f"{w['propagation_ms'].get('max', 0):.2f}")
+        con.print(t)
     web = st.get("web") or {}
     certs = (web.get("certificates") or {}).get("certificates") or {}
     acme = web.get("acme") or {}

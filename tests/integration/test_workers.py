@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -21,6 +22,7 @@ import pytest
 from edgeward.app import load_config
 from edgeward.config.loader import ConfigError
 from support import (
+    EDGEWARD,
     EdgeProcess,
     ThreadServer,
     UdpEcho,
@@ -148,6 +150,9 @@ to = "127.0.0.1:{up.port}"
         assert metric(text, "edgeward_worker_connections_total", worker="0") + \
             metric(text, "edgeward_worker_connections_total", worker="1") == n
         assert metric(text, "edgeward_workers") == 2
+        out = subprocess.run([*EDGEWARD, "status", "--admin", f"127.0.0.1:{admin}"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0 and "workers (2 of 2 running, 0 restarts)" in out.stdout, out.stdout + out.stderr
         # One access log, written by both workers, whole lines only.
         assert wait_until(lambda: access.exists() and len(access.read_text().splitlines()) == n, 5)
         lines = access.read_text().splitlines()
