@@ -153,7 +153,7 @@ class Edge:
         self.listeners: dict[ListenerKey, TcpListener] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
         self.health = self._health_checker(self.runtime)
-        # A worker process (workers.py) gets its listening sockets from the master and its servers'
+        # A worker process (workers/) gets its listening sockets from the master and its servers'
         # health from the master's checks: it swaps these three.
         self.listen_tcp: Callable[[str, int, int, bool], socket.socket] = sockets.listen_tcp
         self.bind_udp: Callable[[str, int, bool], socket.socket] = sockets.bind_udp

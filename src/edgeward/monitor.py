@@ -102,7 +102,7 @@ class Monitor:
         self._next_point = self.last.t + step
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
-        # With workers (workers.py), this process relays nothing: history points are made from the
+        # With workers (workers/), this process relays nothing: history points are made from the
         # workers' summed state instead (set by the admin API).
         self.point_source: Callable[[], Awaitable[dict[str, Any]]] | None = None
 

@@ -1,201 +1,29 @@
-"""`[edge] workers = N`: a master keeps the control plane, N worker processes the data plane.
-
-The master (`MasterEdge`, an `Edge` that opens no listener itself) loads and reloads the
-config, runs the health checks, the guard and its jails, ACME, the kernel table and the admin
-API. It binds every listening address once per worker with SO_REUSEPORT and keeps its copy of
-each socket: the kernel spreads new connections (UDP: datagrams, by 4-tuple hash, so a client's
-session stays in one worker) over the group, and a worker that dies leaves its socket, and the
-connections queued on it, open in the master until its replacement takes them over.
-
-Each worker (`WorkerLink`, started by `edgeward worker`) is an ordinary `Edge` whose listening
-sockets come from the master and whose servers' health and bans are the master's: the guard
-is the state of record, and the worker holds a mirror `BanSet` its admission reads.
-
-Master and worker talk over one SOCK_SEQPACKET socketpair (message boundaries kept, listening
-sockets passed with SCM_RIGHTS): small JSON arrays `[kind, ...]`, sent without waiting. A ban or a
-health change reaches every worker in well under a millisecond (`propagation_ms` in each worker's
-status: from the master's send to the worker's apply).
-
-  master → worker  listeners (+ fds) · init · bans · ban · unban · health · reload · server_drain ·
-                   reopen · status · clients · stop
-  worker → master  ready · reloaded · status · clients · report (what the jails hear: protocol
-                   errors, HTTP 401/403, connections for flood jails)
-"""
+"""The master: the control plane of `Edge`, and the worker processes it starts, feeds and restarts."""
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
-import os
 import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .config.schema import Config
-from .edge import ConfigLoader, Edge, RuntimeBuilder
-from .events import (
-    ConnAccepted,
-    EventBus,
-    HealthChanged,
-    HttpRequest,
-    Peer,
-    ProtocolError,
-    UdpSessionStarted,
-)
-from .guard.banset import BanSet
-from .monitor import Monitor
-from .net import sockets
-from .net.tcp import listener_settings_summary
-from .runtime import ListenerKey, Runtime
-from .status import live_clients, plane_report
+from ..config.schema import Config
+from ..edge import ConfigLoader, Edge, RuntimeBuilder
+from ..events import ConnAccepted, EventBus, HealthChanged, HttpRequest, Peer, ProtocolError
+from ..guard.banset import BanSet
+from ..net import sockets
+from ..net.tcp import listener_settings_summary
+from ..runtime import ListenerKey, Runtime
+from .channel import MAX_FDS, Channel
+from .settings import TextLoader, worker_count
 
 log = logging.getLogger("edgeward.workers")
-
-TextLoader = Callable[[str, str], Config]  # (config text, file name) → Config
-
-MAX_FDS = 200  # per message (the kernel takes at most 253)
-_CHUNK = 60_000  # bytes of JSON per packet; longer messages go in several
-
-
-def worker_count(cfg: Config) -> int:
-    """`[edge] workers` as a number: "auto" is the CPUs this process may run on."""
-    n = cfg.edge.workers
-    if n == "auto":
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):
-            return os.cpu_count() or 1
-    return int(n)
-
-
-def problems(cfg: Config) -> list[tuple[tuple[str | int, ...], str, str]]:
-    """What `workers > 1` cannot do yet: ACME. Certificates are ordered and renewed by one
-    process, and each worker terminates TLS with its own store; without a store shared through
-    the master, N workers would each order every certificate. File certificates work."""
-    if worker_count(cfg) <= 1 or not cfg.acme.enabled:
-        return []
-    from .config.loader import service_scheme
-    https = [n for n, svc in cfg.services.items() if service_scheme(cfg, svc) is not None]
-    if not https:
-        return []
-    return [(("edge", "workers"), f"workers = {cfg.edge.workers} with HTTP services ({', '.join(sorted(https))}) "
-             "needs [acme] enabled = false: ACME runs in one process only",
-             "give the HTTP services [tls] certificate files and set [acme] enabled = false, or keep workers = 1")]
-
-
-# ---------------------------------------------------------------------- the channel
-class Channel:
-    """One end of the master ↔ worker socketpair, on the event loop.
-
-    Each packet is one byte (b"+": more of this message follows, b".": last) and JSON; file
-    descriptors ride on a message's first packet. Sends never block: what the socket does not
-    take is queued and written when it is writable again."""
-
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 on_message: Callable[[list[Any], list[socket.socket]], None], on_closed: Callable[[], None]) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.loop = loop
-        self.on_message = on_message
-        self.on_closed = on_closed
-        self.closed = False
-        self._out: deque[tuple[bytes, list[int]]] = deque()
-        self._parts: list[bytes] = []
-        self._fds: list[socket.socket] = []
-        self._writing = False
-
-    def start(self) -> None:
-        self.loop.add_reader(self.sock.fileno(), self._readable)
-
-    def send(self, msg: list[Any], fds: list[int] | None = None) -> None:
-        if self.closed:
-            return
-        data = json.dumps(msg, separators=(",", ":")).encode()
-        chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
-        for i, chunk in enumerate(chunks):
-            packet = (b"." if i == len(chunks) - 1 else b"+") + chunk
-            self._out.append((packet, fds if (i == 0 and fds) else []))
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._out:
-            packet, fds = self._out[0]
-            try:
-                if fds:
-                    self.sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                else:
-                    self.sock.send(packet)
-            except BlockingIOError:
-                if not self._writing:
-                    self._writing = True
-                    self.loop.add_writer(self.sock.fileno(), self._flush)
-                return
-            except OSError:
-                self._lost()
-                return
-            self._out.popleft()
-        if self._writing:
-            self._writing = False
-            self.loop.remove_writer(self.sock.fileno())
-
-    def _readable(self) -> None:
-        for _ in range(256):
-            try:
-                data, anc, _flags, _addr = self.sock.recvmsg(_CHUNK + 16, socket.CMSG_SPACE(MAX_FDS * 4))
-            except BlockingIOError:
-                return
-            except OSError:
-                self._lost()
-                return
-            if not data:
-                self._lost()
-                return
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-                    self._fds.extend(socket.socket(fileno=fd) for fd in fds)
-            self._parts.append(data[1:])
-            if data[:1] == b"+":
-                continue
-            raw_msg = b"".join(self._parts)
-            got, self._parts, self._fds = self._fds, [], []
-            try:
-                msg = json.loads(raw_msg)
-                self.on_message(msg, got)
-            except Exception:
-                log.exception("workers: message %r failed", raw_msg[:80])
-                for s in got:
-                    s.close()
-            if self.closed:
-                return
-
-    def _lost(self) -> None:
-        if not self.closed:
-            self.close()
-            self.on_closed()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with contextlib.suppress(Exception):
-            self.loop.remove_reader(self.sock.fileno())
-        if self._writing:
-            with contextlib.suppress(Exception):
-                self.loop.remove_writer(self.sock.fileno())
-        self.sock.close()
-        for s in self._fds:
-            s.close()
-
 
 def _key(k: ListenerKey) -> list[Any]:
     return [k[0], k[1], k[2]]
@@ -215,7 +43,6 @@ def _merged_bans(bans: BanSet) -> list[list[Any]]:
     return out
 
 
-# ---------------------------------------------------------------------- master
 class Worker:
     """One worker process as the master sees it."""
 
@@ -284,8 +111,8 @@ class MasterEdge(Edge):
         """Bind N sockets (SO_REUSEPORT) for each address that is new or whose socket options
         changed, as the workers' `Edge._open_listeners` will ask for; close the master's copies of
         what is gone (a worker's copy stays open until it applies the new runtime)."""
-        from .config.loader import ConfigError
-        from .edge import BindError
+        from ..config.loader import ConfigError
+        from ..edge import BindError
         fresh: dict[ListenerKey, tuple[tuple[str, ...], list[socket.socket]]] = {}
         try:
             for key, lrt in rt.listeners.items():
@@ -630,206 +457,3 @@ class MasterEdge(Edge):
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-# ---------------------------------------------------------------------- worker
-class WorkerLink:
-    """The worker's side: its edge's sockets, bans and health come from the master; it answers
-    the master's questions and tells it what the jails hear."""
-
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.channel = Channel(sock, loop, self._on_message, self._master_gone)
-        self.init: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.bans = BanSet()
-        self.offered: dict[ListenerKey, socket.socket] = {}
-        self.edge: Edge | None = None
-        self.monitor: Monitor | None = None
-        self.load_text: TextLoader | None = None
-        self.index = -1
-        self.propagation_ms = {"last": 0.0, "max": 0.0, "count": 0}
-        self._health: list[list[Any]] = []
-        self._text = ""
-        self._path = ""
-        self.reopen: list[Callable[[], None]] = []  # the access log's reopen
-        # What needs the edge and came before it was built (a reload sent while this worker was
-        # starting): handled once it runs.
-        self._early: list[list[Any]] = []
-        self.channel.start()
-
-    async def wait_init(self) -> dict[str, Any]:
-        """The master's init message: index, path, config text, conn_reports."""
-        init = await self.init
-        self.index = int(init["index"])
-        self._path, self._text = str(init["path"]), str(init["config"])
-        return init
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def load(self, _path: str) -> Config:
-        """The edge's loader: the config text the master sent (it checked it already)."""
-        assert self.load_text is not None
-        return self.load_text(self._text, self._path)
-
-    def attach(self, edge: Edge, load_text: TextLoader, conn_reports: bool) -> None:
-        self.edge = edge
-        self.load_text = load_text
-        edge.load = self.load
-        edge.listen_tcp = self._take_tcp
-        edge.bind_udp = self._take_udp
-        edge.active_health = False  # the master checks, and says
-        edge.admission.bans = self.bans
-        self.bans.on_ban(self._banned)
-        self.monitor = Monitor(edge)
-        self._apply_health()
-        bus = edge.bus
-
-        def on_error(ev: ProtocolError) -> None:
-            self.channel.send(["report", "proto", ev.listener, ev.peer.ip, ev.peer.port, ev.kind])
-        bus.subscribe(ProtocolError, on_error)
-
-        def on_request(ev: HttpRequest) -> None:
-            if ev.status in (401, 403):
-                self.channel.send(["report", "http", ev.listener, ev.peer.ip, ev.peer.port, ev.status,
-                                   ev.service or "-", ev.host, ev.path])
-        bus.subscribe(HttpRequest, on_request)
-        if conn_reports:
-            def on_conn(ev: ConnAccepted | UdpSessionStarted) -> None:
-                self.channel.send(["report", "conn", ev.listener, ev.peer.ip, ev.peer.port])
-            bus.subscribe(ConnAccepted, on_conn)
-            bus.subscribe(UdpSessionStarted, on_conn)
-
-    def ready(self) -> None:
-        assert self.monitor is not None
-        self.monitor.start()
-        self.channel.send(["ready"])
-        early, self._early = self._early, []
-        for msg in early:
-            self._on_message(msg, [])
-
-    def _take(self, key: ListenerKey) -> socket.socket | None:
-        return self.offered.pop(key, None)
-
-    def _take_tcp(self, host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
-        s = self._take(("tcp", host, port))
-        if s is None:  # not offered (the master's view differs): join the group on our own
-            log.warning("worker %d: no socket from the master for tcp %s:%d; binding one", self.index, host, port)
-            return sockets.listen_tcp(host, port, backlog, True)
-        s.setblocking(False)
-        return s
-
-    def _take_udp(self, host: str, port: int, reuseport: bool) -> socket.socket:
-        s = self._take(("udp", host, port))
-        if s is None:
-            log.warning("worker %d: no socket from the master for udp %s:%d; binding one", self.index, host, port)
-            return sockets.bind_udp(host, port, True)
-        s.setblocking(False)
-        return s
-
-    def _banned(self, addr: str, listeners: frozenset[str] | None) -> None:
-        if self.edge is not None:
-            self.edge.plane.admission.close_client(addr, listeners)
-
-    def _apply_health(self) -> None:
-        edge = self.edge
-        if edge is None:
-            return
-        pools = edge.runtime.pools
-        for pool, server, healthy in self._health:
-            p = pools.get(pool)
-            s = p.find(server) if p is not None else None
-            if s is not None and s.healthy != healthy:
-                s.healthy = bool(healthy)
-                edge.bus.publish(HealthChanged(pool, server, bool(healthy)))
-
-    def _delay(self, stamp: float) -> None:
-        ms = (time.monotonic() - float(stamp)) * 1000.0
-        d = self.propagation_ms
-        d["last"] = round(ms, 3)
-        d["max"] = round(max(d["max"], ms), 3)
-        d["count"] += 1
-
-    def _on_message(self, msg: list[Any], fds: list[socket.socket]) -> None:
-        kind = msg[0]
-        if kind == "listeners":
-            for key, s in zip(msg[1], fds, strict=True):
-                old = self.offered.pop((str(key[0]), str(key[1]), int(key[2])), None)
-                if old is not None:
-                    old.close()
-                self.offered[(str(key[0]), str(key[1]), int(key[2]))] = s
-            return
-        for s in fds:
-            s.close()
-        if self.edge is None and kind in ("reload", "server_drain", "reopen", "stop"):
-            self._early.append(msg)
-            return
-        if kind == "ban":
-            self.bans.add(msg[1], jail="master", listeners=msg[2])
-            self._delay(msg[3])
-        elif kind == "unban":
-            self.bans.remove(msg[1])
-            self._delay(msg[2])
-        elif kind == "bans":
-            wanted = {addr: lst for addr, lst in msg[1]}
-            for addr in [a for a in self.bans.snapshot() if a not in wanted]:
-                self.bans.remove(addr)
-            for addr, lst in wanted.items():
-                self.bans.add(addr, jail="master", listeners=lst)
-        elif kind == "health":
-            changed = {(x[0], x[1]) for x in msg[1]}
-            self._health = [h for h in self._health if (h[0], h[1]) not in changed] + msg[1]
-            self._apply_health()
-            if len(msg) > 2:  # a change seen by a health check (not the state sent at start or reload)
-                self._delay(msg[2])
-        elif kind == "init":
-            if not self.init.done():
-                self.init.set_result(msg[1])
-        elif kind == "reload":
-            self._reload(int(msg[1]), str(msg[2]))
-        elif kind == "server_drain" and self.edge is not None:
-            self.edge.set_drain(msg[1], msg[2], bool(msg[3]))
-        elif kind == "reopen" and self.edge is not None:
-            for fn in self.reopen:
-                fn()
-        elif kind == "status":
-            self._answer_status(int(msg[1]), bool(msg[2]))
-        elif kind == "clients" and self.edge is not None:
-            self.channel.send(["clients", msg[1], self._clients(msg[2], msg[3], int(msg[4]))])
-        elif kind == "stop" and self.edge is not None:
-            self.loop.create_task(self.edge.drain(float(msg[1])))
-
-    def _reload(self, rid: int, text: str) -> None:
-        edge = self.edge
-        if edge is None:
-            return
-        self._text = text
-        applied = edge.reload()
-        for s in self.offered.values():  # offered for a runtime we did not apply: never accept on them
-            s.close()
-        self.offered.clear()
-        self.channel.send(["reloaded", rid, applied])
-
-    def _answer_status(self, rid: int, full: bool) -> None:
-        edge = self.edge
-        if edge is None:
-            self.channel.send(["status", rid, None])
-            return
-        rep = plane_report(edge, self.monitor, full)
-        rep["propagation_ms"] = dict(self.propagation_ms)
-        rep["pid"] = os.getpid()
-        self.channel.send(["status", rid, rep])
-
-    def _clients(self, service: str | None, address: str | None, limit: int) -> dict[str, Any]:
-        assert self.edge is not None
-        out = live_clients(self.edge, service, address, limit)
-        out["addresses"] = self.edge.presence.addresses(service)
-        return out
-
-    def _master_gone(self) -> None:
-        edge = self.edge
-        log.error("worker %d: the master is gone; draining", self.index)
-        if edge is not None:
-            self.loop.create_task(edge.drain())
-        elif not self.init.done():
-            self.init.set_exception(ConnectionError("the master closed the control socket"))
