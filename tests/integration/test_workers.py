@@ -157,6 +157,12 @@ to = "127.0.0.1:{up.port}"
         assert wait_until(lambda: access.exists() and len(access.read_text().splitlines()) == n, 5)
         lines = access.read_text().splitlines()
         assert all(line.count(" tcp client=127.0.0.2:") == 1 and line.endswith("end=done") for line in lines)
+        # logrotate: move the file, SIGUSR1 to the master; every worker reopens the path.
+        access.rename(tmp_path / "access.log.1")
+        e.signal(signal.SIGUSR1)
+        assert wait_until(access.exists, 5)
+        assert sum(served("127.0.0.2", port) for _ in range(40)) == 40
+        assert wait_until(lambda: len(access.read_text().splitlines()) == 40, 5)
     up.close()
 
 
