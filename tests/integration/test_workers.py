@@ -428,6 +428,14 @@ to = "web"
         ws = processes(e.status())
         for w in ws:
             assert w["propagation_ms"]["count"] >= 1 and w["propagation_ms"]["max"] <= 10.0, w
+        failed = e.counter("connect_failures", "web", f"127.0.0.1:{b.port}")
+        # A restarted worker starts with the master's view of health: it never tries b.
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        assert wait_until(lambda: e.status()["workers"]["restarts"] == 1, 10)  # type: ignore[index]
+        assert wait_until(lambda: len(processes(e.status())) == 2, 10)
+        assert tags(30) == {b"A"}
+        assert wait_until(lambda: all(w["total"] > 0 for w in processes(e.status())), 5)
+        assert e.counter("connect_failures", "web", f"127.0.0.1:{b.port}") == failed
     a.close()
 
 
