@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..config.loader import ConfigError
 from ..config.schema import Config
-from ..edge import ConfigLoader, Edge, RuntimeBuilder
+from ..edge import BindError, ConfigLoader, Edge, RuntimeBuilder
 from ..events import ConnAccepted, EventBus, HealthChanged, HttpRequest, Peer, ProtocolError
 from ..guard.banset import BanSet
 from ..net import sockets
@@ -24,6 +25,7 @@ from .channel import MAX_FDS, Channel
 from .settings import TextLoader, worker_count
 
 log = logging.getLogger("edgeward.workers")
+
 
 def _key(k: ListenerKey) -> list[Any]:
     return [k[0], k[1], k[2]]
@@ -111,8 +113,6 @@ class MasterEdge(Edge):
         """Bind N sockets (SO_REUSEPORT) for each address that is new or whose socket options
         changed, as the workers' `Edge._open_listeners` will ask for; close the master's copies of
         what is gone (a worker's copy stays open until it applies the new runtime)."""
-        from ..config.loader import ConfigError
-        from ..edge import BindError
         fresh: dict[ListenerKey, tuple[tuple[str, ...], list[socket.socket]]] = {}
         try:
             for key, lrt in rt.listeners.items():
@@ -241,11 +241,12 @@ class MasterEdge(Edge):
         if kind == "ready":
             if w.ready is not None and not w.ready.done():
                 w.ready.set_result(None)
-        elif kind in ("status", "clients", "reloaded"):
+        elif kind in ("status", "clients"):
             fut = w.pending.pop(int(msg[1]), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg[2])
-            if kind == "reloaded" and not msg[2]:
+        elif kind == "reloaded":
+            if not msg[2]:
                 # A worker that cannot apply what the master checked and applied would leave the new
                 # addresses' sockets in its share unserved: it is replaced (its successor starts
                 # with the master's config).
@@ -297,28 +298,9 @@ class MasterEdge(Edge):
                 continue  # a worker being restarted gets the new config in its init
             for msg, fds in self._listener_messages(w, self._fresh):
                 ch.send(msg, fds)
-            ch.send(["reload", rid, self.config_text])
-            fut: asyncio.Future[Any] = self.loop.create_future()
-            w.pending[rid] = fut
+            ch.send(["reload", rid, self.config_text])  # answered by "reloaded"
             self._send_state(w)
         return True
-
-    async def reload_workers(self) -> list[bool | None]:
-        """Wait for the workers' answers to the last reload (None: a worker that did not answer)."""
-        rid = max((k for w in self.workers for k in w.pending), default=None)
-        if rid is None:
-            return []
-        out: list[bool | None] = []
-        for w in self.workers:
-            fut = w.pending.get(rid)
-            if fut is None:
-                continue
-            try:
-                async with asyncio.timeout(10):
-                    out.append(bool(await fut))
-            except TimeoutError:
-                out.append(None)
-        return out
 
     def close_client(self, ip: str, listeners: frozenset[str] | None = None) -> int:
         return 0  # the workers close their connections themselves when the ban reaches them
