@@ -36,7 +36,6 @@ from .runtime import build_runtime as _build_runtime
 from .systemd import Supervision
 from .upstream.pool import Pool, Upstreams
 from .workers import MasterEdge, WorkerLink, worker_count
-from .workers import problems as worker_problems
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -62,12 +61,12 @@ def _certificate_problems(cfg: Config) -> Iterable[tuple[tuple[str | int, ...], 
 def load_config(path: str | Path) -> Config:
     """Read and check a config file (the guard checks its jails and filters, the certificate store
     its certificate files). Raises ConfigError with every problem at file:line:col."""
-    return load(path, checks=(jail_problems, _certificate_problems, kernel_problems, worker_problems))
+    return load(path, checks=(jail_problems, _certificate_problems, kernel_problems))
 
 
 def load_config_text(text: str, name: str) -> Config:
     """`load_config` of a config's text (what a master sends its workers)."""
-    return loads(text, name, checks=(jail_problems, _certificate_problems, kernel_problems, worker_problems))
+    return loads(text, name, checks=(jail_problems, _certificate_problems, kernel_problems))
 
 
 def has_http_services(cfg: Config) -> bool:
@@ -95,6 +94,9 @@ class RuntimeBuilder:
         self.front: WebFront | None = None
         self.site: Site | None = None
         self.endpoints = Endpoints()  # handoff endpoints, kept across reloads
+        # With workers: what the web front is in this process (the master's orders certificates,
+        # a worker's serves the master's), set on it when it is made.
+        self.web_role: Callable[[WebFront], None] | None = None
 
     def web(self) -> WebFront:
         if self.front is None:
@@ -102,6 +104,8 @@ class RuntimeBuilder:
             self.front = WebFront(self.bus, self.loop)
             self.front.admission = self.admission
             self.front.presence = self.presence
+            if self.web_role is not None:
+                self.web_role(self.front)
         return self.front
 
     def __call__(self, cfg: Config, upstreams: Upstreams) -> Runtime:
@@ -190,7 +194,13 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     workers = worker_count(cfg)
     try:
         if workers > 1:  # a master: the control plane here, the data plane in `workers` processes
-            edge: Edge = MasterEdge(path, cfg, builder, load_config, load_config_text, workers, loop, builder.bus)
+            master = MasterEdge(path, cfg, builder, load_config, load_config_text, workers, loop, builder.bus)
+            # ACME runs here; the workers serve what it gets (and its challenge answers).
+            master.acme_state = lambda: builder.front.shared_state() if builder.front is not None else None
+            builder.web_role = lambda front: front.share(master.acme_changed)
+            if builder.front is not None:
+                builder.front.share(master.acme_changed)
+            edge: Edge = master
         else:
             edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
     except ConfigError as e:
@@ -305,6 +315,12 @@ async def serve_worker(control: socket.socket) -> None:
     init = await link.wait_init()
     cfg = load_config_text(str(init["config"]), str(init["path"]))
     builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
+
+    def follower(front: WebFront) -> None:
+        front.follower = True  # no ACME here: the master's certificates and challenge answers
+        front.follow(link.acme)
+    builder.web_role = follower
+    link.web_front = lambda: builder.front
     edge = Edge(str(init["path"]), cfg, builder, link.load, loop, builder.bus)
     _wire_web(builder, edge)
     link.attach(edge, load_config_text, bool(init.get("conn_reports")))

@@ -215,6 +215,7 @@ def merge_reports(control: dict[str, Any], reports: list[dict[str, Any]], full: 
             "uptime": r.get("uptime"), "connections": r.get("connections", 0), "udp_sessions": r.get("udp_sessions", 0),
             "clients": r.get("clients", 0),
             "total": sum(s.get("total", 0) + s.get("udp_sessions_total", 0) for s in r.get("services", {}).values()),
+            "requests": sum(s.get("requests", 0) for s in r.get("services", {}).values()),
             "refused": sum(c["value"] for c in r.get("counters", ()) if c["key"][0] == "refused"),
             "reloads": r.get("reloads", 0), "rss_kib": r.get("memory", {}).get("rss_kib", 0),
             "propagation_ms": r.get("propagation_ms", {}),

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -19,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from edgeward.app import load_config
-from edgeward.config.loader import ConfigError
+from http_peers import get, read_response
+from pebble_peer import pebble
 from support import (
     EDGEWARD,
     EdgeProcess,
@@ -468,20 +469,61 @@ to = "127.0.0.1:{up.port}"
     up.close()
 
 
-def test_check_refuses_workers_with_acme(tmp_path: Path) -> None:
-    p = tmp_path / "e.toml"
-    p.write_text("""
-[edge]
-workers = 2
-[services.web]
-listen = ["127.0.0.1:8443"]
-names = ["example.org"]
-to = "http://127.0.0.1:8080"
-""")
-    with pytest.raises(ConfigError, match="ACME runs in one process only"):
-        load_config(p)
-    p.write_text(p.read_text().replace("workers = 2", "workers = 2\n[acme]\nenabled = false"))
-    assert load_config(p).edge.workers == 2
+@pytest.mark.parametrize(("challenge", "workers"), [("http-01", 2), ("tls-alpn-01", 2), ("http-01", 1)])
+def test_acme_in_the_master_certificates_served_by_every_worker(tmp_path: Path, challenge: str, workers: int) -> None:
+    """The master orders (pebble validates through whichever worker the kernel picks: the workers
+    answer the master's HTTP-01 tokens and TLS-ALPN-01 certificates); every worker serves the result,
+    also after reloads (with one process too: a reload used to drop the ACME certificate)."""
+    up = ThreadServer(http_upstream)
+    admin = free_port()
+    with pebble(tmp_path / "pebble", resolve=("meet.test",)) as ca:
+        web80, web443 = ca.http_port, ca.tls_port  # where pebble validates: the edge's 80 and 443
+        with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path, workers) + f"""
+[acme]
+directory = "{ca.directory}"
+ca_file = "{ca.ca_file}"
+challenges = ["{challenge}"]
+retry_min = "1s"
+[http]
+redirect = "127.0.0.1:{web80}"
+[services.meet]
+listen = ["127.0.0.1:{web443}"]
+names = ["meet.test"]
+to = "http://127.0.0.1:{up.port}"
+""") as e:
+            if workers > 1:
+                wait_workers(e, workers)
+
+            def acme() -> dict[str, Any]:
+                return e.status()["web"]["acme"].get("meet.test", {})  # type: ignore[index, union-attr, no-any-return]
+            assert wait_until(lambda: acme().get("state") == "valid", 60), f"{e.status()['web']}\n{e.log()}"
+            assert acme()["challenge"] == challenge
+            (tmp_path / "root.pem").write_bytes(ca.root_pem())
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "root.pem"))
+
+            def https_statuses(n: int) -> list[int]:
+                out = []
+                for _ in range(n):  # new connections: both workers, each with the master's certificate
+                    with socket.create_connection(("127.0.0.1", web443), timeout=10) as raw, \
+                            ctx.wrap_socket(raw, server_hostname="meet.test") as t:
+                        t.sendall(b"GET / HTTP/1.1\r\nHost: meet.test\r\nConnection: close\r\n\r\n")
+                        r = read_response(t)
+                        out.append(r.status if r is not None else 0)
+                return out
+            assert https_statuses(30) == [200] * 30
+            st = e.status()
+            assert st["services"]["meet"]["requests"] == 30  # type: ignore[index]
+            if workers > 1:  # both workers served the master's certificate
+                assert all(w["requests"] > 0 for w in processes(st))
+            # Only the master orders: one account, one certificate on disk.
+            assert len(list((tmp_path / "state" / "acme" / "certs").iterdir())) == 1
+            assert get(web80, "/.well-known/acme-challenge/not-a-token", host="meet.test").status == 404
+            # Reloads keep the certificate in the master's hands and in every worker.
+            for _ in range(2):
+                assert e.api("POST", "/reload")[1] == {"applied": True}
+                assert https_statuses(10) == [200] * 10
+            assert acme()["state"] == "valid"
+    up.close()
 
 
 def test_jails_hear_what_every_worker_sees(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from .channel import Channel
 from .master import MasterEdge
-from .settings import TextLoader, problems, worker_count
+from .settings import TextLoader, worker_count
 from .worker import WorkerLink
 
-__all__ = ["Channel", "MasterEdge", "TextLoader", "WorkerLink", "problems", "worker_count"]
+__all__ = ["Channel", "MasterEdge", "TextLoader", "WorkerLink", "worker_count"]

@@ -96,6 +96,9 @@ class MasterEdge(Edge):
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_reports = False
         self._unsub: list[Callable[[], object]] = []
+        # The ACME state the workers serve (app.py: the web front's `shared_state`), None without HTTP.
+        self.acme_state: Callable[[], dict[str, Any] | None] = lambda: None
+        self._acme_due = False
         self.bus.subscribe(HealthChanged, self._on_health)
         self.extra_status["workers"] = self._workers_status
 
@@ -203,6 +206,22 @@ class MasterEdge(Edge):
         if isinstance(bans, BanSet):
             w.channel.send(["bans", _merged_bans(bans)])
         w.channel.send(["health", self._health_state()])
+        acme = self.acme_state()
+        if acme is not None:
+            w.channel.send(["acme", acme])
+
+    def acme_changed(self) -> None:
+        """A certificate, challenge or HTTP-01 answer of the master's ACME changed: every worker
+        gets the new state (once per loop iteration, however many changes it made)."""
+        if not self._acme_due:
+            self._acme_due = True
+            self.loop.call_soon(self._send_acme)
+
+    def _send_acme(self) -> None:
+        self._acme_due = False
+        acme = self.acme_state()
+        if acme is not None:
+            self._broadcast(["acme", acme])
 
     def _health_state(self) -> list[list[Any]]:
         return [[p.name, s.name, s.healthy] for p in self.runtime.pools.values() for s in p.servers]

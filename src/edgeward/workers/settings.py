@@ -1,4 +1,4 @@
-"""`[edge] workers` as a number, and what `check` refuses with workers."""
+"""`[edge] workers` as a number."""
 
 from __future__ import annotations
 
@@ -20,17 +20,3 @@ def worker_count(cfg: Config) -> int:
             return os.cpu_count() or 1
     return int(n)
 
-
-def problems(cfg: Config) -> list[tuple[tuple[str | int, ...], str, str]]:
-    """What `workers > 1` cannot do yet: ACME. Certificates are ordered and renewed by one
-    process, and each worker terminates TLS with its own store; without a store shared through
-    the master, N workers would each order every certificate. File certificates work."""
-    if worker_count(cfg) <= 1 or not cfg.acme.enabled:
-        return []
-    from ..config.loader import service_scheme
-    https = [n for n, svc in cfg.services.items() if service_scheme(cfg, svc) is not None]
-    if not https:
-        return []
-    return [(("edge", "workers"), f"workers = {cfg.edge.workers} with HTTP services ({', '.join(sorted(https))}) "
-             "needs [acme] enabled = false: ACME runs in one process only",
-             "give the HTTP services [tls] certificate files and set [acme] enabled = false, or keep workers = 1")]

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.schema import Config
 from ..edge import Edge
@@ -20,6 +20,9 @@ from ..runtime import ListenerKey
 from ..status import live_clients, plane_report
 from .channel import Channel
 from .settings import TextLoader
+
+if TYPE_CHECKING:
+    from ..webfront import WebFront
 
 log = logging.getLogger("edgeward.workers")
 
@@ -45,6 +48,9 @@ class WorkerLink:
         # What needs the edge and came before it was built (a reload sent while this worker was
         # starting): handled once it runs.
         self._early: list[list[Any]] = []
+        # The master's ACME state (certificates, challenges) and this worker's web front, if it has one.
+        self.acme: dict[str, Any] = {}
+        self.web_front: Callable[[], WebFront | None] = lambda: None
         self.channel.start()
 
     async def wait_init(self) -> dict[str, Any]:
@@ -166,6 +172,11 @@ class WorkerLink:
                 self.bans.remove(addr)
             for addr, lst in wanted.items():
                 self.bans.add(addr, jail="master", listeners=lst)
+        elif kind == "acme":
+            self.acme = msg[1]
+            front = self.web_front()
+            if front is not None:
+                front.follow(self.acme)
         elif kind == "health":
             changed = {(x[0], x[1]) for x in msg[1]}
             self._health = [h for h in self._health if (h[0], h[1]) not in changed] + msg[1]
