@@ -210,11 +210,11 @@ def _print_status(st: dict[str, Any]) -> None:
     con.print(t)
     workers = st.get("workers")
     if workers:  # [edge] workers = N
-        t = Table("worker", "pid", "restarts", "connections", "udp sessions", "clients", "total", "refused",
+        t = Table("worker", "pid", "restarts", "hung", "connections", "udp sessions", "clients", "total", "refused",
                   "reloads", "rss KiB", "bans/health in (ms, max)",
                   title=f"workers ({workers['alive']} of {workers['count']} running, {workers['restarts']} restarts)")
         for w in workers.get("processes", ()):
-            t.add_row(str(w["index"]), str(w["pid"]), str(w["restarts"]), str(w["connections"]),
+            t.add_row(str(w["index"]), str(w["pid"]), str(w["restarts"]), str(w.get("hung", 0)), str(w["connections"]),
                       str(w["udp_sessions"]), str(w["clients"]), str(w["total"]), str(w["refused"]), str(w["reloads"]),
                       str(w["rss_kib"]), f"{w['propagation_ms'].get('max', 0):.2f}")
         con.print(t)

@@ -673,3 +673,39 @@ to = "127.0.0.1:{up.port}"
         assert wait_until(lambda: all(w["total"] > 0 for w in processes(e.status())), 5)
         assert ws2[0]["pid"] != ws[0]["pid"]
     up.close()
+
+
+def test_a_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    """A worker that stops answering (SIGSTOP here: a runaway loop looks the same) is killed and
+    restarted; the clients the kernel queued on its socket meanwhile are served by its successor."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        stuck = ws[0]["pid"]
+        os.kill(stuck, signal.SIGSTOP)
+        results: list[bool] = []
+
+        def client() -> None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
+                    c.sendall(b"ping")
+                    results.append(c.recv(4) == b"ping")
+            except OSError:
+                results.append(False)
+        threads = [threading.Thread(target=client) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [True] * 20
+        assert not alive(stuck)
+        st = e.status()
+        assert st["workers"]["restarts"] == 1  # type: ignore[index]
+        assert [w["hung"] for w in processes(st)] == [1, 0]
+        assert "answered nothing" in e.log()
+    up.close()

@@ -57,6 +57,8 @@ class Worker:
         self.restarts = 0
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.last: dict[str, Any] | None = None  # its last status report (what it counted, until then)
+        self.heard = 0.0  # when it last sent anything (monotonic)
+        self.hung = 0  # times it was killed for answering nothing
 
     @property
     def pid(self) -> int:
@@ -75,6 +77,10 @@ class MasterEdge(Edge):
 
     READY_TIMEOUT = 30.0
     STATUS_TIMEOUT = 2.0
+    # A worker that answers no ping for this long is stuck (a runaway loop, SIGSTOP...): it is
+    # killed and restarted, so that its share of the listening sockets is served again.
+    PING_EVERY = 1.0
+    HUNG_AFTER = 5.0
 
     def __init__(self, config_path: str, cfg: Config, build: RuntimeBuilder, load: ConfigLoader, load_text: TextLoader,
                  count: int, loop: asyncio.AbstractEventLoop | None = None, bus: EventBus | None = None) -> None:
@@ -170,6 +176,27 @@ class MasterEdge(Edge):
             await self.stop()
             raise OSError(f"workers did not start: {e or 'timeout'}") from None
         log.info("%d workers started: pids %s", self.count, " ".join(str(w.pid) for w in self.workers))
+        task = self.loop.create_task(self._watchdog())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(self.PING_EVERY)
+            now = time.monotonic()
+            for w in self.workers:
+                ch = w.channel
+                if not w.alive or ch is None or w.proc is None:
+                    continue
+                if now - w.heard > self.HUNG_AFTER:
+                    log.error("worker %d (pid %d) answered nothing for %.0fs: killing it", w.index, w.pid,
+                              now - w.heard)
+                    w.hung += 1
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()  # _watch restarts it
+                    w.heard = now  # once
+                else:
+                    ch.send(["ping"])
 
     async def _spawn(self, w: Worker) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -186,7 +213,7 @@ class MasterEdge(Edge):
             raise
         finally:
             theirs.close()
-        w.started = time.monotonic()
+        w.started = w.heard = time.monotonic()
         w.ready = self.loop.create_future()
         ch = w.channel = Channel(mine, self.loop, lambda msg, fds: self._on_message(w, msg, fds), lambda: None)
         ch.start()
@@ -256,6 +283,7 @@ class MasterEdge(Edge):
     def _on_message(self, w: Worker, msg: list[Any], fds: list[socket.socket]) -> None:
         for s in fds:
             s.close()
+        w.heard = time.monotonic()
         kind = msg[0]
         if kind == "ready":
             if w.ready is not None and not w.ready.done():
@@ -407,7 +435,7 @@ class MasterEdge(Edge):
         out = []
         for w, rep in zip(self.workers, replies, strict=True):
             if isinstance(rep, dict):
-                rep["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts}
+                rep["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts, "hung": w.hung}
                 w.last = rep
                 out.append(rep)
         if self.restarts:

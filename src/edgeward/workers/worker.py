@@ -193,6 +193,8 @@ class WorkerLink:
         elif kind == "reopen" and self.edge is not None:
             for fn in self.reopen:
                 fn()
+        elif kind == "ping":
+            self.channel.send(["pong"])
         elif kind == "status":
             self._answer_status(int(msg[1]), bool(msg[2]))
         elif kind == "clients" and self.edge is not None:
