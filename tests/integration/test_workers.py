@@ -209,6 +209,25 @@ to = "127.0.0.1:{up.port}"
     up.close()
 
 
+def test_a_ban_that_expires_lifts_in_every_worker(tmp_path: Path) -> None:
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        wait_workers(e)
+        assert e.api("POST", "/ban", {"addr": "127.0.0.11", "jail": "manual", "bantime": 1.5})[0] == 200
+        assert not any(served("127.0.0.11", port) for _ in range(20))
+        assert all(w["refused"] > 0 for w in processes(e.status()))
+        # The master's guard lifts it at its time; every worker hears of it.
+        assert wait_until(lambda: served("127.0.0.11", port), 5)
+        assert all(served("127.0.0.11", port) for _ in range(30))
+        assert all(w["propagation_ms"]["count"] >= 2 for w in processes(e.status()))
+    up.close()
+
+
 def test_a_restarted_worker_gets_the_bans(tmp_path: Path) -> None:
     up = ThreadServer(echo_handler())
     port, admin = free_port(), free_port()
