@@ -581,6 +581,31 @@ bantime = "1h"
     up.close()
 
 
+def test_a_flood_jail_counts_connections_of_every_worker(tmp_path: Path) -> None:
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+
+[jails.flood]
+sources = ["edge:conn"]
+maxretry = 12
+findtime = "1m"
+bantime = "1h"
+""") as e:
+        wait_workers(e)
+        assert sum(served("127.0.0.60", port) for _ in range(11)) == 11  # 11 < 12: not yet
+        assert all(w["total"] > 0 for w in processes(e.status()))  # both workers counted some
+        served("127.0.0.60", port)  # the 12th, wherever it lands, is the one too many
+        assert wait_until(lambda: not served("127.0.0.60", port), 5)
+        (jail,) = e.status()["guard"]["jails"]  # type: ignore[index]
+        assert jail["counters"]["bans"] == 1
+        assert served("127.0.0.61", port)
+    up.close()
+
+
 def http_upstream(c: socket.socket) -> None:
     """A minimal HTTP/1.1 upstream: 401 for /secret, 200 "ok" otherwise; one request per connection."""
     buf = b""
