@@ -591,14 +591,14 @@ to = "127.0.0.1:{up.port}"
 
 [jails.flood]
 sources = ["edge:conn"]
-maxretry = 12
+maxretry = 20
 findtime = "1m"
 bantime = "1h"
 """) as e:
         wait_workers(e)
-        assert sum(served("127.0.0.60", port) for _ in range(11)) == 11  # 11 < 12: not yet
+        assert sum(served("127.0.0.60", port) for _ in range(19)) == 19  # 19 < 20: not yet
         assert all(w["total"] > 0 for w in processes(e.status()))  # both workers counted some
-        served("127.0.0.60", port)  # the 12th, wherever it lands, is the one too many
+        served("127.0.0.60", port)  # the 20th, wherever it lands, is the one too many
         assert wait_until(lambda: not served("127.0.0.60", port), 5)
         (jail,) = e.status()["guard"]["jails"]  # type: ignore[index]
         assert jail["counters"]["bans"] == 1
