@@ -975,6 +975,10 @@ def transparent(ctx: Context) -> None:
     run_script_case(ctx, "transparent")
 
 
+def workers(ctx: Context) -> None:
+    run_script_case(ctx, "workers")
+
+
 def ban_latency_args(source: str, quick: bool) -> list[str]:
     """Its --rounds is how many addresses it bans (default 200); 50 give a usable
     p50/p90 in a quick run."""
@@ -1031,6 +1035,7 @@ SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "observe_cost": observe_cost_args,
     "handoff": handoff_args,
     "transparent": handoff_args,  # the same: its own rounds, one per bench round
+    "workers": handoff_args,  # the same
 }
 
 CASES: dict[str, Callable[[Context], None]] = {
@@ -1049,4 +1054,5 @@ CASES: dict[str, Callable[[Context], None]] = {
     "http_idle_memory": http_idle_memory,
     "handoff": handoff,
     "transparent": transparent,
+    "workers": workers,
 }

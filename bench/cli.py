@@ -40,6 +40,7 @@ DEFAULT_CASES = (
     "observe_cost",
     "handoff",
     "transparent",
+    "workers",
 )
 # The cases that need wrk (Debian's `wrk`, installed by `make peers`).
 WRK_CASES = frozenset({"http_keepalive", "https_keepalive", "tls_handshakes"})

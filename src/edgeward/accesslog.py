@@ -17,6 +17,7 @@ JSON lines carry the same fields.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -110,18 +111,20 @@ class AccessLog:
         self.dropped = 0
         self.written = 0
         self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._out: IO[str] = self._open()
+        self._out: IO[str] | IO[bytes] = self._open()
         self._reopen = False
         self._thread = threading.Thread(target=self._run, name="edgeward-accesslog", daemon=True)
         self._unsubscribe: list[object] = []
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> IO[str] | IO[bytes]:
         if self.path in ("-", "stdout"):
             return sys.stdout
         if self.path == "stderr":  # with the edge's own log (journald keeps both under systemd)
             return sys.stderr
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        return os.fdopen(fd, "a", encoding="utf-8", buffering=1 << 16)
+        # Unbuffered: each batch of whole lines is one write(2) with O_APPEND, so that the workers of
+        # `workers = N`, appending to the same file, never cut each other's lines.
+        return os.fdopen(fd, "ab", buffering=0)
 
     def attach(self, bus: EventBus) -> None:
         q = self._q
@@ -176,8 +179,17 @@ class AccessLog:
                     out.close()
                     out = self._out = self._open()
                 if lines:
-                    out.write("\n".join(lines) + "\n")
-                    out.flush()
+                    text = "\n".join(lines) + "\n"
+                    if isinstance(out, io.RawIOBase):
+                        data = memoryview(text.encode())
+                        while data:
+                            n = out.write(data)
+                            if not n:
+                                raise OSError("the access log took no bytes")
+                            data = data[n:]
+                    else:
+                        out.write(text)  # type: ignore[call-overload]
+                        out.flush()
                     self.written += len(lines)
             except (OSError, ValueError) as e:
                 self.dropped += len(lines)

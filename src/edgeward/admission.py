@@ -9,6 +9,7 @@ connection of a newly banned address) and distinct-client counts need.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -170,7 +171,12 @@ class Admission:
         return len(tcp) + sum(1 for ip in self.udp.by_ip if ip not in tcp)
 
     def close_client(self, ip: str, listeners: frozenset[str] | None) -> int:
-        """Close every connection and session of `ip` (on `listeners`, default all) as "banned"."""
+        """Close every connection and session of `ip` (on `listeners`, default all) as "banned".
+        `ip` may be a network ("192.0.2.0/24", a CrowdSec range decision): every client inside it."""
+        if "/" in ip:
+            net = ipaddress.ip_network(ip, strict=False)
+            inside = [c for reg in (self.tcp, self.udp) for c in reg.by_ip if ipaddress.ip_address(c) in net]
+            return sum(self.close_client(c, listeners) for c in dict.fromkeys(inside))
         victims = [a for reg in (self.tcp, self.udp) for a in reg.of(ip)
                    if listeners is None or a.listener.name in listeners]
         for a in victims:

@@ -11,13 +11,14 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Iterable, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .accesslog import AccessLog
 from .admin.api import AdminAPI
-from .config.loader import ConfigError, Problem, load, service_scheme
+from .config.loader import ConfigError, Problem, load, loads, service_scheme
 from .config.schema import Config, ServiceSettings
 from .edge import BindError, Edge
 from .events import EventBus
@@ -34,6 +35,7 @@ from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
 from .systemd import Supervision
 from .upstream.pool import Pool, Upstreams
+from .workers import MasterEdge, WorkerLink, worker_count
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -62,6 +64,11 @@ def load_config(path: str | Path) -> Config:
     return load(path, checks=(jail_problems, _certificate_problems, kernel_problems))
 
 
+def load_config_text(text: str, name: str) -> Config:
+    """`load_config` of a config's text (what a master sends its workers)."""
+    return loads(text, name, checks=(jail_problems, _certificate_problems, kernel_problems))
+
+
 def has_http_services(cfg: Config) -> bool:
     return any(service_scheme(cfg, svc) is not None for svc in cfg.services.values())
 
@@ -87,6 +94,9 @@ class RuntimeBuilder:
         self.front: WebFront | None = None
         self.site: Site | None = None
         self.endpoints = Endpoints()  # handoff endpoints, kept across reloads
+        # With workers: what the web front is in this process (the master's orders certificates,
+        # a worker's serves the master's), set on it when it is made.
+        self.web_role: Callable[[WebFront], None] | None = None
 
     def web(self) -> WebFront:
         if self.front is None:
@@ -94,6 +104,8 @@ class RuntimeBuilder:
             self.front = WebFront(self.bus, self.loop)
             self.front.admission = self.admission
             self.front.presence = self.presence
+            if self.web_role is not None:
+                self.web_role(self.front)
         return self.front
 
     def __call__(self, cfg: Config, upstreams: Upstreams) -> Runtime:
@@ -179,26 +191,26 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         demo_servers = await start_demo_upstreams()
     loop = asyncio.get_running_loop()
     builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
+    workers = worker_count(cfg)
     try:
-        edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
+        if workers > 1:  # a master: the control plane here, the data plane in `workers` processes
+            master = MasterEdge(path, cfg, builder, load_config, load_config_text, workers, loop, builder.bus)
+            # ACME runs here; the workers serve what it gets (and its challenge answers).
+            master.acme_state = lambda: builder.front.shared_state() if builder.front is not None else None
+            builder.web_role = lambda front: front.share(master.acme_changed)
+            if builder.front is not None:
+                builder.front.share(master.acme_changed)
+            edge: Edge = master
+        else:
+            edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
     except ConfigError as e:
         raise StartError(str(e)) from None
-    builder.admission = edge.admission
-    builder.presence = edge.presence
-    if builder.front is not None:
-        builder.front.admission = edge.admission
-        builder.front.presence = edge.presence
-    builder.apply_web(edge.runtime)
-    edge.on_reload.append(builder.apply_web)
-    edge.extra_status["web"] = builder.web_status
-    access_log: AccessLog | None = None
-    if cfg.edge.access_log:
-        try:
-            access_log = AccessLog(cfg.edge.access_log, cfg.edge.access_log_format)
-        except OSError as e:
-            raise StartError(f"cannot open the access log {cfg.edge.access_log}: {e.strerror or e}") from None
-        access_log.attach(edge.bus)
-        edge.on_reload.append(lambda _rt: access_log.reopen() if access_log is not None else None)
+    _wire_web(builder, edge)
+    # With workers, each writes its own lines (to the same file, appending whole lines).
+    access_log = _access_log(cfg, edge) if workers == 1 else None
+    if workers == 1:
+        edge.on_reload.append(lambda rt: log.warning("workers = %s takes effect at the next start",
+                                                     rt.config.edge.workers) if worker_count(rt.config) != 1 else None)
     guard = GuardAdapter.from_config(edge, cfg)
     await guard.start()
     try:
@@ -251,6 +263,8 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         supervision.ready()
     if access_log is not None:
         loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)  # logrotate's postrotate: kill -USR1
+    elif isinstance(edge, MasterEdge):
+        loop.add_signal_handler(signal.SIGUSR1, edge.reopen_logs)
     # Everything built so far (modules, config, runtime) lives as long as the process: move it out
     # of the cyclic collector's sight, so that collections triggered by per-connection objects do
     # not walk it again and again.
@@ -271,11 +285,82 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
             s.close()
 
 
+def _wire_web(builder: RuntimeBuilder, edge: Edge) -> None:
+    builder.admission = edge.admission
+    builder.presence = edge.presence
+    if builder.front is not None:
+        builder.front.admission = edge.admission
+        builder.front.presence = edge.presence
+    builder.apply_web(edge.runtime)
+    edge.on_reload.append(builder.apply_web)
+    edge.extra_status["web"] = builder.web_status
+
+
+def _access_log(cfg: Config, edge: Edge) -> AccessLog | None:
+    if not cfg.edge.access_log:
+        return None
+    try:
+        access_log = AccessLog(cfg.edge.access_log, cfg.edge.access_log_format)
+    except OSError as e:
+        raise StartError(f"cannot open the access log {cfg.edge.access_log}: {e.strerror or e}") from None
+    access_log.attach(edge.bus)
+    edge.on_reload.append(lambda _rt: access_log.reopen())
+    return access_log
+
+
+async def serve_worker(control: socket.socket) -> None:
+    """One worker of a master (`[edge] workers = N`): the data plane only, until the master says
+    stop (or goes away). Its listening sockets, bans and server health come from the master."""
+    loop = asyncio.get_running_loop()
+    link = WorkerLink(control, loop)
+    init = await link.wait_init()
+    cfg = load_config_text(str(init["config"]), str(init["path"]))
+    builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
+
+    def follower(front: WebFront) -> None:
+        front.follower = True  # no ACME here: the master's certificates and challenge answers
+        front.follow(link.acme)
+    builder.web_role = follower
+    link.web_front = lambda: builder.front
+    edge = Edge(str(init["path"]), cfg, builder, link.load, loop, builder.bus)
+    _wire_web(builder, edge)
+    link.attach(edge, load_config_text, bool(init.get("conn_reports")))
+    access_log = _access_log(cfg, edge)
+    if access_log is not None:
+        link.reopen.append(access_log.reopen)
+    try:
+        await edge.start()
+    except (ConfigError, OSError) as e:
+        raise StartError(f"worker {link.index}: cannot start: {e.__cause__ or e}") from None
+    for sig in (signal.SIGHUP, signal.SIGUSR1):  # the master reloads and reopens, and tells us
+        loop.add_signal_handler(sig, lambda: None)
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(edge.drain()))
+    loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(edge.drain(0)))
+    link.ready()
+    gc.freeze()
+    try:
+        await edge.wait_stopped()
+    finally:
+        link.close()
+        await builder.close()
+        if access_log is not None:
+            access_log.close()
+
+
+def run_worker(control_fd: int) -> None:
+    """`edgeward worker`: started by a master, never by hand."""
+    _runner()(serve_worker(socket.socket(fileno=control_fd)))
+
+
 def _summary(edge: Edge) -> str:
     """One line for systemd's STATUS= (`systemctl status edgeward`)."""
     adm = edge.admission
     bans = adm.bans
     banned = len(bans) if isinstance(bans, Sized) else 0
+    if isinstance(edge, MasterEdge):  # the connections are the workers' (`edgeward status` adds them up)
+        alive = sum(1 for w in edge.workers if w.alive)
+        return (f"{alive} of {edge.count} workers running ({edge.restarts} restarts); {edge.describe_listeners()}; "
+                f"{banned} banned; {edge.reloads} reloads")
     return (f"{len(edge.listeners)} TCP and {len(edge.udp_listeners)} UDP listeners; {adm.tcp_count} connections, "
             f"{adm.udp_count} UDP sessions, {adm.distinct_clients()} clients; {banned} banned; "
             f"{edge.reloads} reloads")
@@ -283,10 +368,12 @@ def _summary(edge: Edge) -> str:
 
 def run(path: str, cfg: Config, demo: bool = False) -> None:
     """Run on uvloop (plain asyncio where uvloop is missing). Raises StartError."""
-    runner: Callable[[Coroutine[Any, Any, None]], None]
+    _runner()(serve(path, cfg, demo))
+
+
+def _runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     try:
         import uvloop
-        runner = uvloop.run
+        return uvloop.run  # type: ignore[no-any-return]
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
-        runner = asyncio.run
-    runner(serve(path, cfg, demo))
+        return asyncio.run

@@ -132,6 +132,19 @@ def run(config: ConfigArg,
         raise typer.Exit(code)
 
 
+@app.command(hidden=True)
+def worker(config: ConfigArg,
+           control_fd: Annotated[int, typer.Option(help="The master's control socket.")],
+           index: Annotated[int, typer.Option(help="This worker's number.")] = 0,
+           log_level: Annotated[str | None, typer.Option(help="Override edge.log_level.")] = None) -> None:
+    """A data-plane worker of `edgeward run` with [edge] workers > 1 (started by the master)."""
+    # The master starts workers through entry.py, without the CLI's libraries; this is the same code.
+    from .daemon import run_worker
+    code = run_worker(config, control_fd, index, log_level)
+    if code:
+        raise typer.Exit(code)
+
+
 def admin_request(method: str, path: str, admin: str | None, config: Path | None, token: str | None,
                   body: Any = None) -> tuple[int, Any]:
     """A request to the running edge's admin API, found with --admin or from --config."""
@@ -178,6 +191,16 @@ def _print_status(st: dict[str, Any]) -> None:
                       str(s.get("udp_sessions", 0)), str(s["total"]), str(s["bytes_in"]), str(s["bytes_out"]),
                       human_rate(s.get("in_rate", 0)), human_rate(s.get("out_rate", 0)))
     con.print(t)
+    workers = st.get("workers")
+    if workers:  # [edge] workers = N
+        t = Table("worker", "pid", "restarts", "hung", "connections", "udp sessions", "clients", "total", "refused",
+                  "reloads", "rss KiB", "bans/health in (ms, max)",
+                  title=f"workers ({workers['alive']} of {workers['count']} running, {workers['restarts']} restarts)")
+        for w in workers.get("processes", ()):
+            t.add_row(str(w["index"]), str(w["pid"]), str(w["restarts"]), str(w.get("hung", 0)), str(w["connections"]),
+                      str(w["udp_sessions"]), str(w["clients"]), str(w["total"]), str(w["refused"]), str(w["reloads"]),
+                      str(w["rss_kib"]), f"{w['propagation_ms'].get('max', 0):.2f}")
+        con.print(t)
     web = st.get("web") or {}
     certs = (web.get("certificates") or {}).get("certificates") or {}
     acme = web.get("acme") or {}

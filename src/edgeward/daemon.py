@@ -14,6 +14,7 @@ from pathlib import Path
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RUN_OPTIONS = ("--demo", "--no-demo", "--log-level")  # cli.run's options, parsed here by parse_run
+WORKER_OPTIONS = ("--control-fd", "--index", "--log-level")  # cli.worker's, parsed by parse_worker
 
 
 def run(config: str | Path, demo: bool = False, log_level: str | None = None) -> int:
@@ -31,18 +32,64 @@ def run(config: str | Path, demo: bool = False, log_level: str | None = None) ->
             print(p, file=sys.stderr)
         print(f"{len(e.problems)} problem(s) in {config}", file=sys.stderr)
         return EXIT_CONFIG
-    from .systemd import JournalFormatter, stderr_is_journal
-    handler = logging.StreamHandler()
-    # Under systemd, journald stamps the time and keeps each line's priority from its <N> prefix.
-    handler.setFormatter(JournalFormatter() if stderr_is_journal()
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=(log_level or cfg.edge.log_level).upper(), handlers=[handler])
+    _log_to_stderr(log_level or cfg.edge.log_level)
     try:
         run_edge(str(config), cfg, demo)
     except StartError as e:
         print(f"edgeward: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def run_worker(config: str | Path, control_fd: int, index: int = 0, log_level: str | None = None) -> int:
+    """A data-plane worker of `edgeward run` with [edge] workers > 1, started by the master
+    (workers/master.py) with its end of the control socket; the exit code."""
+    from .app import StartError, load_config, run_worker
+    from .config.loader import ConfigError
+    try:
+        cfg = load_config(config)  # for the log level; the master sends the config text it checked
+    except ConfigError as e:
+        print(f"edgeward worker {index}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    _log_to_stderr(log_level or cfg.edge.log_level, f"[worker {index}]")
+    try:
+        run_worker(control_fd)
+    except StartError as e:
+        print(f"edgeward: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _log_to_stderr(level: str, tag: str = "") -> None:
+    from .systemd import JournalFormatter, stderr_is_journal
+    handler = logging.StreamHandler()
+    # Under systemd, journald stamps the time and keeps each line's priority from its <N> prefix.
+    handler.setFormatter(JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def parse_worker(args: list[str]) -> tuple[str, int, int, str | None] | None:
+    """`worker`'s arguments as the master passes them (--control-fd N --index I CONFIG), or None."""
+    opts: dict[str, str] = {}
+    config: str | None = None
+    it = iter(args)
+    for a in it:
+        if a in WORKER_OPTIONS:
+            value = next(it, None)
+            if value is None:
+                return None
+            opts[a] = value
+        elif a.startswith("-") or config is not None:
+            return None
+        else:
+            config = a
+    if config is None or "--control-fd" not in opts:
+        return None
+    try:
+        return config, int(opts["--control-fd"]), int(opts.get("--index", "0")), opts.get("--log-level")
+    except ValueError:
+        return None
 
 
 def parse_run(args: list[str]) -> tuple[str, bool, str | None] | None:

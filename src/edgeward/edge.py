@@ -17,8 +17,10 @@ import gc
 import logging
 import resource
 import signal
+import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .admission import Admission
 from .clients import Presence
@@ -156,6 +158,11 @@ class Edge:
         self.listeners: dict[ListenerKey, TcpListener] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
         self.health = self._health_checker(self.runtime)
+        # A worker process (workers/) gets its listening sockets from the master and its servers'
+        # health from the master's checks: it swaps these three.
+        self.listen_tcp: Callable[[str, int, int, bool], socket.socket] = sockets.listen_tcp
+        self.bind_udp: Callable[[str, int, bool], socket.socket] = sockets.bind_udp
+        self.active_health = True
         self.nofile: tuple[int, int] = (0, 0)
         self.started_at = time.time()
         self.reloads = 0
@@ -187,10 +194,10 @@ class Edge:
         log.info("open-files limit: soft %d, hard %d", *self.nofile)
         self._open_listeners(self.runtime)
         self._resume_all()
-        self.health.start()
+        if self.active_health:
+            self.health.start()
         self._sweeper = self.loop.create_task(self._sweep())
-        log.info("edgeward started: %d TCP and %d UDP listeners, splice=%s", len(self.listeners),
-                 len(self.udp_listeners), self.plane.splice)
+        log.info("edgeward started: %s, splice=%s", self.describe_listeners(), self.plane.splice)
 
     def _resume_all(self) -> None:
         for lst in self.listeners.values():
@@ -210,11 +217,11 @@ class Edge:
                     ucur = self.udp_listeners.get(key)
                     if ucur is None:
                         opened_udp[key] = UdpListener(plane, host, port, lrt,
-                                                      sockets.bind_udp(host, port, lrt.settings.reuseport))
+                                                      self.bind_udp(host, port, lrt.settings.reuseport))
                     elif ucur.rt.settings.reuseport != lrt.settings.reuseport:
                         # A new SO_REUSEPORT setting needs a new socket on the same port; sessions stay.
                         try:
-                            ucur.rebind(functools.partial(sockets.bind_udp, host, port, lrt.settings.reuseport))
+                            ucur.rebind(functools.partial(self.bind_udp, host, port, lrt.settings.reuseport))
                         except OSError:
                             ucur.close()
                             del self.udp_listeners[key]
@@ -227,7 +234,7 @@ class Edge:
                     # Options changed: a new socket needs the port, so close and rebind.
                     cur.close()
                     del self.listeners[key]
-                sock = sockets.listen_tcp(host, port, lrt.settings.backlog, lrt.settings.reuseport)
+                sock = self.listen_tcp(host, port, lrt.settings.backlog, lrt.settings.reuseport)
                 opened[key] = TcpListener(plane, host, port, lrt, sock)
         except OSError as e:
             for lst in opened.values():
@@ -287,15 +294,15 @@ class Edge:
         self.plane.splice = HAS_SPLICE and cfg.edge.splice
         self.health = self._health_checker(rt)
         self.loop.create_task(old_health.stop())
-        self.health.start()
+        if self.active_health:
+            self.health.start()
         for fn in self.on_reload:
             fn(rt)
         if not self.plane.admission.draining:
             self._resume_all()
         self.reloads += 1
         self.counters.inc("reloads", "applied")
-        log.info("reloaded %s: %d TCP and %d UDP listeners", self.config_path, len(self.listeners),
-                 len(self.udp_listeners))
+        log.info("reloaded %s: %s", self.config_path, self.describe_listeners())
         return True
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -336,6 +343,18 @@ class Edge:
                 await self._sweeper
         self.plane.pipes.close()
         self._stopped.set()
+
+    def describe_listeners(self) -> str:
+        return f"{len(self.listeners)} TCP and {len(self.udp_listeners)} UDP listeners"
+
+    async def plane_reports(self, full: bool) -> list[dict[str, Any]] | None:
+        """The state of the worker processes' data planes (status.py merges them), or None: this
+        process is the data plane (workers = 1, or a worker itself)."""
+        return None
+
+    async def plane_clients(self, service: str | None, address: str | None, limit: int) -> list[dict[str, Any]] | None:
+        """The workers' live clients (`status.live_clients` of each, with `addresses`), or None."""
+        return None
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

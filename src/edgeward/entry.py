@@ -20,6 +20,14 @@ def main() -> None:
                 sys.exit(run_daemon(*parsed))
             except KeyboardInterrupt:
                 sys.exit(130)
+    elif args[:1] == ["worker"]:  # started by the master of `edgeward run` with [edge] workers > 1
+        from .daemon import parse_worker, run_worker
+        worker = parse_worker(args[1:])
+        if worker is not None:
+            try:
+                sys.exit(run_worker(*worker))
+            except KeyboardInterrupt:
+                sys.exit(130)
     from .cli import main as cli_main
     cli_main()
 

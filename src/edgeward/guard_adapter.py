@@ -73,13 +73,7 @@ class GuardAdapter:
         self._unsub.append(guard.banset.on_unban(lambda addr: bus.publish(BanLifted(addr))))
 
     def _on_ban(self, addr: str, listeners: frozenset[str] | None) -> None:
-        if "/" in addr:  # a range (a CrowdSec decision): every client inside it
-            net = ipaddress.ip_network(addr)
-            adm = self.edge.admission
-            inside = {ip for reg in (adm.tcp, adm.udp) for ip in reg.by_ip if ipaddress.ip_address(ip) in net}
-            n = sum(self.edge.close_client(ip, listeners) for ip in inside)
-        else:
-            n = self.edge.close_client(addr, listeners)
+        n = self.edge.close_client(addr, listeners)  # a range (a CrowdSec decision): every client inside
         if n:
             log.info("closed %d connection(s) of banned %s", n, addr)
         self.edge.bus.publish(BanAdded(addr, listeners))

@@ -22,6 +22,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,9 @@ class Monitor:
         self._next_point = self.last.t + step
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        # With workers (workers/), this process relays nothing: history points are made from the
+        # workers' summed state instead (set by the admin API).
+        self.point_source: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -131,17 +135,21 @@ class Monitor:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
             self._wake.clear()
-            self.sample()
+            if self.sample() and self.point_source is not None:
+                self.history.append(await self.point_source())
 
-    def sample(self) -> None:
-        """Take a sample now; add a history point when one is due."""
+    def sample(self) -> bool:
+        """Take a sample now; add a history point when one is due (True: one was due)."""
         tr = traffic(self.edge)
         if tr.t - self.last.t < 0.2:  # a wake right after a sample: keep the longer interval
-            return
+            return False
         self.prev, self.last = self.last, tr
         if tr.t >= self._next_point:
             self._next_point = tr.t + self.step
-            self.history.append(self.point())
+            if self.point_source is None:
+                self.history.append(self.point())
+            return True
+        return False
 
     # ------------------------------------------------------------------ reads
     def _dt(self) -> float:

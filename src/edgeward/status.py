@@ -118,3 +118,136 @@ def live_clients(edge: Edge, service: str | None = None, address: str | None = N
     rows.sort(key=lambda r: r[0])
     limit = max(0, min(limit, MAX_CLIENTS_LISTED))
     return {"matched": len(rows), "clients": [r for _, r in rows[:limit]]}
+
+
+# ---------------------------------------------------------------------- workers = N
+# With workers, the master's own edge is the control plane (config, health, guard); the numbers
+# of the data plane are each worker's (`plane_report`), added up here. Distinct clients are
+# counted once across workers: each worker sends its client addresses, and the master counts
+# the union.
+_SERVICE_SUMS = ("active", "total", "bytes_in", "bytes_out", "in_rate", "out_rate", "udp_sessions",
+                 "udp_sessions_total", "requests", "datagrams_in", "datagrams_out")
+_SERVER_SUMS = ("active", "total", "udp_sessions", "bytes_in", "bytes_out", "in_rate", "out_rate")
+CONTROL_FAMILIES = frozenset({"reloads"})  # counted by the master; every other family by the workers
+
+
+def plane_report(edge: Edge, monitor: Monitor | None, full: bool) -> dict[str, Any]:
+    """A worker's state for the master: `edge_status` and the client addresses behind its counts."""
+    st: dict[str, Any] = edge_status(edge, monitor, True)
+    adm = edge.plane.admission
+    presence = edge.presence
+    st["addresses"] = {
+        "all": sorted(set(adm.tcp.by_ip) | set(adm.udp.by_ip)),
+        "services": {k: list(v) for k, v in presence.by_service.items() if v},
+        "pools": {k: list(v) for k, v in presence.by_pool.items() if v},
+        "servers": {k: list(v) for k, v in presence.by_server.items() if v},
+    }
+    return st
+
+
+def merge_reports(control: dict[str, Any], reports: list[dict[str, Any]], full: bool) -> dict[str, Any]:
+    """The master's status (control plane) with the workers' data planes added up."""
+    out = dict(control)
+
+    def union(part: str, key: str | None = None) -> int:
+        seen: set[str] = set()
+        for r in reports:
+            a = r.get("addresses", {})
+            seen.update(a.get(part, ()) if key is None else a.get(part, {}).get(key, ()))
+        return len(seen)
+
+    for k in ("connections", "udp_sessions", "in_rate", "out_rate"):
+        out[k] = sum(r.get(k, 0) for r in reports)
+    out["clients"] = union("all")
+    services = {}
+    for name, svc in control.get("services", {}).items():
+        s = dict(svc)
+        for k in _SERVICE_SUMS:
+            s[k] = sum(r.get("services", {}).get(name, {}).get(k, 0) for r in reports)
+        s["clients"] = union("services", name)
+        services[name] = s
+    out["services"] = services
+    pools = {}
+    for pname, pool in control.get("pools", {}).items():
+        servers = []
+        for srv in pool["servers"]:
+            s = dict(srv)
+            theirs = [x for r in reports for x in r.get("pools", {}).get(pname, {}).get("servers", ())
+                      if x.get("server") == srv["server"]]
+            for k in _SERVER_SUMS:
+                s[k] = sum(x.get(k, 0) for x in theirs)
+            # Passive health is each worker's: a server one worker marked down is shown down.
+            s["available"] = bool(srv["available"]) and all(x.get("available", True) for x in theirs)
+            s["clients"] = union("servers", f"{pname}/{srv['server']}")
+            servers.append(s)
+        pools[pname] = {**pool, "servers": servers, "clients": union("pools", pname),
+                        "active": sum(s["active"] for s in servers),
+                        "udp_sessions": sum(s["udp_sessions"] for s in servers)}
+    out["pools"] = pools
+    if not full:
+        return out
+    listeners: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in reports:
+        for lst in r.get("listeners", ()):
+            cur = listeners.setdefault((lst["address"], lst["transport"]), {**lst, "active": 0})
+            cur["active"] += lst["active"]
+    out["listeners"] = [listeners[k] for k in sorted(listeners)]
+    counters: dict[tuple[str, ...], int] = {}
+    for c in control.get("counters", ()):
+        if c["key"][0] in CONTROL_FAMILIES:
+            counters[tuple(c["key"])] = c["value"]
+    for r in reports:
+        for c in r.get("counters", ()):
+            if c["key"][0] not in CONTROL_FAMILIES:
+                key = tuple(c["key"])
+                counters[key] = counters.get(key, 0) + c["value"]
+    out["counters"] = [{"key": list(k), "value": v} for k, v in sorted(counters.items())]
+    out["pipes"] = {k: sum(r.get("pipes", {}).get(k, 0) for r in reports) for k in ("pooled", "in_use")}
+    live = [r for r in reports if not r.get("retired")]
+    out["splice"] = all(r.get("splice", False) for r in live) if live else control.get("splice")
+    per_worker = []
+    for r in reports:
+        if r.get("retired"):  # the totals of workers that died: in the sums above, not a process
+            continue
+        w = r.get("worker", {})
+        per_worker.append({
+            "index": w.get("index"), "pid": w.get("pid"), "restarts": w.get("restarts", 0), "hung": w.get("hung", 0),
+            "uptime": r.get("uptime"), "connections": r.get("connections", 0), "udp_sessions": r.get("udp_sessions", 0),
+            "clients": r.get("clients", 0),
+            "total": sum(s.get("total", 0) + s.get("udp_sessions_total", 0) for s in r.get("services", {}).values()),
+            "requests": sum(s.get("requests", 0) for s in r.get("services", {}).values()),
+            "refused": sum(c["value"] for c in r.get("counters", ()) if c["key"][0] == "refused"),
+            "reloads": r.get("reloads", 0), "rss_kib": r.get("memory", {}).get("rss_kib", 0),
+            "propagation_ms": r.get("propagation_ms", {}),
+        })
+    workers = dict(out.get("workers") or {})
+    workers["processes"] = per_worker
+    out["workers"] = workers
+    return out
+
+
+async def read_status(edge: Edge, monitor: Monitor | None = None, full: bool = True) -> dict[str, Any]:
+    """`edge_status`, with the workers' data planes added when there are workers."""
+    reports = await edge.plane_reports(full)
+    st: dict[str, Any] = edge_status(edge, monitor, full)
+    return st if reports is None else merge_reports(st, reports, full)
+
+
+async def read_clients(edge: Edge, service: str | None, address: str | None, limit: int) -> dict[str, Any]:
+    """`live_clients` with the distinct addresses and their counts (of every worker, when there are workers)."""
+    parts = await edge.plane_clients(service, address, limit)
+    if parts is None:
+        out = live_clients(edge, service, address, limit)
+        addresses = edge.presence.addresses(service)
+    else:
+        rows = sorted((c for p in parts for c in p["clients"]), key=lambda c: c["since"])
+        out = {"matched": sum(p["matched"] for p in parts), "clients": rows[:max(0, min(limit, MAX_CLIENTS_LISTED))]}
+        addresses = {}
+        for p in parts:
+            for ip, n in p["addresses"].items():
+                addresses[ip] = addresses.get(ip, 0) + n
+    if address is not None:
+        addresses = {address: addresses[address]} if address in addresses else {}
+    out["addresses"] = dict(sorted(addresses.items())[:max(0, limit)])
+    out["distinct"] = len(addresses)
+    return out

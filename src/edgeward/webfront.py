@@ -25,9 +25,10 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config.loader import resolve_listen, service_scheme
 from .config.schema import Config, ServiceSettings
@@ -36,7 +37,13 @@ from .http import HttpProxy, HttpRoute, HttpRoutes, route_for_service
 from .http.exchange import ClientConnection
 from .routing import Route, make_route
 from .runtime import ListenerKey
-from .tls.certstore import CertificateError, CertStore, load_configured_files, tls_version
+from .tls.certstore import (
+    CertificateError,
+    CertStore,
+    certificate_from_pem,
+    load_configured_files,
+    tls_version,
+)
 from .upstream.pool import Pool, UpstreamTls
 
 if TYPE_CHECKING:
@@ -241,6 +248,13 @@ class WebFront:
         self.acme: AcmeManager | None = None
         self.site: Site | None = None
         self.errors: list[str] = []
+        # With workers (workers/): the master's front orders the certificates and tells of every
+        # change of its ACME state (`share`); each worker's front orders none and serves the
+        # master's (`follower`, `follow`).
+        self.follower = False
+        self._share: Callable[[], None] | None = None
+        self._followed: dict[str, Any] = {}
+        self._tokens: dict[str, str] = {}
 
     def new_site(self, cfg: Config) -> Site:
         return Site(self, cfg)
@@ -261,9 +275,18 @@ class WebFront:
             # store it was given, so it is made anew too (it reloads them from the state dir).
             certs = self.certs = CertStore(minimum_version=tls_version(cfg.tls.min_version))
             self._retire_acme()
+            certs.on_change.append(self._changed)
         certs.set_file_certificates(site.files)
         certs.set_default_name(cfg.tls.default_certificate)
-        wanted = sorted(n for n in site.names if not certs.covers(n))
+        # The names no [tls] file covers (an ACME certificate already in the store does not take
+        # its name out of ACME's hands: it is what ACME keeps and renews).
+        files = [c for slot, c in certs.slots().items() if not slot.startswith("acme:")]
+        wanted = sorted(n for n in site.names if not any(c.covers(n) for c in files))
+        if self.follower:
+            self._serve_followed()
+            if cfg.acme.enabled and wanted:
+                site.proxy.acme_http01 = self._tokens.get
+            return
         if not (cfg.acme.enabled and wanted):
             if self.acme is not None:
                 self.acme.manage(())
@@ -273,11 +296,63 @@ class WebFront:
         if self.acme is None:
             from .tls.acme import AcmeManager  # the acme library is imported only when ACME is used
             self.acme = AcmeManager(cfg.acme, Path(state_dir), certs)
+            self.acme.on_http01.append(self._changed)
             if self.loop is not None:
                 self.loop.create_task(self.acme.start())
         self.acme.manage(wanted)
         # The proxy answers HTTP-01 challenges from the current manager.
         site.proxy.acme_http01 = self.acme.http01_response
+
+    # ------------------------------------------------------------------ ACME with workers
+    def share(self, notify: Callable[[], None]) -> None:
+        """Master: call `notify` after every change of what `shared_state` returns."""
+        self._share = notify
+
+    def _changed(self) -> None:
+        if self._share is not None:
+            self._share()
+
+    def shared_state(self) -> dict[str, Any]:
+        """Master: the ACME certificates, TLS-ALPN-01 challenge certificates and HTTP-01 answers
+        in force, as a worker's front serves them (`follow`). PEM text: keys included."""
+        certs = self.certs
+        return {
+            "certs": {slot: [c.chain_pem.decode(), c.key_pem.decode()]
+                      for slot, c in (certs.slots().items() if certs is not None else ()) if slot.startswith("acme:")},
+            "challenges": {name: [chain.decode(), key.decode()]
+                           for name, (chain, key) in (certs.challenge_pems.items() if certs is not None else ())},
+            "tokens": self.acme.http01_tokens() if self.acme is not None else {},
+        }
+
+    def follow(self, state: dict[str, Any]) -> None:
+        """Worker: serve the master's ACME state (`shared_state`) from now on."""
+        self._followed = state
+        self._tokens.clear()  # in place: the proxy answers from this very dict
+        self._tokens.update(state.get("tokens") or {})
+        self._serve_followed()
+
+    def _serve_followed(self) -> None:
+        certs = self.certs
+        if certs is None:
+            return  # the first `apply` makes the store and serves it
+        want = self._followed.get("certs") or {}
+        for slot in [s for s in certs.slots() if s.startswith("acme:") and s not in want]:
+            certs.remove(slot)
+        for slot, (chain, key) in want.items():
+            cur = certs.get(slot)
+            try:
+                cert = certificate_from_pem(chain.encode(), key.encode(), source="acme")
+            except CertificateError as e:
+                log.error("the master's certificate %s cannot be served: %s", slot, e)
+                continue
+            if cur is None or cur.fingerprint != cert.fingerprint:
+                certs.put(slot, cert)
+        challenges = self._followed.get("challenges") or {}
+        for name in [n for n in certs.pending_challenges() if n not in challenges]:
+            certs.clear_challenge(name)
+        for name, (chain, key) in challenges.items():
+            if certs.challenge_pems.get(name) != (chain.encode(), key.encode()):
+                certs.set_challenge(name, chain.encode(), key.encode())
 
     def _retire_acme(self) -> None:
         old, self.acme = self.acme, None

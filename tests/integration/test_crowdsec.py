@@ -338,3 +338,49 @@ def test_origin_and_scenario_filters(tmp_path: Path, upstream: ThreadServer) -> 
         finally:
             edge.stop()
             upstream.close()
+
+
+def test_decisions_reach_every_worker(tmp_path: Path, upstream: ThreadServer) -> None:
+    """With [edge] workers = 2 the bouncer runs in the master; its decisions (an address and a
+    range) reach both workers, which refuse them and close the range's open connections."""
+    with lapi(tmp_path / "lapi") as server:
+        key = server.add_bouncer("edge")
+        port, admin = free_port(), free_port()
+        edge = EdgeProcess(tmp_path, f"""
+[edge]
+admin = "127.0.0.1:{admin}"
+state_dir = "{tmp_path / 'state'}"
+workers = 2
+""" + config(port, upstream.port, server.url, key), admin_port=admin, wait=[("127.0.0.1", port)])
+        try:
+            assert wait_until(lambda: len(edge.status()["workers"]["processes"]) == 2, 15)  # type: ignore[index]
+            # Clients inside the range, held open until some are in each worker.
+            held = []
+            for i in range(40):
+                c = connect_from(f"127.0.3.{10 + i}", port)
+                c.sendall(b"x")
+                assert c.recv(1) == b"x"
+                held.append(c)
+                if all(w["connections"] > 0 for w in edge.status()["workers"]["processes"]):  # type: ignore[index]
+                    break
+            assert all(w["connections"] > 0 for w in edge.status()["workers"]["processes"])  # type: ignore[index]
+            server.cscli("decisions", "add", "--range", "127.0.3.0/24", "--duration", "1h")
+            server.cscli("decisions", "add", "--ip", "127.0.0.9", "--duration", "1h")
+            assert refused_within("127.0.0.9", port, 10 * POLL + 5) is not None, edge.log()
+            assert wait_until(lambda: not served("127.0.3.200", port), 10 * POLL + 5)
+            for c in held:  # closed by whichever worker held it (a timeout fails the test)
+                c.settimeout(3)
+                try:
+                    assert c.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+                c.close()
+            # Refused by every worker (each connection lands on one of them by the kernel's hash).
+            for _ in range(40):
+                assert not served("127.0.3.7", port) and not served("127.0.0.9", port)
+            ws = edge.status()["workers"]["processes"]  # type: ignore[index]
+            assert all(w["refused"] > 0 for w in ws), ws
+            assert served("127.0.4.1", port)
+        finally:
+            edge.stop()
+            upstream.close()

@@ -11,13 +11,22 @@ import pytest
 import typer
 
 from edgeward.cli import app
-from edgeward.daemon import RUN_OPTIONS, parse_run
+from edgeward.daemon import RUN_OPTIONS, WORKER_OPTIONS, parse_run, parse_worker
 
 
-def test_the_fast_path_knows_exactly_the_options_of_the_cli_run_command() -> None:
-    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
-    opts = {o for p in run.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
-    assert opts - {"--help"} == set(RUN_OPTIONS)
+@pytest.mark.parametrize(("command", "options"), [("run", RUN_OPTIONS), ("worker", WORKER_OPTIONS)])
+def test_the_fast_path_knows_exactly_the_options_of_the_cli_command(command: str, options: tuple[str, ...]) -> None:
+    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    assert opts - {"--help"} == set(options)
+
+
+def test_parse_worker() -> None:
+    assert parse_worker(["--control-fd", "5", "--index", "1", "e.toml"]) == ("e.toml", 5, 1, None)
+    assert parse_worker(["e.toml", "--control-fd", "7", "--log-level", "debug"]) == ("e.toml", 7, 0, "debug")
+    assert parse_worker(["e.toml"]) is None  # no control socket: the CLI says so
+    assert parse_worker(["--control-fd", "x", "e.toml"]) is None
+    assert parse_worker(["--control-fd"]) is None
 
 
 @pytest.mark.parametrize(("args", "parsed"), [

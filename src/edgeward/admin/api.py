@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,7 +35,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..admission import normalise_ip
 from ..monitor import Monitor
-from ..status import edge_status, live_clients
+from ..status import read_clients, read_status
 from .dashboard import COOKIE, PAGE_HEADERS, Dashboard, cookie_token
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ class AdminAPI:
         else:
             host, _, port = self.address.rpartition(":")
             self.server = await asyncio.start_server(self._handle, host.strip("[]"), int(port))
+        if await self.edge.plane_reports(False) is not None:  # workers: the history is theirs, summed
+            self.monitor.point_source = self._history_point
         self.monitor.start()
         log.info("admin API on %s", self.address)
 
@@ -172,7 +175,7 @@ class AdminAPI:
             return Reply(200, b"", "text/event-stream", stream=True)
         if method == "GET" and path == "/metrics":
             from .metrics import render_metrics  # prometheus_client is imported at the first scrape
-            return Reply(200, render_metrics(self.edge, self.monitor), "text/plain; version=0.0.4")
+            return Reply(200, render_metrics(await read_status(self.edge, self.monitor)), "text/plain; version=0.0.4")
         handler = self.routes.get((method, path))
         if handler is None and method == "POST" and path.startswith("/pools/"):
             parts = path.split("/")
@@ -206,7 +209,7 @@ class AdminAPI:
         return Reply(status, json.dumps(result, indent=1).encode() + b"\n", "application/json")
 
     async def _status(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        return 200, edge_status(self.edge, self.monitor)
+        return 200, await read_status(self.edge, self.monitor)
 
     async def _clients(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         service = query["service"][0] if query.get("service") else None
@@ -217,13 +220,7 @@ class AdminAPI:
             return 400, {"error": "limit must be an integer"}
         if address is not None:
             address = normalise_ip(address.strip("[]"))
-        out = live_clients(self.edge, service, address, limit)
-        addresses = self.edge.presence.addresses(service)
-        if address is not None:
-            addresses = {address: addresses[address]} if address in addresses else {}
-        out["addresses"] = dict(sorted(addresses.items())[:max(0, limit)])
-        out["distinct"] = len(addresses)
-        return 200, out
+        return 200, await read_clients(self.edge, service, address, limit)
 
     async def _recent_bans(self) -> list[dict[str, Any]]:
         """The bans in force, newest first (from the guard's /bans, when there is a guard)."""
@@ -234,6 +231,12 @@ class AdminAPI:
         if code != 200 or not isinstance(bans, list):
             return []
         return sorted(bans, key=lambda b: -float(b.get("start", 0)))
+
+    async def _history_point(self) -> dict[str, Any]:
+        st = await read_status(self.edge, self.monitor, full=False)
+        return {"time": round(time.time(), 1), "clients": st["clients"], "connections": st["connections"],
+                "udp_sessions": st["udp_sessions"], "in_rate": st["in_rate"], "out_rate": st["out_rate"],
+                "services": {name: s["clients"] for name, s in st["services"].items()}}
 
     async def _history(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         return 200, {"step": self.monitor.step, "points": list(self.monitor.history)}

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 from ..edge import Edge
 from ..monitor import Monitor
-from ..status import edge_status
+from ..status import read_status
 
 log = logging.getLogger("edgeward.admin")
 
@@ -88,7 +88,7 @@ class Dashboard:
     # ------------------------------------------------------------------ live numbers
     async def view(self) -> dict[str, Any]:
         """What the page shows, from the same status the API serves."""
-        st = edge_status(self.edge, self.monitor, full=False)
+        st = await read_status(self.edge, self.monitor, full=False)
         bans = await self.bans()
         history = self.monitor.history
         return {

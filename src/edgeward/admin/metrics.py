@@ -14,10 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ..edge import Edge
-from ..monitor import Monitor
 from ..stats import FAMILIES
-from ..status import edge_status
 
 # Prometheus naming: units in names (bytes, datagrams), counters end in _total (added by
 # CounterMetricFamily); labels are service, pool, server, listener: never a client address, so the
@@ -41,12 +38,13 @@ _SERVER_COUNTERS = (("total", "connections", "Relayed connections per server."),
 
 
 class EdgeCollector(Collector):
-    def __init__(self, edge: Edge, monitor: Monitor | None = None) -> None:
-        self.edge = edge
-        self.monitor = monitor
+    """Metrics from one read of the status (status.read_status: with workers, their sum)."""
+
+    def __init__(self, st: dict[str, Any]) -> None:
+        self.st = st
 
     def collect(self) -> Iterator[Metric]:
-        st: dict[str, Any] = edge_status(self.edge, self.monitor, full=False)
+        st = self.st
         yield GaugeMetricFamily("edgeward_connections", "Open TCP connections.", value=st["connections"])
         yield GaugeMetricFamily("edgeward_udp_sessions", "Live UDP sessions (client address and port → upstream socket).",
                                 value=st["udp_sessions"])
@@ -56,11 +54,8 @@ class EdgeCollector(Collector):
         lst = GaugeMetricFamily("edgeward_listener_open_connections",
                                 "Open TCP connections (UDP listeners: live sessions) per listening address.",
                                 labels=["listener", "transport", "address"])
-        edge = self.edge
-        for (transport, host, port), t in sorted(edge.listeners.items()):
-            lst.add_metric([t.name, transport, f"{host}:{port}"], t.active)
-        for (transport, host, port), u in sorted(edge.udp_listeners.items()):
-            lst.add_metric([u.name, transport, f"{host}:{port}"], u.active)
+        for row in st.get("listeners", ()):
+            lst.add_metric([row["name"], row["transport"], row["address"]], row["active"])
         yield lst
         services: dict[str, dict[str, int]] = st["services"]
         for field, metric, help_ in _SERVICE_GAUGES:
@@ -97,14 +92,32 @@ class EdgeCollector(Collector):
             for pname, s in server_rows:
                 c.add_metric([pname, s["server"]], s[field])
             yield c
+        by_family: dict[str, list[tuple[list[str], int]]] = {f: [] for f in FAMILIES}
+        for row in st.get("counters", ()):
+            family, *labels = row["key"]
+            if family in by_family:
+                by_family[family].append((labels, row["value"]))
         for family, (labels, help_) in FAMILIES.items():
             c = CounterMetricFamily(f"edgeward_{family}", help_, labels=list(labels))
-            for key, n in sorted(self.edge.counters.families[family].items()):
-                c.add_metric(list(key), n)
+            for key, n in by_family[family]:
+                c.add_metric(key, n)
             yield c
+        workers = st.get("workers")
+        if isinstance(workers, dict):  # [edge] workers > 1
+            yield GaugeMetricFamily("edgeward_workers", "Worker processes running (workers = N).",
+                                    value=workers.get("alive", 0))
+            r = CounterMetricFamily("edgeward_worker_restarts", "Worker processes that died and were restarted.",
+                                    labels=["worker"])
+            c = CounterMetricFamily("edgeward_worker_connections", "Connections and UDP sessions each worker relayed.",
+                                    labels=["worker"])
+            for w in workers.get("processes", ()):
+                r.add_metric([str(w["index"])], w["restarts"])
+                c.add_metric([str(w["index"])], w["total"])
+            yield from (r, c)
 
 
-def render_metrics(edge: Edge, monitor: Monitor | None = None) -> bytes:
+def render_metrics(st: dict[str, Any]) -> bytes:
+    """The Prometheus text of a status read with `full=True` (its listeners and counters)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EdgeCollector(edge, monitor))
+    registry.register(EdgeCollector(st))
     return generate_latest(registry)

@@ -58,6 +58,19 @@ class EdgeSettings(_Strict):
     access_log_format: Literal["text", "json"] = Field(
         "text", description="Access log lines as logfmt text (key=value) or JSON objects."
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Data-plane processes (like nginx's worker_processes, HAProxy's nbthread). 1 = one process "
+        "doing everything. N > 1: a master keeps the control plane (config, reload, health checks, guard, ACME, "
+        "admin API) and N workers accept on SO_REUSEPORT sockets the master holds; \"auto\" = one per CPU.",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError(f"workers = {v}: between 1 and 256, or \"auto\" (one per CPU)")
+        return v
 
 
 class ListenerSettings(_Strict):

@@ -890,6 +890,9 @@ class ClientConnection:
         # uvloop's transports do not subclass asyncio's. Both loops set TCP_NODELAY themselves.
         self.transport = cast(asyncio.Transport, transport)
         self.proxy.connection_made(self)
+        if self.closed:  # closed (a ban reached admission) before the loop handed the transport over
+            transport.close()
+            return
         self.read_timer.start("header", self.settings.header_timeout, idle=False)
 
     def data_received(self, data: bytes) -> None:

@@ -243,6 +243,7 @@ class AcmeManager:
         self.root = Path(state_dir) / "acme"
         self._names: dict[str, NameState] = {}
         self._http_tokens: dict[str, str] = {}
+        self.on_http01: list[Callable[[], None]] = []  # told when a token is armed or dropped (workers)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._scheduler: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -309,6 +310,14 @@ class AcmeManager:
         if not _TOKEN.match(token):
             return None
         return self._http_tokens.get(token)
+
+    def http01_tokens(self) -> dict[str, str]:
+        """The HTTP-01 answers armed now (token → key authorization)."""
+        return dict(self._http_tokens)
+
+    def _tokens_changed(self) -> None:
+        for fn in self.on_http01:
+            fn()
 
     def status(self) -> dict[str, dict[str, object]]:
         return {name: st.status(self.renew_at(st)) for name, st in sorted(self._names.items())}
@@ -451,7 +460,12 @@ class AcmeManager:
         if chall.typ == "http-01":
             token = chall.encode("token")
             self._http_tokens[token] = key_authorization
-            return lambda: self._http_tokens.pop(token, None)  # type: ignore[return-value]
+            self._tokens_changed()
+
+            def disarm() -> None:
+                self._http_tokens.pop(token, None)
+                self._tokens_changed()
+            return disarm
         chain_pem, key_pem = tls_alpn01_certificate(name, key_authorization)
         self.store.set_challenge(name, chain_pem, key_pem)
         return lambda: self.store.clear_challenge(name)

@@ -33,7 +33,7 @@ import os
 import ssl
 import stat
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,6 +337,10 @@ class CertStore:
         self._offers_acme: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
         self.counters: dict[str, int] = {"handshake_default": 0, "handshake_unrecognized_name": 0,
                                          "handshake_acme_tls_alpn": 0}
+        # The PEMs of the challenge certificates served now, and who wants to hear of every change of
+        # slots or challenges: with workers, the master's store is copied into each worker's.
+        self.challenge_pems: dict[str, tuple[bytes, bytes]] = {}
+        self.on_change: list[Callable[[], None]] = []
 
     # -- certificates ---------------------------------------------------------------------
 
@@ -346,10 +350,16 @@ class CertStore:
                     for alpn in self._mains}
         self._entries[slot] = _Entry(slot, cert, contexts)
         self._reindex()
+        self._changed()
 
     def remove(self, slot: str) -> None:
         if self._entries.pop(slot, None) is not None:
             self._reindex()
+            self._changed()
+
+    def _changed(self) -> None:
+        for fn in self.on_change:
+            fn()
 
     def set_file_certificates(self, certs: Mapping[str, Certificate]) -> None:
         """Make the "file:" slots exactly `certs` (from `load_configured_files`), at start and on reload."""
@@ -480,18 +490,22 @@ class CertStore:
         ctx = context_with_certificate(chain_pem, key_pem, ssl.TLSVersion.TLSv1_2, (ACME_TLS_ALPN,))
         first = not self._challenges
         self._challenges = {**self._challenges, normalize_name(name): ctx}
+        self.challenge_pems = {**self.challenge_pems, normalize_name(name): (chain_pem, key_pem)}
         if first:
             for main in self._mains.values():
                 self._watch_hellos(main, True)
+        self._changed()
 
     def clear_challenge(self, name: str) -> None:
         n = normalize_name(name)
         if n not in self._challenges:
             return
         self._challenges = {k: v for k, v in self._challenges.items() if k != n}
+        self.challenge_pems = {k: v for k, v in self.challenge_pems.items() if k != n}
         if not self._challenges:
             for main in self._mains.values():
                 self._watch_hellos(main, False)
+        self._changed()
 
     def pending_challenges(self) -> list[str]:
         return sorted(self._challenges)

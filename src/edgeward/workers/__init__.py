@@ -1,0 +1,32 @@
+"""`[edge] workers = N`: a master keeps the control plane, N worker processes the data plane.
+
+The master (`MasterEdge`, an `Edge` that opens no listener itself) loads and reloads the
+config, runs the health checks, the guard and its jails, ACME, the kernel table and the admin
+API. It binds every listening address once per worker with SO_REUSEPORT and keeps its copy of
+each socket: the kernel spreads new connections (UDP: datagrams, by 4-tuple hash, so a client's
+session stays in one worker) over the group, and a worker that dies leaves its socket, and the
+connections queued on it, open in the master until its replacement takes them over.
+
+Each worker (`WorkerLink`, started by `edgeward worker`) is an ordinary `Edge` whose listening
+sockets come from the master and whose servers' health and bans are the master's: the guard
+is the state of record, and the worker holds a mirror `BanSet` its admission reads.
+
+Master and worker talk over one SOCK_SEQPACKET socketpair (message boundaries kept, listening
+sockets passed with SCM_RIGHTS): small JSON arrays `[kind, ...]`, sent without waiting. A ban or a
+health change reaches every worker in well under a millisecond (`propagation_ms` in each worker's
+status: from the master's send to the worker's apply).
+
+  master → worker  listeners (+ fds) · init · bans · ban · unban · health · reload · server_drain ·
+                   reopen · status · clients · stop
+  worker → master  ready · reloaded · status · clients · report (what the jails hear: protocol
+                   errors, HTTP 401/403, connections for flood jails)
+"""
+
+from __future__ import annotations
+
+from .channel import Channel
+from .master import MasterEdge
+from .settings import TextLoader, worker_count
+from .worker import WorkerLink
+
+__all__ = ["Channel", "MasterEdge", "TextLoader", "WorkerLink", "worker_count"]

@@ -1,0 +1,488 @@
+"""The master: the control plane of `Edge`, and the worker processes it starts, feeds and restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config.loader import ConfigError
+from ..config.schema import Config
+from ..edge import BindError, ConfigLoader, Edge, RuntimeBuilder
+from ..events import ConnAccepted, EventBus, HealthChanged, HttpRequest, Peer, ProtocolError
+from ..guard.banset import BanSet
+from ..net import sockets
+from ..net.tcp import listener_settings_summary
+from ..runtime import ListenerKey, Runtime
+from .channel import MAX_FDS, Channel
+from .settings import TextLoader, worker_count
+
+log = logging.getLogger("edgeward.workers")
+
+
+def _key(k: ListenerKey) -> list[Any]:
+    return [k[0], k[1], k[2]]
+
+
+def _merged_bans(bans: BanSet) -> list[list[Any]]:
+    """[address, listeners or None] of every ban in force: the view a worker's admission needs."""
+    out: list[list[Any]] = []
+    for addr, parts in bans.snapshot().items():
+        listeners: set[str] | None = set()
+        for lst, _until in parts.values():
+            if lst is None or listeners is None:
+                listeners = None
+            else:
+                listeners |= lst
+        out.append([addr, None if listeners is None else sorted(listeners)])
+    return out
+
+
+class Worker:
+    """One worker process as the master sees it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.channel: Channel | None = None
+        self.ready: asyncio.Future[None] | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.last: dict[str, Any] | None = None  # its last status report (what it counted, until then)
+        self.heard = 0.0  # when it last sent anything (monotonic)
+        self.hung = 0  # times it was killed for answering nothing
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self.channel is not None \
+            and not self.channel.closed and self.ready is not None and self.ready.done() \
+            and self.ready.exception() is None
+
+
+class MasterEdge(Edge):
+    """The edge of a master process: the control plane of `Edge` (config, reload, health, the
+    state status reads), and N workers for the data plane."""
+
+    READY_TIMEOUT = 30.0
+    STATUS_TIMEOUT = 2.0
+    # A worker that answers no ping for this long is stuck (a runaway loop, SIGSTOP...): it is
+    # killed and restarted, so that its share of the listening sockets is served again.
+    PING_EVERY = 1.0
+    HUNG_AFTER = 5.0
+
+    def __init__(self, config_path: str, cfg: Config, build: RuntimeBuilder, load: ConfigLoader, load_text: TextLoader,
+                 count: int, loop: asyncio.AbstractEventLoop | None = None, bus: EventBus | None = None) -> None:
+        self.count = count
+        self.load_text = load_text
+        self._load_file = load
+        self._next_text = ""
+        # The text each worker parses: the very text the master checked, whatever the file says later.
+        self.config_text = _read(config_path)
+        self.held: dict[ListenerKey, tuple[tuple[str, ...], list[socket.socket]]] = {}
+        self._fresh: set[ListenerKey] = set()
+        super().__init__(config_path, cfg, build, self._load, loop, bus)
+        self.workers = [Worker(i) for i in range(count)]
+        self.restarts = 0
+        self.stopping = False
+        # What dead workers had counted (at their last report): totals stay totals across restarts.
+        self.retired: dict[str, Any] = {"services": {}, "pools": {}, "counters": [], "retired": True}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._conn_reports = False
+        self._unsub: list[Callable[[], object]] = []
+        # The ACME state the workers serve (app.py: the web front's `shared_state`), None without HTTP.
+        self.acme_state: Callable[[], dict[str, Any] | None] = lambda: None
+        self._acme_due = False
+        self.bus.subscribe(HealthChanged, self._on_health)
+        self.extra_status["workers"] = self._workers_status
+
+    def _load(self, path: str) -> Config:
+        try:
+            text = _read(path)
+        except (OSError, ValueError):
+            return self._load_file(path)  # raises the loader's own ConfigError
+        cfg = self.load_text(text, path)
+        self._next_text = text
+        return cfg
+
+    # ------------------------------------------------------------------ listening sockets
+    def _open_listeners(self, rt: Runtime) -> None:
+        """Bind N sockets (SO_REUSEPORT) for each address that is new or whose socket options
+        changed, as the workers' `Edge._open_listeners` will ask for; close the master's copies of
+        what is gone (a worker's copy stays open until it applies the new runtime)."""
+        fresh: dict[ListenerKey, tuple[tuple[str, ...], list[socket.socket]]] = {}
+        try:
+            for key, lrt in rt.listeners.items():
+                transport, host, port = key
+                summary = (str(lrt.settings.reuseport),) if transport == "udp" else \
+                    tuple(str(x) for x in listener_settings_summary(lrt.settings))
+                cur = self.held.get(key)
+                if cur is not None and cur[0] == summary:
+                    continue
+                socks: list[socket.socket] = []
+                fresh[key] = (summary, socks)
+                for _ in range(self.count):
+                    if transport == "udp":
+                        socks.append(sockets.bind_udp(host, port, True))
+                    else:
+                        socks.append(sockets.listen_tcp(host, port, lrt.settings.backlog, True))
+        except OSError as e:
+            for _, socks in fresh.values():
+                for s in socks:
+                    s.close()
+            raise ConfigError([]) from BindError(f"cannot bind: {e.strerror or e}")
+        for key in [k for k in self.held if k not in rt.listeners or k in fresh]:
+            for s in self.held.pop(key)[1]:
+                s.close()
+        self.held.update(fresh)
+        self._fresh = set(fresh)
+
+    def _listener_messages(self, w: Worker, keys: set[ListenerKey]) -> list[tuple[list[Any], list[int]]]:
+        items = sorted(keys)
+        out = []
+        for i in range(0, len(items), MAX_FDS):
+            part = items[i:i + MAX_FDS]
+            out.append((["listeners", [_key(k) for k in part]], [self.held[k][1][w.index].fileno() for k in part]))
+        return out
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        bans = self.admission.bans
+        if isinstance(bans, BanSet):  # the guard's: the state of record, mirrored in every worker
+            self._unsub.append(bans.on_ban(self._on_ban))
+            self._unsub.append(bans.on_unban(self._on_unban))
+        self._conn_reports = ConnAccepted in self.bus.kinds  # a flood jail listens
+        await super().start()  # binds (our _open_listeners), starts the health checks
+        for w in self.workers:
+            await self._spawn(w)
+        try:
+            async with asyncio.timeout(self.READY_TIMEOUT):
+                for w in self.workers:
+                    assert w.ready is not None
+                    await w.ready
+        except (TimeoutError, RuntimeError) as e:
+            await self.stop()
+            raise OSError(f"workers did not start: {e or 'timeout'}") from None
+        log.info("%d workers started: pids %s", self.count, " ".join(str(w.pid) for w in self.workers))
+        task = self.loop.create_task(self._watchdog())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(self.PING_EVERY)
+            now = time.monotonic()
+            for w in self.workers:
+                ch = w.channel
+                if not w.alive or ch is None or w.proc is None:
+                    continue
+                if now - w.heard > self.HUNG_AFTER:
+                    log.error("worker %d (pid %d) answered nothing for %.0fs: killing it", w.index, w.pid,
+                              now - w.heard)
+                    w.hung += 1
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()  # _watch restarts it
+                    w.heard = now  # once
+                else:
+                    ch.send(["ping"])
+
+    async def _spawn(self, w: Worker) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            for s in (mine, theirs):  # a full reply (status of 10k clients) never waits for the reader
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            assert self.config_path is not None
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edgeward", "worker", "--control-fd", str(theirs.fileno()),
+                "--index", str(w.index), self.config_path, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        w.started = w.heard = time.monotonic()
+        w.ready = self.loop.create_future()
+        ch = w.channel = Channel(mine, self.loop, lambda msg, fds: self._on_message(w, msg, fds), lambda: None)
+        ch.start()
+        for msg, fds in self._listener_messages(w, set(self.held)):
+            ch.send(msg, fds)
+        self._send_state(w)
+        ch.send(["init", {"index": w.index, "path": self.config_path, "config": self.config_text,
+                          "conn_reports": self._conn_reports}])
+        task = self.loop.create_task(self._watch(w, w.proc))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send_state(self, w: Worker) -> None:
+        """The full ban set and every server's health (at start, after a restart or a reload)."""
+        assert w.channel is not None
+        bans = self.admission.bans
+        if isinstance(bans, BanSet):
+            w.channel.send(["bans", _merged_bans(bans)])
+        w.channel.send(["health", self._health_state()])
+        acme = self.acme_state()
+        if acme is not None:
+            w.channel.send(["acme", acme])
+
+    def acme_changed(self) -> None:
+        """A certificate, challenge or HTTP-01 answer of the master's ACME changed: every worker
+        gets the new state (once per loop iteration, however many changes it made)."""
+        if not self._acme_due:
+            self._acme_due = True
+            self.loop.call_soon(self._send_acme)
+
+    def _send_acme(self) -> None:
+        self._acme_due = False
+        acme = self.acme_state()
+        if acme is not None:
+            self._broadcast(["acme", acme])
+
+    def _health_state(self) -> list[list[Any]]:
+        return [[p.name, s.name, s.healthy] for p in self.runtime.pools.values() for s in p.servers]
+
+    async def _watch(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if w.channel is not None:
+            w.channel.close()
+        for fut in w.pending.values():
+            if not fut.done():
+                fut.set_result(None)
+        w.pending.clear()
+        if w.ready is not None and not w.ready.done():
+            w.ready.set_exception(RuntimeError(f"worker {w.index} exited with {code} before it was ready"))
+            w.ready.exception()  # retrieved: start() or the restart below reports it
+        if self.stopping or w.proc is not proc:
+            return
+        self._retire(w)
+        lived = time.monotonic() - w.started
+        w.restarts += 1
+        self.restarts += 1
+        log.error("worker %d (pid %d) exited with %s after %.1fs; restarting it", w.index, proc.pid, code, lived)
+        if lived < 1.0:  # crashing at start: do not spin
+            await asyncio.sleep(min(5.0, 0.2 * 2 ** min(w.restarts, 5)))
+            if self.stopping:
+                return
+        try:
+            await self._spawn(w)
+        except OSError as e:
+            log.error("cannot restart worker %d: %s", w.index, e)
+
+    def _on_message(self, w: Worker, msg: list[Any], fds: list[socket.socket]) -> None:
+        for s in fds:
+            s.close()
+        w.heard = time.monotonic()
+        kind = msg[0]
+        if kind == "ready":
+            if w.ready is not None and not w.ready.done():
+                w.ready.set_result(None)
+        elif kind in ("status", "clients"):
+            fut = w.pending.pop(int(msg[1]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg[2])
+        elif kind == "reloaded":
+            if not msg[2]:
+                # A worker that cannot apply what the master checked and applied would leave the new
+                # addresses' sockets in its share unserved: it is replaced (its successor starts
+                # with the master's config).
+                self.counters.inc("reloads", "worker_rejected")
+                log.error("worker %d rejected the reload the master applied; replacing it", w.index)
+                if w.proc is not None and w.proc.returncode is None:
+                    w.proc.send_signal(signal.SIGTERM)
+        elif kind == "report":
+            self._report(msg[1:])
+
+    def _report(self, r: list[Any]) -> None:
+        """What a worker saw that the jails hear: published on the master's bus, where the guard
+        adapter subscribed (the master's own counters do not count them: status adds the workers')."""
+        what, listener, ip, port = r[0], str(r[1]), str(r[2]), int(r[3])
+        peer = Peer(ip, port)
+        if what == "proto":
+            self.bus.publish(ProtocolError(listener, peer, str(r[4])))
+        elif what == "http":
+            self.bus.publish(HttpRequest(listener, peer, str(r[5]), "", str(r[6]), "", str(r[7]), "", int(r[4]),
+                                         0, 0, 0.0, "", False, ""))
+        elif what == "conn":
+            self.bus.publish(ConnAccepted(listener, peer))
+
+    def _broadcast(self, msg: list[Any]) -> None:
+        for w in self.workers:
+            if w.channel is not None and not w.channel.closed:
+                w.channel.send(msg)
+
+    def _on_ban(self, addr: str, listeners: frozenset[str] | None) -> None:
+        self._broadcast(["ban", addr, None if listeners is None else sorted(listeners), time.monotonic()])
+
+    def _on_unban(self, addr: str) -> None:
+        self._broadcast(["unban", addr, time.monotonic()])
+
+    def _on_health(self, ev: HealthChanged) -> None:
+        self._broadcast(["health", [[ev.pool, ev.server, ev.healthy]], time.monotonic()])
+
+    def _reload(self, path: str) -> bool:
+        if not super()._reload(path):
+            return False
+        self.config_text = self._next_text
+        if worker_count(self.runtime.config) != self.count:
+            log.warning("workers = %s: the number of workers changes at the next start; %d run until then",
+                        self.runtime.config.edge.workers, self.count)
+        rid = next(self._ids)
+        for w in self.workers:
+            ch = w.channel
+            if ch is None or ch.closed:
+                continue  # a worker being restarted gets the new config in its init
+            for msg, fds in self._listener_messages(w, self._fresh):
+                ch.send(msg, fds)
+            ch.send(["reload", rid, self.config_text])  # answered by "reloaded"
+            self._send_state(w)
+        return True
+
+    def close_client(self, ip: str, listeners: frozenset[str] | None = None) -> int:
+        return 0  # the workers close their connections themselves when the ban reaches them
+
+    def set_drain(self, pool: str, server: str, drain: bool) -> bool:
+        if not super().set_drain(pool, server, drain):
+            return False
+        self._broadcast(["server_drain", pool, server, drain])
+        return True
+
+    def reopen_logs(self) -> None:
+        self._broadcast(["reopen"])
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Every worker drains (stops accepting; its connections finish within the timeout); then stop."""
+        limit = self.runtime.config.edge.drain_timeout if timeout is None else timeout
+        self.admission.draining = True
+        self.stopping = True
+        for fn in self.on_drain:
+            fn()
+        self._broadcast(["stop", limit])
+        # The workers close their copies of the listening sockets now: with the master's closed too,
+        # new clients are refused at once (as when one process drains), not queued for nobody.
+        for _, socks in self.held.values():
+            for s in socks:
+                s.close()
+        self.held.clear()
+        await self._wait_workers(limit + 5.0)
+        await self.stop()
+
+    async def _wait_workers(self, limit: float) -> None:
+        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        if not procs:
+            return
+        try:
+            async with asyncio.timeout(limit):
+                await asyncio.gather(*(p.wait() for p in procs))
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    log.error("worker pid %d did not stop in time: killed", p.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGINT)  # stop now
+        await self._wait_workers(5.0)
+        for w in self.workers:
+            if w.channel is not None:
+                w.channel.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for _, socks in self.held.values():
+            for s in socks:
+                s.close()
+        self.held.clear()
+        for u in self._unsub:
+            u()
+        await super().stop()
+
+    # ------------------------------------------------------------------ reads
+    async def _ask(self, w: Worker, msg: list[Any]) -> Any:
+        ch = w.channel
+        if not w.alive or ch is None:
+            return None
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        w.pending[rid] = fut
+        ch.send([msg[0], rid, *msg[1:]])
+        try:
+            async with asyncio.timeout(self.STATUS_TIMEOUT):
+                return await fut
+        except TimeoutError:
+            return None
+        finally:
+            w.pending.pop(rid, None)
+
+    async def plane_reports(self, full: bool) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self._ask(w, ["status", full]) for w in self.workers))
+        out = []
+        for w, rep in zip(self.workers, replies, strict=True):
+            if isinstance(rep, dict):
+                rep["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts, "hung": w.hung}
+                w.last = rep
+                out.append(rep)
+        if self.restarts:
+            out.append(self.retired)
+        return out
+
+    def _retire(self, w: Worker) -> None:
+        """Keep the totals of a worker that died, as of its last report (what it counted after that
+        is lost with it), so that status and /metrics counters do not go back at a restart."""
+        last, w.last = w.last, None
+        if last is None:
+            return
+        r = self.retired
+        for name, svc in last.get("services", {}).items():
+            mine = r["services"].setdefault(name, {})
+            for k in ("total", "bytes_in", "bytes_out", "udp_sessions_total", "requests", "datagrams_in",
+                      "datagrams_out"):
+                mine[k] = mine.get(k, 0) + svc.get(k, 0)
+        for pname, pool in last.get("pools", {}).items():
+            servers = r["pools"].setdefault(pname, {"servers": []})["servers"]
+            for srv in pool.get("servers", ()):
+                mine = next((x for x in servers if x["server"] == srv["server"]), None)
+                if mine is None:
+                    mine = {"server": srv["server"]}
+                    servers.append(mine)
+                for k in ("total", "bytes_in", "bytes_out"):
+                    mine[k] = mine.get(k, 0) + srv.get(k, 0)
+        counters = {tuple(c["key"]): c["value"] for c in r["counters"]}
+        for c in last.get("counters", ()):
+            key = tuple(c["key"])
+            counters[key] = counters.get(key, 0) + c["value"]
+        r["counters"] = [{"key": list(k), "value": v} for k, v in counters.items()]
+
+    async def plane_clients(self, service: str | None, address: str | None, limit: int) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self._ask(w, ["clients", service, address, limit]) for w in self.workers))
+        return [r for r in replies if isinstance(r, dict)]
+
+    def describe_listeners(self) -> str:
+        tcp = sum(1 for k in self.held if k[0] == "tcp")
+        return (f"{tcp} TCP and {len(self.held) - tcp} UDP listening addresses, one socket each for "
+                f"{self.count} workers")
+
+    def _workers_status(self) -> dict[str, object]:
+        return {"count": self.count, "restarts": self.restarts,
+                "alive": sum(1 for w in self.workers if w.alive)}
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()

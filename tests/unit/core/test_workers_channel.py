@@ -1,0 +1,118 @@
+"""The master ↔ worker channel (workers.py) and the merge of the workers' status, without processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import pytest
+
+from edgeward.config.loader import loads
+from edgeward.status import merge_reports
+from edgeward.workers import Channel, worker_count
+
+
+def test_messages_larger_than_a_packet_and_sockets_arrive_whole_and_in_order() -> None:
+    async def run() -> tuple[list[list[Any]], list[int], bool]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        got: list[list[Any]] = []
+        fds: list[int] = []
+        closed = asyncio.Event()
+
+        def on_message(msg: list[Any], socks: list[socket.socket]) -> None:
+            got.append(msg)
+            for s in socks:
+                fds.append(s.fileno())
+                s.close()
+
+        sender = Channel(a, loop, lambda m, s: None, lambda: None)
+        receiver = Channel(b, loop, on_message, closed.set)
+        sender.start()
+        receiver.start()
+        big = ["status", 1, {"addresses": [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(40_000)]}]
+        passed = socket.socket()
+        sender.send(big)  # about 600 KB: more than the socket's buffer, queued and written as it drains
+        sender.send(["listeners", [["tcp", "127.0.0.1", 1]]], [passed.fileno()])
+        sender.send(["ban", "192.0.2.1", None, 0.0])
+        while len(got) < 3:
+            await asyncio.sleep(0.01)
+        passed.close()
+        sender.close()
+        await asyncio.wait_for(closed.wait(), 5)  # the other end's close is seen
+        return got, fds, receiver.closed
+
+    got, fds, receiver_closed = asyncio.run(run())
+    assert [m[0] for m in got] == ["status", "listeners", "ban"]
+    assert len(got[0][2]["addresses"]) == 40_000 and got[0][2]["addresses"][-1] == "10.0.156.63"
+    assert len(fds) == 1
+    assert receiver_closed
+
+
+def test_a_malformed_message_is_logged_and_the_channel_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> list[list[Any]]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        got: list[list[Any]] = []
+        receiver = Channel(b, loop, lambda m, s: got.append(m), lambda: None)
+        receiver.start()
+        a.send(b".{not json")
+        a.send(b'.["ok"]')
+        while not got:
+            await asyncio.sleep(0.01)
+        a.close()
+        receiver.close()
+        return got
+
+    assert asyncio.run(run()) == [["ok"]]
+    assert "message" in caplog.text
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
+    assert worker_count(loads("[edge]\nworkers = 3\n")) == 3
+    assert worker_count(loads("")) == 1
+    assert worker_count(loads('[edge]\nworkers = "auto"\n')) == len(os.sched_getaffinity(0))
+    with pytest.raises(Exception, match="between 1 and 256"):
+        loads("[edge]\nworkers = 0\n")
+
+
+def _report(addresses: list[str], total: int, refused: int, active: int) -> dict[str, Any]:
+    return {
+        "connections": active, "udp_sessions": 0, "in_rate": 1.0, "out_rate": 2.0, "clients": len(addresses),
+        "services": {"web": {"active": active, "total": total, "bytes_in": 10 * total, "bytes_out": 0}},
+        "pools": {"p": {"servers": [{"server": "10.0.0.1:80", "active": active, "total": total, "available": True}]}},
+        "listeners": [{"address": "127.0.0.1:443", "transport": "tcp", "name": "l", "active": active}],
+        "counters": [{"key": ["refused", "l", "banned"], "value": refused},
+                     {"key": ["reloads", "applied"], "value": 1}],
+        "pipes": {"pooled": 2, "in_use": 0}, "splice": True,
+        "addresses": {"all": addresses, "services": {"web": addresses}, "pools": {"p": addresses},
+                      "servers": {"p/10.0.0.1:80": addresses}},
+    }
+
+
+def test_merged_status_adds_the_workers_up_and_counts_a_client_once() -> None:
+    control = {
+        "services": {"web": {"active": 0, "total": 0, "clients": 0, "pool": "p"}},
+        "pools": {"p": {"balance": "round-robin", "servers": [{"server": "10.0.0.1:80", "healthy": False,
+                                                                "available": False, "active": 0}]}},
+        "counters": [{"key": ["reloads", "applied"], "value": 2}, {"key": ["protocol_errors", "l", "x"], "value": 9}],
+        "workers": {"count": 2, "restarts": 0, "alive": 2},
+    }
+    one = _report(["192.0.2.1", "192.0.2.2"], 5, 1, 2)
+    two = _report(["192.0.2.2", "192.0.2.3"], 7, 2, 3)
+    st = merge_reports(control, [one, two], True)
+    assert st["clients"] == 3 and st["connections"] == 5 and st["in_rate"] == 2.0
+    web = st["services"]["web"]
+    assert web["total"] == 12 and web["bytes_in"] == 120 and web["clients"] == 3 and web["pool"] == "p"
+    pool = st["pools"]["p"]
+    assert pool["clients"] == 3 and pool["active"] == 5
+    assert pool["servers"][0]["healthy"] is False and pool["servers"][0]["total"] == 12  # health: the master's
+    assert st["listeners"] == [{"address": "127.0.0.1:443", "transport": "tcp", "name": "l", "active": 5}]
+    counters = {tuple(c["key"]): c["value"] for c in st["counters"]}
+    # reloads are the master's; every other family the workers' (the master's copy of what they
+    # reported to the jails is not counted twice)
+    assert counters == {("refused", "l", "banned"): 3, ("reloads", "applied"): 2}
+    assert [w["refused"] for w in st["workers"]["processes"]] == [1, 2]
+    assert st["pipes"] == {"pooled": 4, "in_use": 0}
