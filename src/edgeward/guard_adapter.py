@@ -90,7 +90,18 @@ class GuardAdapter:
         admin.add_route("POST", "/unban", self._unban)
 
     async def _bans(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        return 200, self.guard.bans()
+        """Every ban in force (oldest first); with ?newest=N, {"total": in force, "bans": the newest N}."""
+        newest = query.get("newest")
+        if not newest:
+            return 200, self.guard.bans()
+        try:
+            n = int(newest[0])
+        except ValueError:
+            return 400, {"error": "newest must be a number of bans"}
+        if not 0 <= n <= 10000:
+            return 400, {"error": "newest must be between 0 and 10000"}
+        total, bans = self.guard.newest_bans(n)
+        return 200, {"total": total, "bans": bans}
 
     async def _status(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         given = query.get("jail")

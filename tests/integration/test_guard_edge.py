@@ -69,6 +69,9 @@ def test_log_failures_ban_at_the_edge_and_persist(tmp_path: Path) -> None:
         bans = edge.api("GET", "/bans")[1]
         assert [b["address"] for b in bans] == [attacker]  # type: ignore[union-attr, index]
         assert "Failed authentication" in str(bans)
+        newest = edge.api("GET", "/bans?newest=5")[1]  # what the dashboard and `top` read
+        assert newest["total"] == 1 and [b["address"] for b in newest["bans"]] == [attacker]  # type: ignore[index]
+        assert edge.api("GET", "/bans?newest=lots")[0] == 400
         assert edge.counter("refused", f"127.0.0.1:{p1}", "banned") >= 1
         # kill -9 and restart: the ban is still there before the first connection.
         edge.proc.send_signal(signal.SIGKILL)

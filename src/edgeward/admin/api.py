@@ -222,15 +222,15 @@ class AdminAPI:
             address = normalise_ip(address.strip("[]"))
         return 200, await read_clients(self.edge, service, address, limit)
 
-    async def _recent_bans(self) -> list[dict[str, Any]]:
-        """The bans in force, newest first (from the guard's /bans, when there is a guard)."""
+    async def _recent_bans(self, n: int) -> tuple[int, list[dict[str, Any]]]:
+        """(bans in force, the newest `n`, newest first), from the guard's /bans when there is a guard."""
         handler = self.routes.get(("GET", "/bans"))
         if handler is None:
-            return []
-        code, bans = await handler({}, None)
-        if code != 200 or not isinstance(bans, list):
-            return []
-        return sorted(bans, key=lambda b: -float(b.get("start", 0)))
+            return 0, []
+        code, answer = await handler({"newest": [str(n)]}, None)
+        if code != 200 or not isinstance(answer, dict):
+            return 0, []
+        return int(answer["total"]), list(answer["bans"])
 
     async def _history_point(self) -> dict[str, Any]:
         st = await read_status(self.edge, self.monitor, full=False)

@@ -61,7 +61,7 @@ def cookie_token(header: str) -> str | None:
 
 
 class Dashboard:
-    def __init__(self, edge: Edge, monitor: Monitor, bans: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
+    def __init__(self, edge: Edge, monitor: Monitor, bans: Callable[[int], Awaitable[tuple[int, list[dict[str, Any]]]]]) -> None:
         self.edge = edge
         self.monitor = monitor
         self.bans = bans
@@ -89,7 +89,7 @@ class Dashboard:
     async def view(self) -> dict[str, Any]:
         """What the page shows, from the same status the API serves."""
         st = await read_status(self.edge, self.monitor, full=False)
-        bans = await self.bans()
+        in_force, bans = await self.bans(RECENT_BANS)
         history = self.monitor.history
         return {
             "time": round(time.time(), 1), "version": st["version"], "uptime": st["uptime"],
@@ -102,8 +102,8 @@ class Dashboard:
                 {k: s[k] for k in ("server", "healthy", "available", "drain", "clients", "active", "udp_sessions",
                                    "in_rate", "out_rate")} for s in p["servers"]]}
                       for name, p in st["pools"].items()},  # type: ignore[attr-defined]
-            "bans": [{k: b.get(k) for k in ("address", "jail", "reason", "start", "end")} for b in bans[:RECENT_BANS]],
-            "bans_in_force": len(bans),
+            "bans": [{k: b.get(k) for k in ("address", "jail", "reason", "start", "end")} for b in bans],
+            "bans_in_force": in_force,
             "point": history[-1] if history else None,
             "step": self.monitor.step,
         }

@@ -45,8 +45,9 @@ def human_bytes(n: float) -> str:
 
 
 def render(st: dict[str, Any] | None, bans: list[dict[str, Any]], error: str | None = None,
-           now: float | None = None) -> RenderableType:
-    """One screen of `top` from a `/status` answer and the bans in force."""
+           now: float | None = None, in_force: int | None = None) -> RenderableType:
+    """One screen of `top` from a `/status` answer and the newest bans (`in_force`: how many there are
+    in all; default len(bans))."""
     parts: list[RenderableType] = []
     stamp = time.strftime("%H:%M:%S", time.localtime(now))
     if st is None:
@@ -77,7 +78,7 @@ def render(st: dict[str, Any] | None, bans: list[dict[str, Any]], error: str | N
             t.add_row(pname, s["server"], health, str(s.get("clients", 0)), str(s["active"]),
                       str(s.get("udp_sessions", 0)), human_rate(s.get("in_rate", 0)), human_rate(s.get("out_rate", 0)))
     parts.append(t)
-    t = Table("address", "jail", "since", "reason", title=f"recent bans ({len(bans)} in force)",
+    t = Table("address", "jail", "since", "reason", title=f"recent bans ({len(bans) if in_force is None else in_force} in force)",
               title_justify="left", expand=True)
     for b in sorted(bans, key=lambda b: -float(b.get("start", 0)))[:RECENT_BANS]:
         t.add_row(str(b.get("address", "")), str(b.get("jail", "")),
@@ -86,15 +87,19 @@ def render(st: dict[str, Any] | None, bans: list[dict[str, Any]], error: str | N
     return Group(*parts)
 
 
-def snapshot(fetch: Fetch) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None]:
+def snapshot(fetch: Fetch) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None, None, int]:
+    """render()'s arguments: the status, the newest bans, an error, the time (now), the bans in force.
+    Only the newest bans travel: with a CrowdSec blocklist there may be tens of thousands."""
     try:
         code, st = fetch("/status")
         if code != 200 or not isinstance(st, dict):
-            return None, [], f"admin API answered {code}: {st}"
-        code, bans = fetch("/bans")
-        return st, (bans if code == 200 and isinstance(bans, list) else []), None
+            return None, [], f"admin API answered {code}: {st}", None, 0
+        code, bans = fetch(f"/bans?newest={RECENT_BANS}")
+        if code == 200 and isinstance(bans, dict):
+            return st, list(bans["bans"]), None, None, int(bans["total"])
+        return st, [], None, None, 0
     except AdminUnreachable as e:
-        return None, [], str(e)
+        return None, [], str(e), None, 0
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import ipaddress
 import json
 import logging
@@ -631,6 +632,14 @@ class CrowdSecBouncer:
     def bans(self, now: float | None = None) -> list[dict[str, Any]]:
         now = self._clock() if now is None else now
         return [b.to_dict(now, self.banset.refused(b.key)) for b in self.decisions.values() if b.until > now]
+
+    def newest_bans(self, n: int, now: float) -> list[dict[str, Any]]:
+        """The newest `n` decisions in force, newest first (only those `n` become dicts)."""
+        live = (b for b in self.decisions.values() if b.until > now)
+        return [b.to_dict(now, self.banset.refused(b.key)) for b in heapq.nlargest(n, live, key=lambda b: b.start)]
+
+    def in_force(self, now: float) -> int:
+        return sum(1 for b in self.decisions.values() if b.until > now)
 
     def status(self, with_bans: bool = False) -> dict[str, Any]:
         now = self._clock()

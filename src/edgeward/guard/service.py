@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -654,6 +655,19 @@ class Guard:
         if self.crowdsec is not None:
             out = sorted(out + self.crowdsec.bans(now), key=lambda b: float(b["start"]))
         return out
+
+    def newest_bans(self, n: int) -> tuple[int, list[dict[str, Any]]]:
+        """(how many bans are in force, the newest `n` of them, newest first). For the dashboard and
+        `edgeward top`, which refresh every second or two: with a CrowdSec blocklist of 20k decisions,
+        building every ban's dict each time held the event loop for 0.3-1 s; this builds `n`."""
+        now = self._clock()
+        live = [r for r in self._bans.values() if r.end is None or r.end > now]
+        out = [self._ban_dict(r, now) for r in heapq.nlargest(n, live, key=lambda r: r.start)]
+        total = len(live)
+        if self.crowdsec is not None:
+            total += self.crowdsec.in_force(now)
+            out = heapq.nlargest(n, out + self.crowdsec.newest_bans(n, now), key=lambda b: float(b["start"]))
+        return total, out
 
     def _ban_dict(self, rec: BanRecord, now: float) -> dict[str, Any]:
         d = rec.to_dict()

@@ -198,3 +198,23 @@ def test_the_config_layer_imports_nothing_of_the_guard() -> None:
             "print(sorted(m for m in sys.modules if m.startswith('edgeward.') and not m.startswith('edgeward.config')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+async def test_newest_bans_builds_only_those_asked_for(tmp_path: Path) -> None:
+    """The dashboard and `edgeward top` ask for the newest few bans and how many are in force
+    (/bans?newest=N); the full list is built only for `edgeward bans`."""
+    now = [1000.0]
+    guard = Guard(GuardSettings(), {}, db_path=None, clock=lambda: now[0])
+    await guard.start()
+    try:
+        for i in range(50):
+            now[0] += 1
+            await guard.ban("manual", f"192.0.2.{i}", "test", 10 if i < 5 else None)
+        now[0] += 20  # the five timed bans (the oldest) have ended
+        total, newest = guard.newest_bans(3)
+        assert total == 45
+        assert [b["address"] for b in newest] == ["192.0.2.49", "192.0.2.48", "192.0.2.47"]
+        assert [b["address"] for b in guard.bans()][-3:] == ["192.0.2.47", "192.0.2.48", "192.0.2.49"]
+        assert guard.newest_bans(0) == (45, [])
+    finally:
+        await guard.stop()
