@@ -124,6 +124,11 @@ class EdgeProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def metrics(self) -> str:
+        """The Prometheus text of /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as r:
+            return r.read().decode()  # type: ignore[no-any-return]
+
     def api(self, method: str, path: str, body: object = None) -> tuple[int, object]:
         req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method,
                                      data=json.dumps(body).encode() if body is not None else None)
@@ -332,3 +337,12 @@ class UdpEcho:
         self._t.join(2)
         for s in self.socks:
             s.close()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text (labels given in the order the edge writes them)."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {want} in /metrics")

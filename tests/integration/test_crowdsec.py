@@ -22,6 +22,7 @@ from support import (
     connect_from,
     echo_handler,
     free_port,
+    metric,
     served,
     wait_until,
 )
@@ -166,6 +167,10 @@ def test_lapi_down_keeps_decisions_and_a_restart_resumes(tmp_path: Path, upstrea
         errors = edge.status()["guard"]["crowdsec"]["errors"]  # type: ignore[index]
         assert errors <= 2.5 / POLL + 2
         assert edge.log().count("cannot reach the LAPI") == 1  # said once, then counted
+        text = edge.metrics()
+        assert metric(text, "edgeward_crowdsec_connected") == 0
+        assert metric(text, "edgeward_crowdsec_decisions") == 1
+        assert metric(text, "edgeward_crowdsec_errors_total", kind="connect") >= 2
 
         server.start()  # same port, same database
         server.cscli("decisions", "add", "--ip", "127.0.0.8", "--duration", "1h", "--reason", "after-restart")
@@ -174,6 +179,7 @@ def test_lapi_down_keeps_decisions_and_a_restart_resumes(tmp_path: Path, upstrea
         st = edge.status()["guard"]["crowdsec"]  # type: ignore[index]
         assert st["connected"] and st["decisions"] == 2
         assert "answers again" in edge.log()
+        assert metric(edge.metrics(), "edgeward_crowdsec_connected") == 1
     finally:
         if edge is not None:
             edge.stop()

@@ -29,6 +29,7 @@ from support import (
     connect_from,
     echo_handler,
     free_port,
+    metric,
     served,
     wait_until,
 )
@@ -201,6 +202,9 @@ def test_redis_killed_and_restarted_nothing_is_lost(tmp_path: Path) -> None:
         assert not a.serves(before) and not b.serves(before)
         assert a.serves(lifted) and not b.serves(lifted)
         assert a.share()["failures"] >= 1 and a.share()["last_error"]
+        text = a.edge.metrics()  # what an alert on "bans are no longer shared" reads
+        assert metric(text, "edgeward_share_connected") == 0 and metric(text, "edgeward_share_failures_total") >= 1
+        assert metric(text, "edgeward_share_sent_total", kind="ban") >= 2
         redis.start()
         assert wait_until(lambda: a.connected() and b.connected(), 10)
         # Both ways: a's ban reaches b, b's reaches a, the old ban holds on both, a's unban reaches b.
@@ -210,6 +214,9 @@ def test_redis_killed_and_restarted_nothing_is_lost(tmp_path: Path) -> None:
         # Redis was refilled with every ban in force.
         fields = set(redis.cli("HKEYS", "edgeward:bans").split())
         assert fields == {f"{x}|manual" for x in (before, during_a, during_b)}
+        assert metric(b.edge.metrics(), "edgeward_share_connected") == 1
+        received = b.share()["received"]["bans"]  # by pub/sub (what a merge took is in last_merge)
+        assert received >= 2 and metric(b.edge.metrics(), "edgeward_share_received_total", kind="ban") == received
 
 
 def test_a_late_node_gets_the_current_bans_and_a_restart_without_redis_keeps_them(tmp_path: Path) -> None:

@@ -21,18 +21,11 @@ from support import (
     connect_from,
     echo_handler,
     free_port,
+    metric,
     wait_until,
 )
 
 LONG = "a-service-with-a-name-far-longer-than-eighty-columns-would-ever-let-a-table-show-in-full"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {want} in /metrics")
 
 
 def echo_once(c: socket.socket, data: bytes) -> None:

@@ -30,6 +30,7 @@ from support import (
     connect_from,
     echo_handler,
     free_port,
+    metric,
     served,
     wait_until,
 )
@@ -67,14 +68,6 @@ def children(pid: int) -> list[int]:
                 if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
                     out.append(int(d))
     return out
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {want} in /metrics")
 
 
 def metrics(e: EdgeProcess) -> str:

@@ -102,6 +102,9 @@ class EdgeCollector(Collector):
             for key, n in by_family[family]:
                 c.add_metric(key, n)
             yield c
+        guard = st.get("guard")
+        if isinstance(guard, dict):
+            yield from _guard_links(guard)
         workers = st.get("workers")
         if isinstance(workers, dict):  # [edge] workers > 1
             yield GaugeMetricFamily("edgeward_workers", "Worker processes running (workers = N).",
@@ -114,6 +117,33 @@ class EdgeCollector(Collector):
                 r.add_metric([str(w["index"])], w["restarts"])
                 c.add_metric([str(w["index"])], w["total"])
             yield from (r, c)
+
+
+def _guard_links(guard: dict[str, Any]) -> Iterator[Metric]:
+    """The guard's links to other nodes ([guard.share], Redis) and to CrowdSec ([guard.crowdsec]), when
+    configured: what an alert on "bans are no longer shared" or "the LAPI is unreachable" needs."""
+    share = guard.get("share")
+    if isinstance(share, dict):
+        yield GaugeMetricFamily("edgeward_share_connected", "1 while the link to Redis ([guard.share]) is up.",
+                                value=1.0 if share["connected"] else 0.0)
+        yield CounterMetricFamily("edgeward_share_failures", "Failed or lost connections to Redis.",
+                                  value=share["failures"])
+        for direction in ("sent", "received"):
+            c = CounterMetricFamily(f"edgeward_share_{direction}", f"Bans and unbans {direction} through Redis.",
+                                    labels=["kind"])
+            for kind in ("bans", "unbans"):
+                c.add_metric([kind[:-1]], share[direction][kind])
+            yield c
+    cs = guard.get("crowdsec")
+    if isinstance(cs, dict):
+        yield GaugeMetricFamily("edgeward_crowdsec_connected", "1 while the CrowdSec LAPI answers the decision stream.",
+                                value=1.0 if cs["connected"] else 0.0)
+        yield GaugeMetricFamily("edgeward_crowdsec_decisions", "CrowdSec ban decisions in force (addresses and ranges).",
+                                value=cs["decisions"])
+        c = CounterMetricFamily("edgeward_crowdsec_errors", "Failed LAPI requests, by kind.", labels=["kind"])
+        for kind, n in sorted(cs.get("errors_by_kind", {}).items()):
+            c.add_metric([kind], n)
+        yield c
 
 
 def render_metrics(st: dict[str, Any]) -> bytes:
