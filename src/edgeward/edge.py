@@ -329,7 +329,7 @@ class Edge:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        self.plane.pipes.close()
+        self.plane.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
