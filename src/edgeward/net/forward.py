@@ -20,7 +20,7 @@ import logging
 import socket
 from _socket import socket as RawSocket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from .. import codec
 from ..events import ConnOpened, Peer
@@ -33,18 +33,12 @@ from .transparent import pick_same_family
 if TYPE_CHECKING:
     from ..routing import Route
     from .plane import DataPlane
+    from .tcp import TcpListener
 
 log = logging.getLogger("edgeward.forward")
 
 # States of a connection (shared with net/tcp.py)
 SNIFFING, CONNECTING, RELAYING, CLOSED = 1, 2, 3, 4
-
-
-class _Listener(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def port(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +80,7 @@ class Forwarding:
 
     # Set by TcpConn, read here:
     plane: DataPlane
-    listener: _Listener
+    listener: TcpListener
     client: RawSocket
     peer: Peer
     route: Route | None

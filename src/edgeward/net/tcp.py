@@ -137,8 +137,6 @@ class TcpConn(Forwarding):
     __slots__ = ("armed", "client", "listener", "lowat", "peeked", "peer", "plane", "proxy_in", "route", "rt",
                  "shared", "sniffed", "t0")
 
-    listener: TcpListener
-
     def __init__(self, plane: DataPlane, listener: TcpListener, sock: RawSocket, peer: Peer) -> None:
         self.plane = plane
         self.listener = listener
