@@ -52,8 +52,9 @@ GROUPS = (
           ("exchange", "forwarding", "paths", "request", "routes", "timer", "upstream"), "http/_compiled.json"),
     # Keep in step with NET_MODULES in src/edgeward/_native.py.
     Group("edgeward_net", "the data plane", "src/edgeward",
-          ("codec/_names", "codec/sniff", "codec/tls", "net/flow", "net/forward", "net/pipes", "net/poller",
-           "net/tcp", "routing", "upstream/pool"), "_compiled_net.json"),
+          ("admission", "codec/_names", "codec/proxy", "codec/sniff", "codec/tls", "events", "net/flow",
+           "net/forward", "net/pipes", "net/poller", "net/refusal", "net/tcp", "routing", "upstream/pool"),
+          "_compiled_net.json"),
 )
 
 
