@@ -27,7 +27,7 @@ from ..events import ConnOpened, Peer
 from ..upstream.pool import Pool, Server
 from . import sockets
 from .flow import BufferedFlow, Flow, SpliceFlow
-from .poller import ERR, IN, OUT
+from .poller import ERR, IN, OUT, Handler
 from .transparent import pick_same_family
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Forward:
         conn.forward(self)
 
 
-class Forwarding:
+class Forwarding(Handler):
     """Connect + PROXY header + relay, for a TcpConn (whose slots hold the state used here)."""
 
     # The connection state this half reads and writes; TcpConn adds the sniffing state.
@@ -97,7 +97,7 @@ class Forwarding:
         if new != old:
             poller = self.plane.poller
             if old < 0:
-                poller.add(fd, new, self)  # type: ignore[arg-type]  # TcpConn is the handler
+                poller.add(fd, new, self)
             elif new < 0:
                 poller.remove(fd)
             else:
@@ -138,7 +138,7 @@ class Forwarding:
         if err in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.ufd = fd = up.fileno()
             self.umask = OUT
-            plane.poller.add(fd, OUT, self)  # type: ignore[arg-type]  # TcpConn is the handler
+            plane.poller.add(fd, OUT, self)
             self.timer = plane.loop.call_later(action.connect_timeout, self._on_connect_timeout, action)
         else:
             self._connect_failed(action, err)

@@ -24,7 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import select
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+_T = TypeVar("_T")
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # only the build needs it (mypyc reads it); without it, nothing to do
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:  # type: ignore[misc]
+        return lambda cls: cls
 
 IN: int = select.EPOLLIN
 OUT: int = select.EPOLLOUT
@@ -39,8 +48,15 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
-class Handler(Protocol):
-    def on_event(self, fd: int, events: int) -> None: ...
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Handler:
+    """What receives a descriptor's events (a connection, a lingering close). A base class rather
+    than a protocol: compiled, the poller then calls `on_event` directly, not by name."""
+
+    __slots__ = ()
+
+    def on_event(self, fd: int, events: int) -> None:
+        raise NotImplementedError
 
 
 class Poller:

@@ -40,7 +40,7 @@ from ..upstream.pool import Server
 from . import refusal
 from .flow import Flow
 from .forward import CLOSED, CONNECTING, RELAYING, SNIFFING, Forwarding
-from .poller import ERR, IN
+from .poller import ERR, IN, Handler
 
 if TYPE_CHECKING:
     from ..config.schema import ListenerSettings
@@ -454,7 +454,7 @@ class TcpConn(Forwarding):
 _SCRATCH = bytearray(65536)
 
 
-class _Lingering:
+class _Lingering(Handler):
     """A client socket closed cleanly: FIN now, then what the client still sends is read and dropped
     until it closes too, LINGER_BYTES were dropped or LINGER_TIME passed (nginx's lingering_close)."""
 

@@ -9,10 +9,10 @@ import socket
 
 import uvloop
 
-from edgeward.net.poller import IN, OUT, Poller
+from edgeward.net.poller import IN, OUT, Handler, Poller
 
 
-class Recorder:
+class Recorder(Handler):
     def __init__(self) -> None:
         self.seen: list[tuple[int, int]] = []
 
@@ -62,7 +62,7 @@ def test_close_during_a_batch_is_deferred_and_later_events_are_dropped() -> None
         closed_in_batch: list[int] = []
         reused: list[int] = []
 
-        class Closer:
+        class Closer(Handler):
             def on_event(self, fd: int, events: int) -> None:
                 # The first socket reported closes both; a socket made now must not take either number.
                 for s in socks:
