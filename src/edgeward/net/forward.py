@@ -60,11 +60,12 @@ class Forwarding(Handler):
     """Connect + PROXY header + relay, for a TcpConn (whose slots hold the state used here)."""
 
     # The connection state this half reads and writes; TcpConn adds the sniffing state.
-    __slots__ = ("cfd", "cmask", "flows", "fwd", "last", "local", "server", "state", "timer", "tried", "ufd", "umask",
-                 "up")
+    __slots__ = ("cfd", "cmask", "deadline", "flows", "fwd", "last", "local", "server", "state", "timer", "tried",
+                 "ufd", "umask", "up")
 
     state: int
-    timer: asyncio.TimerHandle | None  # the sniff deadline, then the connect deadline
+    timer: asyncio.TimerHandle | None  # the sniff deadline
+    deadline: int  # the connect deadline's key in plane.deadlines (0: none)
     up: RawSocket | None
     # The descriptors and what the data plane's epoll watches them for (-1: not in its set).
     cfd: int
@@ -139,13 +140,20 @@ class Forwarding(Handler):
             self.ufd = fd = up.fileno()
             self.umask = OUT
             plane.poller.add(fd, OUT, self)
-            self.timer = plane.loop.call_later(action.connect_timeout, self._on_connect_timeout, action)
+            self.deadline = plane.deadlines.add(self, plane.loop.time() + action.connect_timeout)
         else:
             self._connect_failed(action, err)
 
-    def _on_connect_timeout(self, action: Forward) -> None:
-        self.timer = None
-        self._connect_failed(action, errno.ETIMEDOUT)
+    def on_deadline(self) -> None:
+        self.deadline = 0
+        action = self.fwd
+        if self.state == CONNECTING and self.up is not None and action is not None:
+            self._connect_failed(action, errno.ETIMEDOUT)
+
+    def _drop_deadline(self) -> None:
+        if self.deadline:
+            self.plane.deadlines.drop(self, self.deadline)
+            self.deadline = 0
 
     def _connect_failed(self, action: Forward, err: int) -> None:
         plane = self.plane
@@ -154,9 +162,7 @@ class Forwarding(Handler):
             plane.poller.close(up)
             self.up = None
             self.umask = -1
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._drop_deadline()
         server = self.server
         assert server is not None
         action.pool.connect_failed(server, plane.clock())
@@ -178,9 +184,7 @@ class Forwarding(Handler):
         elif not events & OUT:
             return
         plane = self.plane
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._drop_deadline()
         server = self.server
         route = self.route
         assert server is not None and route is not None

@@ -20,7 +20,7 @@ from ..stats import Counters
 from ..upstream.pool import Server
 from .flow import Flow
 from .pipes import HAS_SPLICE, PipePool
-from .poller import Poller
+from .poller import Deadlines, Poller
 
 
 class LiveConn(Protocol):
@@ -37,7 +37,8 @@ class LiveConn(Protocol):
 
 
 class DataPlane:
-    __slots__ = ("admission", "bus", "clock", "conns", "counters", "loop", "now", "pipes", "poller", "splice")
+    __slots__ = ("admission", "bus", "clock", "conns", "counters", "deadlines", "loop", "now", "pipes", "poller",
+                 "splice")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, admission: Admission, bus: EventBus, counters: Counters,
                  splice: bool) -> None:
@@ -48,6 +49,7 @@ class DataPlane:
         self.splice = HAS_SPLICE and splice
         self.pipes = PipePool()
         self.poller = Poller(loop)  # connection sockets; listeners stay on the loop's own readers
+        self.deadlines = Deadlines(loop)  # connect timeouts
         self.conns: set[LiveConn] = set()
         # A coarse clock, refreshed once a second by the edge's sweeper: connections stamp their
         # activity with it, which costs nothing per relayed chunk.

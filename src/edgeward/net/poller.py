@@ -58,6 +58,42 @@ class Handler:
     def on_event(self, fd: int, events: int) -> None:
         raise NotImplementedError
 
+    def on_deadline(self) -> None:
+        """Its deadline (`Deadlines.add`) passed."""
+
+
+class Deadlines:
+    """Deadlines of many handlers (connects), in 0.1 s buckets: one event-loop timer per bucket
+    in use instead of one per handler, and adding or dropping one is a set operation. A deadline
+    fires up to 0.1 s late."""
+
+    __slots__ = ("buckets", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, set[Handler]] = {}
+
+    def add(self, handler: Handler, at: float) -> int:
+        """`handler.on_deadline()` at `at` (the loop's clock) unless dropped; returns its key."""
+        key = int(at * 10.0) + 1
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = set()
+            self.loop.call_at(key / 10.0, self._fire, key)
+        bucket.add(handler)
+        return key
+
+    def drop(self, handler: Handler, key: int) -> None:
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            bucket.discard(handler)
+
+    def _fire(self, key: int) -> None:
+        bucket = self.buckets.pop(key, None)
+        if bucket:
+            for h in list(bucket):
+                h.on_deadline()
+
 
 class Poller:
     __slots__ = ("dispatching", "doomed", "ep", "fd", "handlers", "loop")

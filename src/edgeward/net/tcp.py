@@ -153,6 +153,7 @@ class TcpConn(Forwarding):
         self.local: tuple[str, int] | None = None
         self.up: RawSocket | None = None
         self.fwd = None
+        self.deadline = 0
         self.state = SNIFFING
         self.route: Route | None = None
         self.server: Server | None = None
@@ -389,9 +390,10 @@ class TcpConn(Forwarding):
         self._unregister()
         if self.cmask >= 0:
             self.cmask = self._watch(self.cfd, self.cmask, -1)
-        # The new owner gets the full socket.socket (asyncio and uvloop expect one).
+        # The new owner gets the full socket.socket (asyncio and uvloop expect one), non-blocking
+        # as before (SOCK_NONBLOCK in the type only sets its timeout to 0: no system call).
         c = self.client
-        return socket.socket(c.family, c.type, c.proto, c.detach())
+        return socket.socket(c.family, c.type | socket.SOCK_NONBLOCK, c.proto, c.detach())
 
     def close(self, reason: str = "closed") -> None:
         if self.state == CLOSED:
@@ -403,6 +405,7 @@ class TcpConn(Forwarding):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._drop_deadline()
         flows = self.flows
         if flows is not None:
             for f in flows:
@@ -414,7 +417,7 @@ class TcpConn(Forwarding):
         if was == RELAYING and reason.startswith("upstream_"):
             # The upstream died under a live client: a clean close (FIN after what was already
             # sent), not the reset a close with the client's bytes unread would be.
-            _Lingering(plane, self.client, self.cmask)
+            _Lingering(plane, self.client, self.cmask, self.shared)
         else:
             poller.close(self.client)
         plane.conns.discard(self)
@@ -461,11 +464,12 @@ class _Lingering(Handler):
     LINGER_TIME = 2.0
     LINGER_BYTES = 64 << 20
 
-    __slots__ = ("left", "poller", "sock", "timer")
+    __slots__ = ("left", "poller", "shared", "sock", "timer")
 
-    def __init__(self, plane: DataPlane, sock: RawSocket, mask: int) -> None:
+    def __init__(self, plane: DataPlane, sock: RawSocket, mask: int, shared: bool) -> None:
         self.poller = poller = plane.poller
         self.sock = sock
+        self.shared = shared
         self.left = self.LINGER_BYTES
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -501,6 +505,8 @@ class _Lingering(Handler):
         self._done()
 
     def _done(self) -> None:
+        if self.shared and self.sock.fileno() >= 0:
+            self.poller.remove(self.sock.fileno())  # a handoff endpoint may still hold the file
         self.poller.close(self.sock)
 
 
