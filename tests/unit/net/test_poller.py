@@ -9,7 +9,7 @@ import socket
 
 import uvloop
 
-from edgeward.net.poller import IN, OUT, Handler, Poller
+from edgeward.net.poller import IN, OUT, Deadlines, Handler, Poller
 
 
 class Recorder(Handler):
@@ -110,5 +110,30 @@ def test_remove_takes_a_shared_socket_out() -> None:
             p.shutdown()
             for s in (a, b, dup):
                 s.close()
+
+    _run(main)
+
+
+def test_deadlines_fire_once_unless_dropped_and_not_early() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        d = Deadlines(loop)
+        fired: list[tuple[str, float]] = []
+
+        class Waiter(Handler):
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def on_deadline(self) -> None:
+                fired.append((self.name, loop.time()))
+
+        kept, dropped = Waiter("kept"), Waiter("dropped")
+        at = loop.time() + 0.15
+        d.add(kept, at)
+        d.drop(dropped, d.add(dropped, at))
+        await asyncio.sleep(0.4)
+        assert [n for n, _ in fired] == ["kept"]
+        assert at <= fired[0][1] < at + 0.2  # never early; late by at most a bucket (and loop latency)
+        assert d.buckets == {}
 
     _run(main)
