@@ -341,7 +341,7 @@ class Edge:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        self.plane.pipes.close()
+        self.plane.close()
         self._stopped.set()
 
     def describe_listeners(self) -> str:

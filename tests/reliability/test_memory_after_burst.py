@@ -52,14 +52,16 @@ to = "127.0.0.1:{up_port}"
                 time.sleep(0.2)
             assert e.status()["connections"] == 0
             deadline = time.monotonic() + 12  # a sweep a second; the count must have settled first
-            after = rss_kib(e.pid)
-            while after > start + 8 * 1024 and time.monotonic() < deadline:
-                time.sleep(0.2)
-                after = rss_kib(e.pid)
             memory = e.status()["memory"]
+            while not memory["after_burst_collections"] and time.monotonic() < deadline:  # type: ignore[index]
+                time.sleep(0.2)
+                memory = e.status()["memory"]
+            after = rss_kib(e.pid)
             print(f"\nRSS: start {start:,} KiB, holding {COUNT:,} {held:,} KiB, after they close {after:,} KiB; "
                   f"{memory}")
-            assert held - start > 10 * 1024  # the burst was real
+            # The burst was real: ~8.5 MB here since connection sockets left uvloop's poll handles for
+            # the data plane's own epoll (net/poller.py); it was over 10 MB before.
+            assert held - start > 6 * 1024
             assert memory["after_burst_collections"] == 1  # type: ignore[index]
             assert after <= start + 8 * 1024
         finally:

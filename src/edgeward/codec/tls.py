@@ -6,7 +6,6 @@ record is a handshake record and the ClientHello is the first message.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from edgeward.codec._names import normalize_hostname
@@ -24,8 +23,6 @@ EXT_SERVER_NAME = 0
 EXT_ALPN = 16
 EXT_SUPPORTED_VERSIONS = 43
 
-_U16 = struct.Struct("!H")
-_RECORD = struct.Struct("!BBBH")  # type, version major, version minor, length
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +54,10 @@ def parse_client_hello(data: bytes) -> ClientHello | NeedMore:
         if size - pos < 5:
             _check_record_prefix(data, pos)
             return NEED_MORE
-        ctype, major, _minor, rlen = _RECORD.unpack_from(data, pos)
+        # Fields read by indexing, not struct: ints the compiled module keeps native (mypyc).
+        ctype = data[pos]
+        major = data[pos + 1]
+        rlen = (data[pos + 3] << 8) | data[pos + 4]
         if ctype != CONTENT_HANDSHAKE:
             raise TLSError(f"expected a handshake record, got content type {ctype}")
         if major != 3:
@@ -103,7 +103,7 @@ def _parse_body(body: bytes, consumed: int) -> ClientHello:
     end = len(body)
     if end < 38:
         raise TLSError("ClientHello too short")
-    legacy_version = _U16.unpack_from(body, 0)[0]
+    legacy_version = (body[0] << 8) | body[1]
     pos = 34  # version + random
     sid_len = body[pos]
     if sid_len > 32:
@@ -134,7 +134,8 @@ def _parse_body(body: bytes, consumed: int) -> ClientHello:
     while pos < end:
         if end - pos < 4:
             raise TLSError("truncated extension header")
-        etype, elen = struct.unpack_from("!HH", body, pos)
+        etype = (body[pos] << 8) | body[pos + 1]
+        elen = (body[pos + 2] << 8) | body[pos + 3]
         pos += 4
         if pos + elen > end:
             raise TLSError("truncated extension")
@@ -154,13 +155,12 @@ def _parse_body(body: bytes, consumed: int) -> ClientHello:
 def _read_u16(buf: bytes, pos: int) -> int:
     if pos + 2 > len(buf):
         raise TLSError("ClientHello truncated")
-    value: int = _U16.unpack_from(buf, pos)[0]
-    return value
+    return (buf[pos] << 8) | buf[pos + 1]
 
 
 def _parse_sni(ext: bytes) -> str:
     # RFC 6066 3: ServerNameList<1..2^16-1> of (NameType, opaque HostName<1..2^16-1>)
-    if len(ext) < 2 or _U16.unpack_from(ext, 0)[0] != len(ext) - 2:
+    if len(ext) < 2 or ((ext[0] << 8) | ext[1]) != len(ext) - 2:
         raise TLSError("bad server_name list length")
     pos, end = 2, len(ext)
     host: bytes | None = None
@@ -168,7 +168,7 @@ def _parse_sni(ext: bytes) -> str:
         if end - pos < 3:
             raise TLSError("truncated server_name entry")
         name_type = ext[pos]
-        nlen = _U16.unpack_from(ext, pos + 1)[0]
+        nlen = (ext[pos + 1] << 8) | ext[pos + 2]
         pos += 3
         if nlen == 0 or pos + nlen > end:
             raise TLSError("bad server_name entry length")
@@ -187,7 +187,7 @@ def _parse_sni(ext: bytes) -> str:
 
 def _parse_alpn(ext: bytes) -> tuple[str, ...]:
     # RFC 7301 3.1: ProtocolNameList<2..2^16-1> of opaque ProtocolName<1..2^8-1>
-    if len(ext) < 3 or _U16.unpack_from(ext, 0)[0] != len(ext) - 2:
+    if len(ext) < 3 or ((ext[0] << 8) | ext[1]) != len(ext) - 2:
         raise TLSError("bad ALPN list length")
     pos, end = 2, len(ext)
     names: list[str] = []
@@ -206,5 +206,9 @@ def _parse_versions(ext: bytes) -> tuple[int, ...]:
     # RFC 8446 4.2.1: ProtocolVersion versions<2..254> (client form)
     if len(ext) < 3 or ext[0] != len(ext) - 1 or ext[0] % 2:
         raise TLSError("bad supported_versions length")
-    values = struct.unpack_from(f"!{ext[0] // 2}H", ext, 1)
-    return tuple(v for v in values if not _is_grease(v))
+    versions: list[int] = []
+    for i in range(1, len(ext), 2):
+        v = (ext[i] << 8) | ext[i + 1]
+        if not _is_grease(v):
+            versions.append(v)
+    return tuple(versions)

@@ -4,24 +4,31 @@ Two implementations with the same surface:
 - SpliceFlow: socket → pooled pipe → socket with splice(); bytes never enter Python.
 - BufferedFlow: recv_into a fixed buffer, send; for systems without splice.
 
+The owning connection (`Relay`: net/tcp.py's TcpConn) watches both sockets on the data
+plane's epoll (net/poller.py) and calls `readable` / `writable`; it derives what each socket
+waits for from the two flows (`wants_read`, `pending`), and a flow asks it to look again
+(`rearm`) when that changes.
+
 Backpressure: when `dst` cannot take more, the flow stops reading `src` and
 waits for `dst` to become writable, so at most one pipe (or one buffer) of data
 is held per direction, whatever the peers do.
 
 Half-close: when `src` sends FIN, the flow finishes writing what it holds, then
 shuts down `dst` for writing; the other direction keeps flowing until it ends
-too. The owning connection is told through `on_done` / `on_error` (with the socket that
+too. The owning connection is told through `flow_done` / `flow_error` (with the socket that
 failed, so it can tell an upstream reset from a client's).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from .pipes import SPLICE_FLAGS, PipePool
+
+if TYPE_CHECKING:
+    from _socket import socket as RawSocket
 
 # How many read/write rounds one readiness event may run before yielding to other
 # connections; level-triggered polling brings us back if more is waiting.
@@ -29,14 +36,28 @@ ROUNDS = 8
 BUF_SIZE = 64 * 1024
 
 
-class Flow:
-    __slots__ = ("dfd", "dst", "eof", "loop", "nbytes", "on_activity", "on_done", "on_error",
-                 "pending", "sfd", "src", "stopped")
+class Relay(Protocol):
+    """What a flow needs of the connection that owns it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                 on_done: Callable[[], None], on_error: Callable[[BaseException, socket.socket], None],
-                 on_activity: Callable[[], None]) -> None:
-        self.loop = loop
+    last: float
+
+    def rearm(self) -> None: ...
+    def flow_done(self) -> None: ...
+    def flow_error(self, exc: OSError, sock: RawSocket) -> None: ...
+
+
+class _Clock(Protocol):
+    now: float
+
+
+class Flow:
+    __slots__ = ("clock", "dfd", "dst", "eof", "nbytes", "other", "owner", "pending", "sfd", "src", "stopped")
+
+    other: Flow
+
+    def __init__(self, owner: Relay, clock: _Clock, src: RawSocket, dst: RawSocket) -> None:
+        self.owner = owner
+        self.clock = clock
         self.src = src
         self.dst = dst
         self.sfd = src.fileno()
@@ -45,59 +66,45 @@ class Flow:
         self.nbytes = 0
         self.eof = False
         self.stopped = False
-        self.on_done = on_done
-        self.on_error = on_error
-        self.on_activity = on_activity
 
-    def start(self) -> None:
-        self.loop.add_reader(self.sfd, self._readable)
+    @property
+    def wants_read(self) -> bool:
+        return not (self.eof or self.pending or self.stopped)
 
     def stop(self) -> None:
-        """Unregister from the loop (the connection closes the sockets)."""
+        """Let go of buffers (the connection closes the sockets)."""
         if not self.stopped:
             self.stopped = True
-            self.loop.remove_reader(self.sfd)
-            self.loop.remove_writer(self.dfd)
             self._release()
 
     def _release(self) -> None:
         pass
 
     def _finish(self) -> None:
-        # src said FIN and everything is written: pass the FIN on.
-        self.loop.remove_reader(self.sfd)
+        # src said FIN and everything is written: pass the FIN on, unless the other way is over too
+        # and the connection is about to close both sockets (close() says FIN just the same).
+        other = self.other
+        if other.eof and not other.pending:
+            self.owner.flow_done()
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the other side may already be gone; the connection notices on its own
-        self.on_done()
+        self.owner.rearm()  # src is no longer read
 
-    def _readable(self) -> None:
+    def readable(self) -> None:
         raise NotImplementedError
 
-    def _writable(self) -> None:
+    def writable(self) -> None:
         raise NotImplementedError
-
-    def _blocked(self) -> None:
-        # dst is full: stop reading src until dst drains (bounded memory per connection).
-        self.loop.remove_reader(self.sfd)
-        self.loop.add_writer(self.dfd, self._writable)
-
-    def _unblocked(self) -> None:
-        self.loop.remove_writer(self.dfd)
-        if self.eof:
-            self._finish()
-        else:
-            self.loop.add_reader(self.sfd, self._readable)
 
 
 class SpliceFlow(Flow):
     __slots__ = ("pipe", "pipes")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                 on_done: Callable[[], None], on_error: Callable[[BaseException, socket.socket], None],
-                 on_activity: Callable[[], None], pipes: PipePool) -> None:
-        super().__init__(loop, src, dst, on_done, on_error, on_activity)
+    def __init__(self, owner: Relay, clock: _Clock, src: RawSocket, dst: RawSocket, pipes: PipePool) -> None:
+        super().__init__(owner, clock, src, dst)
         self.pipes = pipes
         self.pipe: tuple[int, int] | None = None
 
@@ -109,8 +116,8 @@ class SpliceFlow(Flow):
                 self.pipes.put(self.pipe)
             self.pipe = None
 
-    def _readable(self) -> None:
-        self.on_activity()
+    def readable(self) -> None:
+        self.owner.last = self.clock.now
         pipe = self.pipe
         if pipe is None:
             pipe = self.pipe = self.pipes.get()
@@ -119,27 +126,28 @@ class SpliceFlow(Flow):
         cap = self.pipes.capacity
         for _ in range(ROUNDS):
             try:
-                n = splice(sfd, pipe[1], cap, flags=SPLICE_FLAGS)
+                n = splice(sfd, pipe[1], cap, None, None, SPLICE_FLAGS)
             except BlockingIOError:
                 break
             except OSError as e:
-                self.on_error(e, self.src)
+                self.owner.flow_error(e, self.src)
                 return
             if n == 0:
                 self.eof = True
                 break
             self.nbytes += n
             try:
-                m = splice(pipe[0], dfd, n, flags=SPLICE_FLAGS)
+                m = splice(pipe[0], dfd, n, None, None, SPLICE_FLAGS)
             except BlockingIOError:
                 m = 0
             except OSError as e:
                 self.pending = n
-                self.on_error(e, self.dst)
+                self.owner.flow_error(e, self.dst)
                 return
             if m < n:
+                # dst is full: stop reading src until dst drains (bounded memory per connection).
                 self.pending = n - m
-                self._blocked()
+                self.owner.rearm()
                 return
             if n < cap:
                 break  # a short read drained the socket: skip the call that would only say EAGAIN
@@ -149,31 +157,32 @@ class SpliceFlow(Flow):
         if self.eof:
             self._finish()
 
-    def _writable(self) -> None:
+    def writable(self) -> None:
         pipe = self.pipe
         assert pipe is not None
         try:
-            m = os.splice(pipe[0], self.dfd, self.pending, flags=SPLICE_FLAGS)
+            m = os.splice(pipe[0], self.dfd, self.pending, None, None, SPLICE_FLAGS)
         except BlockingIOError:
             return
         except OSError as e:
-            self.on_error(e, self.dst)
+            self.owner.flow_error(e, self.dst)
             return
-        self.on_activity()
+        self.owner.last = self.clock.now
         self.pending -= m
         if self.pending == 0:
             self.pipes.put(pipe)
             self.pipe = None
-            self._unblocked()
+            if self.eof:
+                self._finish()
+            else:
+                self.owner.rearm()
 
 
 class BufferedFlow(Flow):
     __slots__ = ("buf", "start_at", "view")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                 on_done: Callable[[], None], on_error: Callable[[BaseException, socket.socket], None],
-                 on_activity: Callable[[], None]) -> None:
-        super().__init__(loop, src, dst, on_done, on_error, on_activity)
+    def __init__(self, owner: Relay, clock: _Clock, src: RawSocket, dst: RawSocket) -> None:
+        super().__init__(owner, clock, src, dst)
         self.buf: bytearray | None = None
         self.view: memoryview | None = None
         self.start_at = 0
@@ -184,8 +193,8 @@ class BufferedFlow(Flow):
         self.view = None
         self.buf = None
 
-    def _readable(self) -> None:
-        self.on_activity()
+    def readable(self) -> None:
+        self.owner.last = self.clock.now
         if self.buf is None:
             self.buf = bytearray(BUF_SIZE)
             self.view = memoryview(self.buf)
@@ -197,7 +206,7 @@ class BufferedFlow(Flow):
             except BlockingIOError:
                 break
             except OSError as e:
-                self.on_error(e, self.src)
+                self.owner.flow_error(e, self.src)
                 return
             if n == 0:
                 self.eof = True
@@ -208,12 +217,12 @@ class BufferedFlow(Flow):
             except BlockingIOError:
                 m = 0
             except OSError as e:
-                self.on_error(e, self.dst)
+                self.owner.flow_error(e, self.dst)
                 return
             if m < n:
                 self.start_at = m
                 self.pending = n - m
-                self._blocked()
+                self.owner.rearm()
                 return
             if n < BUF_SIZE:
                 break  # drained: skip the call that would only say EAGAIN
@@ -222,7 +231,7 @@ class BufferedFlow(Flow):
         if self.eof:
             self._finish()
 
-    def _writable(self) -> None:
+    def writable(self) -> None:
         view = self.view
         assert view is not None
         try:
@@ -230,11 +239,15 @@ class BufferedFlow(Flow):
         except BlockingIOError:
             return
         except OSError as e:
-            self.on_error(e, self.dst)
+            self.owner.flow_error(e, self.dst)
             return
-        self.on_activity()
+        self.owner.last = self.clock.now
         self.pending -= m
         self.start_at += m
         if self.pending == 0:
             self.start_at = 0
-            self._unblocked()
+            self._release()
+            if self.eof:
+                self._finish()
+            else:
+                self.owner.rearm()

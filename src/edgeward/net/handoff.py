@@ -171,6 +171,7 @@ class _Pending:
             self._failed("busy" if err in (errno.EAGAIN, errno.EWOULDBLOCK) else "down")
             return
         fds = array.array("i", [self.conn.client.fileno()])
+        self.conn.shared = True  # the endpoint may keep the socket's file open after the edge closes it
         try:
             sent = ctl.sendmsg([record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], socket.MSG_NOSIGNAL)
         except OSError as e:

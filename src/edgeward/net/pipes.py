@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import Final
 
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-HAS_SPLICE = hasattr(os, "splice")
-SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
+F_SETPIPE_SZ: Final[int] = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+HAS_SPLICE: Final[bool] = hasattr(os, "splice")
+SPLICE_FLAGS: Final[int] = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
 
 
 class PipePool:

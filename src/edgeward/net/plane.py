@@ -20,6 +20,7 @@ from ..stats import Counters
 from ..upstream.pool import Server
 from .flow import Flow
 from .pipes import HAS_SPLICE, PipePool
+from .poller import Deadlines, Poller
 
 
 class LiveConn(Protocol):
@@ -36,7 +37,8 @@ class LiveConn(Protocol):
 
 
 class DataPlane:
-    __slots__ = ("admission", "bus", "clock", "conns", "counters", "loop", "now", "pipes", "splice")
+    __slots__ = ("admission", "bus", "clock", "conns", "counters", "deadlines", "loop", "now", "pipes", "poller",
+                 "splice")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, admission: Admission, bus: EventBus, counters: Counters,
                  splice: bool) -> None:
@@ -46,6 +48,8 @@ class DataPlane:
         self.counters = counters
         self.splice = HAS_SPLICE and splice
         self.pipes = PipePool()
+        self.poller = Poller(loop)  # connection sockets; listeners stay on the loop's own readers
+        self.deadlines = Deadlines(loop)  # connect timeouts
         self.conns: set[LiveConn] = set()
         # A coarse clock, refreshed once a second by the edge's sweeper: connections stamp their
         # activity with it, which costs nothing per relayed chunk.
@@ -55,3 +59,8 @@ class DataPlane:
     def protocol_error(self, listener: str, peer: Peer, kind: str) -> None:
         """An edge-observed failure of this client (garbage, a forged PROXY header, ...)."""
         self.bus.publish(ProtocolError(listener, peer, kind))
+
+    def close(self) -> None:
+        """After every connection closed: the pooled pipes and the epoll."""
+        self.pipes.close()
+        self.poller.shutdown()

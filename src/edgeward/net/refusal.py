@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from _socket import socket as RawSocket
 
 from ..codec.answers import INTERNAL_ERROR, UNRECOGNIZED_NAME, http_response, tls_alert
 
@@ -35,7 +36,7 @@ ANSWERS: dict[str, dict[str, bytes]] = {
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def reset(sock: socket.socket) -> None:
+def reset(sock: RawSocket) -> None:
     """Close with an RST."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -44,7 +45,7 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def answer(sock: socket.socket, reason: str, protocol: str | None, drain: int) -> None:
+def answer(sock: RawSocket, reason: str, protocol: str | None, drain: int) -> None:
     """Read what the client sent (at most `drain` bytes: what was peeked), say the refusal in its
     protocol if it has a message for `reason`, and leave the socket to be closed with a FIN."""
     try:

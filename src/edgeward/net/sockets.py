@@ -13,6 +13,9 @@ import errno
 import ipaddress
 import socket
 import ssl
+from _socket import socket as RawSocket
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..config.units import Target
 
@@ -78,7 +81,7 @@ class TransparentFamilyError(OSError):
     """A transparent upstream socket cannot take the client's address: the families differ."""
 
 
-def _bind_transparent(s: socket.socket, source: str) -> None:
+def _bind_transparent(s: RawSocket, source: str) -> None:
     """Bind `s` to `source` (the client's IP, not an address of this host) with IP_TRANSPARENT, so
     the upstream sees the client itself. The port is left to connect() (IP_BIND_ADDRESS_NO_PORT):
     binding picks no port, so many clients behind one address still get distinct 4-tuples."""
@@ -106,15 +109,29 @@ def check_transparent() -> None:
             s.setsockopt(level, opt, 1)
 
 
+_S = TypeVar("_S", bound=RawSocket)
+
+
 def upstream_tcp(target: Target, default_port: int, source: str | None = None) -> tuple[socket.socket, object]:
     """A non-blocking stream socket for `target` and the address to connect it to (no port in the
     target: `default_port`, the port the client came to). With `source` (transparent mode), the
     socket is bound to that address, the client's. Raises OSError."""
+    return _upstream_tcp(socket.socket, target, default_port, source)
+
+
+def upstream_tcp_raw(target: Target, default_port: int, source: str | None = None) -> tuple[RawSocket, object]:
+    """upstream_tcp as the C-level `_socket.socket`, for the data plane's relays: they use the
+    socket's descriptor and a few calls, none of what the Python wrapper adds (and costs)."""
+    return _upstream_tcp(RawSocket, target, default_port, source)
+
+
+def _upstream_tcp(make: Callable[[int, int], _S], target: Target, default_port: int,
+                  source: str | None) -> tuple[_S, object]:
     if target.unix_path is not None:
-        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix_path
+        return make(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix_path
     host = target.host
     assert host is not None
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    s = make(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source is not None:

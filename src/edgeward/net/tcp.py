@@ -1,8 +1,11 @@
 """TCP listeners and the life of one connection: accept → admit → sniff → route → action → close.
 
-Everything here runs on the event loop through add_reader/add_writer on plain
-non-blocking sockets (no asyncio streams or transports): a connection costs a
-few small objects, and relayed bytes move with splice() without entering Python.
+Listening sockets are watched with the event loop's add_reader; connection sockets
+on the data plane's own epoll (net/poller.py), each added once and left there until it
+is closed. Plain non-blocking sockets, no asyncio streams or transports: a connection
+costs a few small objects, and relayed bytes move with splice() without entering Python.
+Accepted sockets are the C-level `_socket.socket` (from `_accept()`, which returns a bare
+descriptor), never the Python `socket.socket` wrapper: nothing here needs what it adds.
 
 Sniffing peeks (MSG_PEEK): the client's first bytes stay in the kernel, so the
 upstream (or the local server a socket is handed to, or the TLS terminator)
@@ -25,7 +28,9 @@ import errno
 import ipaddress
 import logging
 import socket
-from typing import TYPE_CHECKING
+from _socket import socket as RawSocket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .. import codec
 from ..admission import normalise_ip, peer_from_sockaddr
@@ -35,6 +40,7 @@ from ..upstream.pool import Server
 from . import refusal
 from .flow import Flow
 from .forward import CLOSED, CONNECTING, RELAYING, SNIFFING, Forwarding
+from .poller import ERR, IN, Handler
 
 if TYPE_CHECKING:
     from ..config.schema import ListenerSettings
@@ -49,7 +55,7 @@ _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class TcpListener:
     """One bound TCP port. Survives reloads when its address and socket options stay the same."""
 
-    __slots__ = ("active", "host", "key", "name", "paused", "plane", "port", "rt", "sock")
+    __slots__ = ("accept", "active", "family", "host", "key", "name", "paused", "plane", "port", "rt", "sock")
 
     def __init__(self, plane: DataPlane, host: str, port: int, rt: ListenerRuntime, sock: socket.socket) -> None:
         self.plane = plane
@@ -59,6 +65,9 @@ class TcpListener:
         self.rt = rt  # swapped on reload; each connection keeps the one it started with
         self.name = rt.name
         self.sock = sock
+        self.family = sock.family
+        # socket.accept() without its Python wrapper: (descriptor, address).
+        self.accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
         self.active = 0
         self.paused = True
 
@@ -78,9 +87,11 @@ class TcpListener:
 
     def _on_accept(self) -> None:
         plane = self.plane
+        accept = self.accept
+        family = self.family
         for _ in range(64):
             try:
-                sock, addr = self.sock.accept()
+                fd, addr = accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -91,12 +102,13 @@ class TcpListener:
                     plane.loop.call_later(0.1, self._retry_accept)
                     log.error("accept on %s:%d failed: %s; pausing 100ms", self.host, self.port, e)
                 return
+            sock = RawSocket(family, socket.SOCK_STREAM, 0, fd)
             ip = addr[0]
             # The Peer of this client, built once (admission.peer_from_sockaddr, inlined: hot path).
             peer = Peer(normalise_ip(ip) if "%" in ip or ip.startswith("::ffff:") else ip, addr[1])
             self._admit(sock, peer)
 
-    def _admit(self, sock: socket.socket, peer: Peer) -> None:
+    def _admit(self, sock: RawSocket, peer: Peer) -> None:
         plane = self.plane
         admission = plane.admission
         reason = admission.refusal("tcp", self.name, self.active, self.rt.settings.max_connections, peer.ip)
@@ -123,18 +135,25 @@ class TcpConn(Forwarding):
     """One client connection: sniffed here, then owned by its route's action."""
 
     __slots__ = ("armed", "client", "listener", "lowat", "peeked", "peer", "plane", "proxy_in", "route", "rt",
-                 "sniffed", "t0")
+                 "shared", "sniffed", "t0")
 
-    listener: TcpListener
-
-    def __init__(self, plane: DataPlane, listener: TcpListener, sock: socket.socket, peer: Peer) -> None:
+    def __init__(self, plane: DataPlane, listener: TcpListener, sock: RawSocket, peer: Peer) -> None:
         self.plane = plane
         self.listener = listener
         self.rt: ListenerRuntime = listener.rt
         self.client = sock
+        self.cfd = sock.fileno()
+        self.cmask = -1
+        self.ufd = -1
+        self.umask = -1
+        # The client's open file may be held elsewhere too (sent to a handoff endpoint): then it
+        # stays in the epoll set after close() and is taken out explicitly.
+        self.shared = False
         self.peer = peer
         self.local: tuple[str, int] | None = None
-        self.up: socket.socket | None = None
+        self.up: RawSocket | None = None
+        self.fwd = None
+        self.deadline = 0
         self.state = SNIFFING
         self.route: Route | None = None
         self.server: Server | None = None
@@ -178,7 +197,7 @@ class TcpConn(Forwarding):
         """Wait for (more) first bytes: a reader on the client and the sniff deadline."""
         self.armed = True
         loop = self.plane.loop
-        loop.add_reader(self.client.fileno(), self._on_sniff_readable)
+        self.cmask = self._watch(self.cfd, self.cmask, IN)
         s = self.rt.settings
         first = s.server_first_wait if 0 < s.server_first_wait < s.sniff_timeout else s.sniff_timeout
         self.timer = loop.call_later(first, self._on_sniff_timer)
@@ -186,7 +205,9 @@ class TcpConn(Forwarding):
     def _stop_sniffing(self) -> None:
         if self.armed:
             self.armed = False
-            self.plane.loop.remove_reader(self.client.fileno())
+            # Out of the set until the relay (if any) watches it again: while connecting, a reset
+            # client must not report its error on every round.
+            self.cmask = self._watch(self.cfd, self.cmask, -1)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -197,7 +218,9 @@ class TcpConn(Forwarding):
             except OSError:
                 pass
 
-    def _on_sniff_readable(self) -> None:
+    def _on_sniff_event(self, events: int) -> None:
+        if not events & (IN | ERR):
+            return
         try:
             data = self.client.recv(self.rt.settings.sniff_bytes, socket.MSG_PEEK)
         except BlockingIOError:
@@ -208,7 +231,7 @@ class TcpConn(Forwarding):
         if not data:
             self.fail("closed_during_sniff")
             return
-        if self.lowat and len(data) <= self.peeked:
+        if len(data) <= self.peeked and (self.lowat or events & ERR):
             # Readable with SO_RCVLOWAT above what is queued, yet nothing new: the client sent FIN
             # (a shut-down socket is readable whatever the low-water mark says). Its prefix can
             # never complete, and polling again would wake at once, forever: close it now.
@@ -365,36 +388,38 @@ class TcpConn(Forwarding):
         self._stop_sniffing()
         self.state = CLOSED
         self._unregister()
-        return self.client
+        if self.cmask >= 0:
+            self.cmask = self._watch(self.cfd, self.cmask, -1)
+        # The new owner gets the full socket.socket (asyncio and uvloop expect one), non-blocking
+        # as before (SOCK_NONBLOCK in the type only sets its timeout to 0: no system call).
+        c = self.client
+        return socket.socket(c.family, c.type | socket.SOCK_NONBLOCK, c.proto, c.detach())
 
     def close(self, reason: str = "closed") -> None:
         if self.state == CLOSED:
             return
         was = self.state
         self.state = CLOSED
-        loop = self.plane.loop
+        plane = self.plane
+        poller = plane.poller
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._drop_deadline()
         flows = self.flows
         if flows is not None:
-            # The flows own every registration of both sockets while relaying.
             for f in flows:
                 f.stop()
-        else:
-            if self.armed:
-                loop.remove_reader(self.client.fileno())
-            if self.up is not None:
-                loop.remove_writer(self.up.fileno())
         if self.up is not None:
-            self.up.close()
+            poller.close(self.up)
+        if self.shared and self.cmask >= 0:
+            self.cmask = self._watch(self.cfd, self.cmask, -1)
         if was == RELAYING and reason.startswith("upstream_"):
             # The upstream died under a live client: a clean close (FIN after what was already
             # sent), not the reset a close with the client's bytes unread would be.
-            _Lingering(self.plane.loop, self.client)
+            _Lingering(plane, self.client, self.cmask, self.shared)
         else:
-            self.client.close()
-        plane = self.plane
+            poller.close(self.client)
         plane.conns.discard(self)
         plane.admission.remove_tcp(self)
         self.listener.active -= 1
@@ -418,6 +443,9 @@ class TcpConn(Forwarding):
             plane.bus.publish(ConnClosed(self.listener.name, self.peer, service, upstream, bi, bo,
                                          plane.loop.time() - self.t0, reason, sniffed.protocol, sniffed.name or "",
                                          ",".join(sniffed.alpn)))
+        # The flows point back at this connection: let go of them, so that it is freed now by
+        # reference counting rather than later by the cycle collector.
+        self.flows = None
 
     def _unregister(self) -> None:
         plane = self.plane
@@ -429,26 +457,37 @@ class TcpConn(Forwarding):
 _SCRATCH = bytearray(65536)
 
 
-class _Lingering:
+class _Lingering(Handler):
     """A client socket closed cleanly: FIN now, then what the client still sends is read and dropped
     until it closes too, LINGER_BYTES were dropped or LINGER_TIME passed (nginx's lingering_close)."""
 
     LINGER_TIME = 2.0
     LINGER_BYTES = 64 << 20
 
-    __slots__ = ("left", "loop", "sock", "timer")
+    __slots__ = ("left", "poller", "shared", "sock", "timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        self.loop = loop
+    def __init__(self, plane: DataPlane, sock: RawSocket, mask: int, shared: bool) -> None:
+        self.poller = poller = plane.poller
         self.sock = sock
+        self.shared = shared
         self.left = self.LINGER_BYTES
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
-            sock.close()
+            poller.close(sock)
             return
-        loop.add_reader(sock.fileno(), self._drain)
-        self.timer = loop.call_later(self.LINGER_TIME, self._done)
+        fd = sock.fileno()
+        # The socket stays in the epoll set: this object takes its events from now on.
+        if mask < 0:
+            poller.add(fd, IN, self)
+        else:
+            poller.handlers[fd] = self
+            if mask != IN:
+                poller.modify(fd, IN)
+        self.timer = plane.loop.call_later(self.LINGER_TIME, self._done)
+
+    def on_event(self, fd: int, events: int) -> None:
+        self._drain()
 
     def _drain(self) -> None:
         view = memoryview(_SCRATCH)
@@ -466,9 +505,9 @@ class _Lingering:
         self._done()
 
     def _done(self) -> None:
-        if self.sock.fileno() >= 0:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        if self.shared and self.sock.fileno() >= 0:
+            self.poller.remove(self.sock.fileno())  # a handoff endpoint may still hold the file
+        self.poller.close(self.sock)
 
 
 def _kind_of(data: bytes) -> str:
