@@ -59,10 +59,11 @@ def _select() -> None:
 
 
 def compiled() -> bool:
-    """Whether the data plane runs compiled (for `status` and the tests)."""
-    import edgeward.net.tcp
-
-    return not (edgeward.net.tcp.__file__ or "").endswith(".py")
+    """Whether the data plane runs compiled (for `status` and the tests). Asks the import system
+    where edgeward.net.tcp comes from rather than importing it: this module imports nothing of
+    edgeward (the guard, which must not depend on the edge, imports the package's root)."""
+    spec = importlib.util.find_spec("edgeward.net.tcp")
+    return spec is not None and not (spec.origin or "").endswith(".py")
 
 
 _select()
