@@ -76,10 +76,10 @@ def metrics(e: EdgeProcess) -> str:
 
 
 @contextlib.contextmanager
-def edge_with_workers(tmp: Path, admin: int, config: str,
-                      wait: list[tuple[str, int]] | None = None) -> Iterator[EdgeProcess]:
+def edge_with_workers(tmp: Path, admin: int, config: str, wait: list[tuple[str, int]] | None = None,
+                      extra_args: tuple[str, ...] = ()) -> Iterator[EdgeProcess]:
     """The edge, and at the end every worker it ever had stopped by PID (SIGKILL if it outlived its master)."""
-    e = EdgeProcess(tmp, config, admin_port=admin, wait=wait)
+    e = EdgeProcess(tmp, config, admin_port=admin, wait=wait, extra_args=extra_args)
     seen: set[int] = set()
 
     def note() -> None:
@@ -745,4 +745,33 @@ to = "127.0.0.1:{up.port}"
         assert st["workers"]["restarts"] == 1  # type: ignore[index]
         assert [w["hung"] for w in processes(st)] == [1, 0]
         assert "answered nothing" in e.log()
+    up.close()
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+def test_a_worker_restarted_while_the_file_is_mid_edit_starts(tmp_path: Path) -> None:
+    """A worker never reads the config file (the master sends the text it checked, and its log
+    level): one restarted while the file is broken starts and serves, with run's --log-level."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    config = edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+"""
+    with edge_with_workers(tmp_path, admin, config, extra_args=("--log-level", "debug")) as e:
+        ws = wait_workers(e)
+        e.config_path.write_text(config + "\n[services.broken\n")  # being edited, not reloaded
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        assert wait_until(lambda: e.status()["workers"]["alive"] == 2  # type: ignore[index]
+                          and ws[0]["pid"] not in {w["pid"] for w in processes(e.status())}, 15), e.log()
+        st = e.status()
+        assert st["workers"]["restarts"] == 1, e.log()  # type: ignore[index]
+        new = next(w["pid"] for w in processes(st) if w["index"] == 0)
+        args = cmdline(new)
+        assert args[args.index("--log-level") + 1] == "debug"
+        assert all(served("127.0.0.2", port) for _ in range(30))
     up.close()

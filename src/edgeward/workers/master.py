@@ -207,7 +207,7 @@ class MasterEdge(Edge):
             assert self.config_path is not None
             w.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edgeward", "worker", "--control-fd", str(theirs.fileno()),
-                "--index", str(w.index), self.config_path, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+                "--index", str(w.index), "--log-level", _log_level(), self.config_path, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             mine.close()
             raise
@@ -481,6 +481,13 @@ class MasterEdge(Edge):
     def _workers_status(self) -> dict[str, object]:
         return {"count": self.count, "restarts": self.restarts,
                 "alive": sum(1 for w in self.workers if w.alive)}
+
+
+def _log_level() -> str:
+    """The master's log level (`edgeward run --log-level` or [edge] log_level, as daemon.py set it),
+    for its workers: they never read the config file, which may be mid-edit when one restarts."""
+    name = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return name.lower() if isinstance(name, str) and name.lower() in ("debug", "info", "warning", "error") else "info"
 
 
 def _read(path: str) -> str:
