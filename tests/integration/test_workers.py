@@ -775,3 +775,38 @@ to = "127.0.0.1:{up.port}"
         assert args[args.index("--log-level") + 1] == "debug"
         assert all(served("127.0.0.2", port) for _ in range(30))
     up.close()
+
+
+def test_a_reload_of_a_listeners_options_while_a_worker_starts_leaves_no_socket_unserved(tmp_path: Path) -> None:
+    """The new sockets of a reload sent while a restarted worker is starting wait with the reload
+    (not taken at once under the old config, then closed by the reload, which bound its own)."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+
+    def config(backlog: int) -> str:
+        return edge_section(admin, tmp_path) + f"""
+[listeners.front]
+bind = ["127.0.0.1:{port}"]
+backlog = {backlog}
+[services.echo]
+listen = ["front"]
+to = "127.0.0.1:{up.port}"
+"""
+    with edge_with_workers(tmp_path, admin, config(100), wait=[("127.0.0.1", port)]) as e:
+        ws = wait_workers(e)
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        # The replacement is held (SIGSTOP) as soon as it exists: the reload's messages wait in its
+        # channel behind its init, as when a reload comes while a worker imports.
+        new: list[int] = []
+        assert wait_until(lambda: bool(new.extend(set(children(e.pid)) - {w["pid"] for w in ws}) or new), 5)
+        os.kill(new[0], signal.SIGSTOP)
+        try:
+            e.write_config(config(200))
+            e.signal(signal.SIGHUP)
+            assert wait_until(lambda: e.status()["reloads"] == 1, 10), e.log()  # type: ignore[index]
+        finally:
+            os.kill(new[0], signal.SIGCONT)
+        assert wait_until(lambda: e.status()["workers"]["alive"] == 2, 15), e.log()  # type: ignore[index]
+        assert all(served("127.0.0.2", port) for _ in range(40)), e.log()
+        assert "binding one" not in e.log()
+    up.close()
