@@ -810,3 +810,28 @@ to = "127.0.0.1:{up.port}"
         assert all(served("127.0.0.2", port) for _ in range(40)), e.log()
         assert "binding one" not in e.log()
     up.close()
+
+
+def test_a_stalled_master_kills_no_healthy_worker(tmp_path: Path) -> None:
+    """The master's own loop stalling longer than HUNG_AFTER (SIGSTOP/SIGCONT here; a paused
+    container or a long reload alike) is not its workers hanging: none is killed."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        e.signal(signal.SIGSTOP)
+        try:
+            time.sleep(7)  # > HUNG_AFTER (5 s)
+        finally:
+            e.signal(signal.SIGCONT)
+        time.sleep(3)  # a few watchdog rounds after the stall
+        st = e.status()
+        assert [w["pid"] for w in processes(st)] == [w["pid"] for w in ws], e.log()
+        assert [w["hung"] for w in processes(st)] == [0, 0]
+        assert st["workers"]["restarts"] == 0  # type: ignore[index]
+        assert all(served("127.0.0.2", port) for _ in range(20))
+    up.close()

@@ -182,8 +182,18 @@ class MasterEdge(Edge):
 
     async def _watchdog(self) -> None:
         while not self.stopping:
+            before = time.monotonic()
             await asyncio.sleep(self.PING_EVERY)
             now = time.monotonic()
+            if now - before > 2 * self.PING_EVERY:
+                # Our own loop stalled (SIGSTOP/SIGCONT, a paused container, a long reload): the
+                # workers' pongs wait unread in the channels, so silence says nothing about them.
+                # Judge them again from now on.
+                log.warning("workers: the master's loop stalled for %.1fs; the watchdog starts over",
+                            now - before - self.PING_EVERY)
+                for w in self.workers:
+                    w.heard = max(w.heard, now)
+                continue
             for w in self.workers:
                 ch = w.channel
                 if not w.alive or ch is None or w.proc is None:
@@ -226,16 +236,23 @@ class MasterEdge(Edge):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _send_state(self, w: Worker) -> None:
-        """The full ban set and every server's health (at start, after a restart or a reload)."""
-        assert w.channel is not None
+    def _state(self) -> list[list[Any]]:
+        """The full ban set and every server's health (at start, after a restart or a reload): built
+        once, sent to every worker that needs it."""
+        out: list[list[Any]] = []
         bans = self.admission.bans
         if isinstance(bans, BanSet):
-            w.channel.send(["bans", _merged_bans(bans)])
-        w.channel.send(["health", self._health_state()])
+            out.append(["bans", _merged_bans(bans)])
+        out.append(["health", self._health_state()])
         acme = self.acme_state()
         if acme is not None:
-            w.channel.send(["acme", acme])
+            out.append(["acme", acme])
+        return out
+
+    def _send_state(self, w: Worker, state: list[list[Any]] | None = None) -> None:
+        assert w.channel is not None
+        for msg in self._state() if state is None else state:
+            w.channel.send(msg)
 
     def acme_changed(self) -> None:
         """A certificate, challenge or HTTP-01 answer of the master's ACME changed: every worker
@@ -339,6 +356,7 @@ class MasterEdge(Edge):
             log.warning("workers = %s: the number of workers changes at the next start; %d run until then",
                         self.runtime.config.edge.workers, self.count)
         rid = next(self._ids)
+        state = self._state()
         for w in self.workers:
             ch = w.channel
             if ch is None or ch.closed:
@@ -346,7 +364,7 @@ class MasterEdge(Edge):
             for msg, fds in self._listener_messages(w, self._fresh):
                 ch.send(msg, fds)
             ch.send(["reload", rid, self.config_text])  # answered by "reloaded"
-            self._send_state(w)
+            self._send_state(w, state)
         return True
 
     def close_client(self, ip: str, listeners: frozenset[str] | None = None) -> int:
