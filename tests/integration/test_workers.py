@@ -749,7 +749,22 @@ to = "127.0.0.1:{up.port}"
 
 
 def cmdline(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return []
+
+
+def replacement(e: EdgeProcess, known: set[int]) -> int:
+    """The pid of the worker the master starts next, once it runs `edgeward worker` (stopping the
+    child between fork and exec would stop the master, which waits for the exec)."""
+    found: list[int] = []
+
+    def look() -> bool:
+        found[:] = [p for p in children(e.pid) if p not in known and "worker" in cmdline(p)]
+        return bool(found)
+    assert wait_until(look, 10), e.log()
+    return found[0]
 
 
 def test_a_worker_restarted_while_the_file_is_mid_edit_starts(tmp_path: Path) -> None:
@@ -797,15 +812,14 @@ to = "127.0.0.1:{up.port}"
         os.kill(ws[0]["pid"], signal.SIGKILL)
         # The replacement is held (SIGSTOP) as soon as it exists: the reload's messages wait in its
         # channel behind its init, as when a reload comes while a worker imports.
-        new: list[int] = []
-        assert wait_until(lambda: bool(new.extend(set(children(e.pid)) - {w["pid"] for w in ws}) or new), 5)
-        os.kill(new[0], signal.SIGSTOP)
+        new = replacement(e, {w["pid"] for w in ws})
+        os.kill(new, signal.SIGSTOP)
         try:
             e.write_config(config(200))
             e.signal(signal.SIGHUP)
             assert wait_until(lambda: e.status()["reloads"] == 1, 10), e.log()  # type: ignore[index]
         finally:
-            os.kill(new[0], signal.SIGCONT)
+            os.kill(new, signal.SIGCONT)
         assert wait_until(lambda: e.status()["workers"]["alive"] == 2, 15), e.log()  # type: ignore[index]
         assert all(served("127.0.0.2", port) for _ in range(40)), e.log()
         assert "binding one" not in e.log()
@@ -834,4 +848,33 @@ to = "127.0.0.1:{up.port}"
         assert [w["hung"] for w in processes(st)] == [0, 0]
         assert st["workers"]["restarts"] == 0  # type: ignore[index]
         assert all(served("127.0.0.2", port) for _ in range(20))
+    up.close()
+
+
+def test_a_restarted_worker_that_never_gets_ready_is_replaced(tmp_path: Path) -> None:
+    """A replacement stuck in its start (SIGSTOP here) is killed after READY_TIMEOUT (30 s) and
+    replaced, so that its share of the listening sockets is served again."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        first = {w["pid"] for w in ws}
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        stuck = replacement(e, first)
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: not alive(stuck), 45), e.log()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGCONT)
+        assert wait_until(lambda: e.status()["workers"]["alive"] == 2, 15), e.log()  # type: ignore[index]
+        st = e.status()
+        assert stuck not in {w["pid"] for w in processes(st)}
+        assert st["workers"]["restarts"] == 2  # type: ignore[index]
+        assert "was not ready after" in e.log()
+        assert all(served("127.0.0.2", port) for _ in range(30))
     up.close()

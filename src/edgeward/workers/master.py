@@ -225,6 +225,10 @@ class MasterEdge(Edge):
             theirs.close()
         w.started = w.heard = time.monotonic()
         w.ready = self.loop.create_future()
+        # A worker that never says ready (stuck in its start) is killed, and _watch starts another:
+        # the watchdog only judges running workers.
+        timer = self.loop.call_later(self.READY_TIMEOUT, self._not_ready, w, w.proc)
+        w.ready.add_done_callback(lambda _f: timer.cancel())
         ch = w.channel = Channel(mine, self.loop, lambda msg, fds: self._on_message(w, msg, fds), lambda: None)
         ch.start()
         for msg, fds in self._listener_messages(w, set(self.held)):
@@ -248,6 +252,14 @@ class MasterEdge(Edge):
         if acme is not None:
             out.append(["acme", acme])
         return out
+
+    def _not_ready(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+        if self.stopping or w.proc is not proc or proc.returncode is not None or w.ready is None or w.ready.done():
+            return
+        log.error("worker %d (pid %d) was not ready after %.0fs: killing it", w.index, proc.pid, self.READY_TIMEOUT)
+        w.hung += 1
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # _watch restarts it
 
     def _send_state(self, w: Worker, state: list[list[Any]] | None = None) -> None:
         assert w.channel is not None
