@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -46,9 +47,13 @@ class Channel:
             return
         data = json.dumps(msg, separators=(",", ":")).encode()
         chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
+        # Our own copies of the descriptors: the caller may close its socket before the queue
+        # drains, and the kernel would give its number to the next socket opened (the wrong one
+        # would be sent). Closed once sent, or with the channel.
+        own = [os.dup(fd) for fd in fds] if fds else []
         for i, chunk in enumerate(chunks):
             packet = (b"." if i == len(chunks) - 1 else b"+") + chunk
-            self._out.append((packet, fds if (i == 0 and fds) else []))
+            self._out.append((packet, own if i == 0 else []))
         self._flush()
 
     def _flush(self) -> None:
@@ -68,6 +73,8 @@ class Channel:
                 self._lost()
                 return
             self._out.popleft()
+            for fd in fds:
+                os.close(fd)
         if self._writing:
             self._writing = False
             self.loop.remove_writer(self.sock.fileno())
@@ -121,3 +128,7 @@ class Channel:
         self.sock.close()
         for s in self._fds:
             s.close()
+        for _packet, fds in self._out:
+            for fd in fds:
+                os.close(fd)
+        self._out.clear()

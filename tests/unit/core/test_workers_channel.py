@@ -116,3 +116,69 @@ def test_merged_status_adds_the_workers_up_and_counts_a_client_once() -> None:
     assert counters == {("refused", "l", "banned"): 3, ("reloads", "applied"): 2}
     assert [w["refused"] for w in st["workers"]["processes"]] == [1, 2]
     assert st["pipes"] == {"pooled": 4, "in_use": 0}
+
+
+def fill(ch: Channel) -> None:
+    """Sends until the peer's buffer is full and the channel queues (a worker that is not reading)."""
+    for _ in range(100_000):
+        if ch._out:
+            return
+        ch.send(["ban", "198.51.100.1", None, 0.0])
+    raise AssertionError("the channel never queued")
+
+
+def test_a_queued_socket_is_the_one_sent_even_if_its_owner_closed_it() -> None:
+    """A socket queued behind a full channel and closed by the master before the queue drains is
+    still the one that arrives (not whatever socket got its descriptor number next)."""
+    async def run() -> tuple[list[tuple[str, int]], tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        got: list[tuple[str, int]] = []
+
+        def on_message(msg: list[Any], socks: list[socket.socket]) -> None:
+            for s in socks:
+                if msg[0] == "listeners":
+                    got.append(s.getsockname())
+                s.close()
+        sender = Channel(a, loop, lambda m, s: None, lambda: None)
+        fill(sender)
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        name = first.getsockname()
+        sender.send(["listeners", [["tcp", "127.0.0.1", name[1]]]], [first.fileno()])
+        first.close()
+        other = socket.socket()  # most likely the number `first` had
+        other.bind(("127.0.0.1", 0))
+        receiver = Channel(b, loop, on_message, lambda: None)
+        receiver.start()
+        for _ in range(500):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        sender.close()
+        receiver.close()
+        other.close()
+        return got, name
+
+    got, name = asyncio.run(run())
+    assert got == [name]
+
+
+def test_closing_a_channel_closes_its_queued_copies_of_sockets() -> None:
+    async def run() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sender = Channel(a, loop, lambda m, s: None, lambda: None)
+        fill(sender)
+        before = len(os.listdir("/proc/self/fd"))
+        with socket.socket() as s:
+            for _ in range(10):
+                sender.send(["listeners", [["tcp", "127.0.0.1", 1]]], [s.fileno()])
+            queued = len(os.listdir("/proc/self/fd"))
+        sender.close()
+        b.close()
+        return queued - before, len(os.listdir("/proc/self/fd")) - before
+
+    queued, after = asyncio.run(run())
+    assert queued == 11  # the socket and the channel's ten copies
+    assert after == -2  # the copies closed, and both ends of the channel
