@@ -878,3 +878,37 @@ to = "127.0.0.1:{up.port}"
         assert "was not ready after" in e.log()
         assert all(served("127.0.0.2", port) for _ in range(30))
     up.close()
+
+
+def test_a_ban_that_narrows_narrows_in_every_worker(tmp_path: Path) -> None:
+    """One jail bans an address on one listener, another everywhere; lifting the second leaves the
+    first in force in the master and, as narrow as that, in every worker."""
+    up = ThreadServer(echo_handler())
+    port_a, port_b, admin = free_port(), free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[listeners.a]
+bind = ["127.0.0.1:{port_a}"]
+[listeners.b]
+bind = ["127.0.0.1:{port_b}"]
+[services.echo_a]
+listen = ["a"]
+to = "127.0.0.1:{up.port}"
+[services.echo_b]
+listen = ["b"]
+to = "127.0.0.1:{up.port}"
+
+[jails.only_a]
+sources = ["edge:proto"]
+listeners = ["a"]
+""", wait=[("127.0.0.1", port_a), ("127.0.0.1", port_b)]) as e:
+        wait_workers(e)
+        assert e.api("POST", "/ban", {"addr": "127.0.0.9", "jail": "only_a"})[0] == 200
+        assert e.api("POST", "/ban", {"addr": "127.0.0.9", "jail": "manual"})[0] == 200
+        assert wait_until(lambda: not served("127.0.0.9", port_b), 5)
+        assert e.api("POST", "/unban", {"addr": "127.0.0.9", "jail": "manual"})[0] == 200
+        # Every worker serves it on b again (30 connections: both workers), and refuses it on a.
+        assert wait_until(lambda: served("127.0.0.9", port_b), 5)
+        assert all(served("127.0.0.9", port_b) for _ in range(30)), e.log()
+        assert not any(served("127.0.0.9", port_a) for _ in range(30))
+        assert all(w["refused"] > 0 for w in processes(e.status()))
+    up.close()

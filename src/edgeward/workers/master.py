@@ -163,6 +163,9 @@ class MasterEdge(Edge):
         if isinstance(bans, BanSet):  # the guard's: the state of record, mirrored in every worker
             self._unsub.append(bans.on_ban(self._on_ban))
             self._unsub.append(bans.on_unban(self._on_unban))
+            # A narrower merged entry (one jail's part lifted while another's remains): the workers
+            # replace theirs with it (a worker's mirror holds one part, "master", per address).
+            self._unsub.append(bans.on_narrow(self._on_ban))
         self._conn_reports = ConnAccepted in self.bus.kinds  # a flood jail listens
         await super().start()  # binds (our _open_listeners), starts the health checks
         for w in self.workers:

@@ -171,7 +171,7 @@ class WorkerLink:
         if self.edge is None and kind in ("reload", "server_drain", "reopen", "stop"):
             self._early.append((msg, []))
             return
-        if kind == "ban":
+        if kind == "ban":  # the master's merged entry (wider or narrower): replaces ours
             self.bans.add(msg[1], jail="master", listeners=msg[2])
             self._delay(msg[3])
         elif kind == "unban":

@@ -182,3 +182,38 @@ def test_closing_a_channel_closes_its_queued_copies_of_sockets() -> None:
     queued, after = asyncio.run(run())
     assert queued == 11  # the socket and the channel's ten copies
     assert after == -2  # the copies closed, and both ends of the channel
+
+
+def test_a_mirror_of_a_ban_set_follows_a_ban_that_narrows() -> None:
+    """The master's ban set and a worker's mirror, wired as master.py and worker.py do: when one
+    jail's part is lifted, expires or narrows while another's remains, the mirror narrows too."""
+    from edgeward.guard.banset import BanSet
+    now = [1000.0]
+    master, mirror = BanSet(clock=lambda: now[0]), BanSet(clock=lambda: now[0])
+    told: list[tuple[str, frozenset[str] | None]] = []
+
+    def ban(addr: str, listeners: frozenset[str] | None) -> None:
+        told.append((addr, listeners))
+        mirror.add(addr, jail="master", listeners=None if listeners is None else sorted(listeners))
+    master.on_ban(ban)
+    master.on_narrow(ban)
+    master.on_unban(lambda addr: mirror.remove(addr))
+    a = "203.0.113.7"
+    master.add(a, jail="sshd", listeners=["ssh"])
+    master.add(a, jail="crowdsec", listeners=None)
+    assert mirror.is_banned(a, "web")
+    master.remove(a, jail="crowdsec")  # lifted: the ssh-only part remains
+    assert not master.is_banned(a, "web") and not mirror.is_banned(a, "web") and mirror.is_banned(a, "ssh")
+    master.add(a, jail="flood", listeners=["web", "ssh"], until=now[0] + 60)
+    assert mirror.is_banned(a, "web")
+    now[0] += 61
+    master.expire()  # the flood part ends: ssh only again
+    assert not mirror.is_banned(a, "web") and mirror.is_banned(a, "ssh")
+    master.add(a, jail="sshd", listeners=["ssh", "imap"])
+    master.add(a, jail="sshd", listeners=["imap"])  # the same jail, narrower
+    assert not mirror.is_banned(a, "ssh") and mirror.is_banned(a, "imap")
+    n = len(told)
+    master.add(a, jail="sshd", listeners=["imap"])  # nothing changed: nobody told
+    assert len(told) == n
+    master.remove(a)
+    assert a not in mirror
