@@ -912,3 +912,31 @@ listeners = ["a"]
         assert not any(served("127.0.0.9", port_a) for _ in range(30))
         assert all(w["refused"] > 0 for w in processes(e.status()))
     up.close()
+
+
+def test_a_worker_that_misses_the_status_deadline_keeps_its_counts(tmp_path: Path) -> None:
+    """A worker that does not answer the status in time (stopped here) is counted as of its
+    previous report, marked stale: /metrics counters never go back."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        assert all(served("127.0.0.2", port) for _ in range(40))
+        assert all(w["total"] > 0 for w in processes(e.status()))
+        before = metric(metrics(e), "edgeward_service_connections_total", service="echo")
+        assert before == 40
+        os.kill(ws[0]["pid"], signal.SIGSTOP)
+        try:
+            during = metric(metrics(e), "edgeward_service_connections_total", service="echo")
+            st = e.status()
+        finally:
+            os.kill(ws[0]["pid"], signal.SIGCONT)
+        assert during == 40
+        assert st["services"]["echo"]["total"] == 40  # type: ignore[index]
+        assert [(w["pid"], w["stale"]) for w in processes(st)] == [(ws[0]["pid"], True), (ws[1]["pid"], False)]
+        assert wait_until(lambda: not any(w["stale"] for w in processes(e.status())), 10)
+    up.close()

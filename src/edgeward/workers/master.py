@@ -57,6 +57,7 @@ class Worker:
         self.restarts = 0
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.last: dict[str, Any] | None = None  # its last status report (what it counted, until then)
+        self.last_full: dict[str, Any] | None = None  # its last full one (with the counters)
         self.heard = 0.0  # when it last sent anything (monotonic)
         self.hung = 0  # times it was killed for answering nothing
 
@@ -470,7 +471,16 @@ class MasterEdge(Edge):
             if isinstance(rep, dict):
                 rep["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts, "hung": w.hung}
                 w.last = rep
+                if full:
+                    w.last_full = rep
                 out.append(rep)
+            else:
+                # No answer in time (busy, stopped, restarting): its previous report, marked stale,
+                # so that totals and /metrics counters never go back.
+                last = (w.last_full or w.last) if full else w.last
+                if last is not None:
+                    out.append({**last, "stale": True,
+                                "worker": {**last["worker"], "restarts": w.restarts, "hung": w.hung}})
         if self.restarts:
             out.append(self.retired)
         return out
@@ -478,9 +488,11 @@ class MasterEdge(Edge):
     def _retire(self, w: Worker) -> None:
         """Keep the totals of a worker that died, as of its last report (what it counted after that
         is lost with it), so that status and /metrics counters do not go back at a restart."""
-        last, w.last = w.last, None
+        last, full, w.last, w.last_full = w.last, w.last_full, None, None
         if last is None:
             return
+        if "counters" not in last and full is not None:
+            last = {**last, "counters": full["counters"]}
         r = self.retired
         for name, svc in last.get("services", {}).items():
             mine = r["services"].setdefault(name, {})
