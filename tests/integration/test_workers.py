@@ -940,3 +940,41 @@ to = "127.0.0.1:{up.port}"
         assert [(w["pid"], w["stale"]) for w in processes(st)] == [(ws[0]["pid"], True), (ws[1]["pid"], False)]
         assert wait_until(lambda: not any(w["stale"] for w in processes(e.status())), 10)
     up.close()
+
+
+def test_a_draining_worker_is_succeeded_at_once(tmp_path: Path) -> None:
+    """SIGTERM to one worker (or a reload it rejects): it finishes its connections, while its
+    successor, started at once on the same sockets, serves its share of new clients."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path).replace('"3s"', '"30s"') + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        held = []
+        try:
+            for _ in range(20):  # open connections in both workers: a drain that lasts
+                c = connect_from("127.0.0.2", port)
+                c.sendall(b"x")
+                assert c.recv(1) == b"x"
+                held.append(c)
+            assert all(w["connections"] > 0 for w in processes(e.status()))
+            victim = ws[0]["pid"]
+            os.kill(victim, signal.SIGTERM)
+            assert wait_until(lambda: e.status()["workers"]["alive"] == 2  # type: ignore[index]
+                              and victim not in {w["pid"] for w in processes(e.status())}, 15), e.log()
+            assert alive(victim)  # still finishing its connections
+            assert all(served("127.0.0.2", port) for _ in range(40)), e.log()
+            for c in held:  # the held connections still work, in the draining worker too
+                c.sendall(b"y")
+                assert c.recv(1) == b"y"
+        finally:
+            for c in held:
+                c.close()
+        assert wait_until(lambda: not alive(victim), 10)
+        st = e.status()
+        assert st["services"]["echo"]["total"] >= 60  # type: ignore[index]
+        assert "drains; starting its successor" in e.log()
+    up.close()

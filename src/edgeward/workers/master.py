@@ -97,6 +97,7 @@ class MasterEdge(Edge):
         self.workers = [Worker(i) for i in range(count)]
         self.restarts = 0
         self.stopping = False
+        self.draining: set[asyncio.subprocess.Process] = set()  # predecessors finishing their connections
         # What dead workers had counted (at their last report): totals stay totals across restarts.
         self.retired: dict[str, Any] = {"services": {}, "pools": {}, "counters": [], "retired": True}
         self._ids = itertools.count(1)
@@ -240,7 +241,7 @@ class MasterEdge(Edge):
         self._send_state(w)
         ch.send(["init", {"index": w.index, "path": self.config_path, "config": self.config_text,
                           "conn_reports": self._conn_reports}])
-        task = self.loop.create_task(self._watch(w, w.proc))
+        task = self.loop.create_task(self._watch(w, w.proc, ch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -286,10 +287,12 @@ class MasterEdge(Edge):
     def _health_state(self) -> list[list[Any]]:
         return [[p.name, s.name, s.healthy] for p in self.runtime.pools.values() for s in p.servers]
 
-    async def _watch(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+    async def _watch(self, w: Worker, proc: asyncio.subprocess.Process, ch: Channel) -> None:
         code = await proc.wait()
-        if w.channel is not None:
-            w.channel.close()
+        ch.close()
+        self.draining.discard(proc)
+        if w.proc is not proc:  # handed over to a successor while it drained (_handover)
+            return
         for fut in w.pending.values():
             if not fut.done():
                 fut.set_result(None)
@@ -336,6 +339,43 @@ class MasterEdge(Edge):
                     w.proc.send_signal(signal.SIGTERM)
         elif kind == "report":
             self._report(msg[1:])
+        elif kind == "draining":
+            self._handover(w, msg[1] if len(msg) > 1 and isinstance(msg[1], dict) else None)
+
+    def _handover(self, w: Worker, last: dict[str, Any] | None) -> None:
+        """Worker `w` drains (SIGTERM, or it rejected a reload): its successor starts at once and
+        takes the same listening sockets, so that its share of new clients is not left queued
+        until its connections end (up to drain_timeout). The draining process finishes alone."""
+        proc, ch = w.proc, w.channel
+        if self.stopping or proc is None or ch is None or proc.returncode is not None:
+            return
+        if last is not None:
+            last["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts, "hung": w.hung}
+            w.last = w.last_full = last
+        self._retire(w)  # its totals as it stopped accepting
+
+        def ignore(_msg: list[Any], fds: list[socket.socket]) -> None:
+            for s in fds:
+                s.close()
+        ch.on_message = ignore  # it is no worker of ours any more; _watch closes the channel at its exit
+        for fut in w.pending.values():
+            if not fut.done():
+                fut.set_result(None)
+        w.pending.clear()
+        self.draining.add(proc)
+        w.proc = w.channel = None
+        w.restarts += 1
+        self.restarts += 1
+        log.warning("worker %d (pid %d) drains; starting its successor", w.index, proc.pid)
+        task = self.loop.create_task(self._respawn(w))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _respawn(self, w: Worker) -> None:
+        try:
+            await self._spawn(w)
+        except OSError as e:
+            log.error("cannot restart worker %d: %s", w.index, e)
 
     def _report(self, r: list[Any]) -> None:
         """What a worker saw that the jails hear: published on the master's bus, where the guard
@@ -413,7 +453,7 @@ class MasterEdge(Edge):
         await self.stop()
 
     async def _wait_workers(self, limit: float) -> None:
-        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        procs = [p for p in [*(w.proc for w in self.workers), *self.draining] if p is not None and p.returncode is None]
         if not procs:
             return
         try:
@@ -429,10 +469,10 @@ class MasterEdge(Edge):
 
     async def stop(self) -> None:
         self.stopping = True
-        for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
+        for p in [*(w.proc for w in self.workers), *self.draining]:
+            if p is not None and p.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    w.proc.send_signal(signal.SIGINT)  # stop now
+                    p.send_signal(signal.SIGINT)  # stop now
         await self._wait_workers(5.0)
         for w in self.workers:
             if w.channel is not None:

@@ -81,6 +81,7 @@ class WorkerLink:
         edge.active_health = False  # the master checks, and says
         edge.admission.bans = self.bans
         self.bans.on_ban(self._banned)
+        edge.on_drain.append(self._draining)
         self.monitor = Monitor(edge)
         self._apply_health()
         bus = edge.bus
@@ -107,6 +108,18 @@ class WorkerLink:
         early, self._early = self._early, []
         for msg, fds in early:
             self._on_message(msg, fds)
+
+    def _draining(self) -> None:
+        """This worker stops accepting (SIGTERM, a rejected reload, the master's stop): the master
+        starts its successor on the same sockets now, not once this one's connections are done.
+        With what it counted so far, kept in the totals."""
+        edge = self.edge
+        if edge is None or self.channel.closed:
+            return
+        rep = plane_report(edge, self.monitor, True)
+        rep["propagation_ms"] = dict(self.propagation_ms)
+        rep["pid"] = os.getpid()
+        self.channel.send(["draining", rep])
 
     def _take(self, key: ListenerKey) -> socket.socket | None:
         return self.offered.pop(key, None)
