@@ -220,6 +220,7 @@ def merge_reports(control: dict[str, Any], reports: list[dict[str, Any]], full: 
             "refused": sum(c["value"] for c in r.get("counters", ()) if c["key"][0] == "refused"),
             "reloads": r.get("reloads", 0), "rss_kib": r.get("memory", {}).get("rss_kib", 0),
             "propagation_ms": r.get("propagation_ms", {}),
+            "dropped_reports": r.get("dropped_reports", 0),  # not heard by the jails: the master did not read
         })
     workers = dict(out.get("workers") or {})
     workers["processes"] = per_worker

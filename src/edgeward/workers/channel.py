@@ -17,6 +17,10 @@ log = logging.getLogger("edgeward.workers")
 
 MAX_FDS = 200  # per message (the kernel takes at most 253)
 _CHUNK = 60_000  # bytes of JSON per packet; longer messages go in several
+# Bytes a channel queues for a peer that does not read (a busy or stopped master) before it drops
+# what can be dropped: "report" messages (what the jails hear), never bans, sockets or control.
+MAX_QUEUED = 8 << 20
+DROPPABLE = frozenset({"report"})
 
 
 class Channel:
@@ -27,7 +31,8 @@ class Channel:
     take is queued and written when it is writable again."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 on_message: Callable[[list[Any], list[socket.socket]], None], on_closed: Callable[[], None]) -> None:
+                 on_message: Callable[[list[Any], list[socket.socket]], None], on_closed: Callable[[], None],
+                 max_queued: int = MAX_QUEUED) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.loop = loop
@@ -38,6 +43,9 @@ class Channel:
         self._parts: list[bytes] = []
         self._fds: list[socket.socket] = []
         self._writing = False
+        self.max_queued = max_queued
+        self.queued = 0  # bytes in _out
+        self.dropped = 0  # "report" messages dropped because the queue was over max_queued
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._readable)
@@ -46,6 +54,11 @@ class Channel:
         if self.closed:
             return
         data = json.dumps(msg, separators=(",", ":")).encode()
+        if self._out and self.queued + len(data) > self.max_queued and msg[0] in DROPPABLE:
+            if self.dropped == 0:
+                log.warning("workers: the other end of the control channel is not reading; dropping reports")
+            self.dropped += 1
+            return
         chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
         # Our own copies of the descriptors: the caller may close its socket before the queue
         # drains, and the kernel would give its number to the next socket opened (the wrong one
@@ -54,6 +67,7 @@ class Channel:
         for i, chunk in enumerate(chunks):
             packet = (b"." if i == len(chunks) - 1 else b"+") + chunk
             self._out.append((packet, own if i == 0 else []))
+            self.queued += len(packet)
         self._flush()
 
     def _flush(self) -> None:
@@ -73,6 +87,7 @@ class Channel:
                 self._lost()
                 return
             self._out.popleft()
+            self.queued -= len(packet)
             for fd in fds:
                 os.close(fd)
         if self._writing:
@@ -132,3 +147,4 @@ class Channel:
             for fd in fds:
                 os.close(fd)
         self._out.clear()
+        self.queued = 0

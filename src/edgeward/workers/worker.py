@@ -245,6 +245,7 @@ class WorkerLink:
         rep = plane_report(edge, self.monitor, full)
         rep["propagation_ms"] = dict(self.propagation_ms)
         rep["pid"] = os.getpid()
+        rep["dropped_reports"] = self.channel.dropped
         self.channel.send(["status", rid, rep])
 
     def _clients(self, service: str | None, address: str | None, limit: int) -> dict[str, Any]:

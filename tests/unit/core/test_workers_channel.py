@@ -217,3 +217,36 @@ def test_a_mirror_of_a_ban_set_follows_a_ban_that_narrows() -> None:
     assert len(told) == n
     master.remove(a)
     assert a not in mirror
+
+
+def test_the_queue_for_a_peer_that_does_not_read_is_capped_dropping_only_reports() -> None:
+    """A master that does not read (stopped, busy) cannot make a worker queue without limit: over
+    the cap, reports are dropped and counted; bans and control messages are still queued, and
+    arrive once the peer reads."""
+    async def run() -> tuple[int, int, int, list[list[Any]]]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sender = Channel(a, loop, lambda m, s: None, lambda: None, max_queued=1 << 20)
+        for i in range(300_000):  # one report per connection of a flood
+            sender.send(["report", "conn", "front", f"198.51.{(i >> 8) & 255}.{i & 255}", 40000 + i % 20000])
+        peak = sender.queued
+        sender.send(["ban", "198.51.100.1", None, 0.0])
+        sender.send(["status", 1, {"x": "y" * 100_000}])
+        got: list[list[Any]] = []
+        receiver = Channel(b, loop, lambda m, s: got.append(m), lambda: None)
+        receiver.start()
+        for _ in range(1000):
+            if got and got[-1][0] == "status":
+                break
+            await asyncio.sleep(0.01)
+        left = sender.queued
+        sender.close()
+        receiver.close()
+        return peak, sender.dropped, left, got
+
+    peak, dropped, left, got = asyncio.run(run())
+    assert peak <= (1 << 20) + 200
+    assert dropped > 250_000
+    assert [m[0] for m in got[-2:]] == ["ban", "status"]
+    assert len(got) == 300_000 - dropped + 2
+    assert left == 0
