@@ -20,6 +20,7 @@ _CHUNK = 60_000  # bytes of JSON per packet; longer messages go in several
 # Bytes a channel queues for a peer that does not read (a busy or stopped master) before it drops
 # what can be dropped: "report" messages (what the jails hear), never bans, sockets or control.
 MAX_QUEUED = 8 << 20
+_ENTRY = 160  # what a queued packet costs besides its bytes (bytes header, tuple, list, deque slot)
 DROPPABLE = frozenset({"report"})
 
 
@@ -44,7 +45,7 @@ class Channel:
         self._fds: list[socket.socket] = []
         self._writing = False
         self.max_queued = max_queued
-        self.queued = 0  # bytes in _out
+        self.queued = 0  # bytes held by _out (the packets, and what each entry costs)
         self.dropped = 0  # "report" messages dropped because the queue was over max_queued
 
     def start(self) -> None:
@@ -67,7 +68,7 @@ class Channel:
         for i, chunk in enumerate(chunks):
             packet = (b"." if i == len(chunks) - 1 else b"+") + chunk
             self._out.append((packet, own if i == 0 else []))
-            self.queued += len(packet)
+            self.queued += len(packet) + _ENTRY
         self._flush()
 
     def _flush(self) -> None:
@@ -87,7 +88,7 @@ class Channel:
                 self._lost()
                 return
             self._out.popleft()
-            self.queued -= len(packet)
+            self.queued -= len(packet) + _ENTRY
             for fd in fds:
                 os.close(fd)
         if self._writing:
