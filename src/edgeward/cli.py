@@ -136,7 +136,7 @@ def run(config: ConfigArg,
 def worker(config: ConfigArg,
            control_fd: Annotated[int, typer.Option(help="The master's control socket.")],
            index: Annotated[int, typer.Option(help="This worker's number.")] = 0,
-           log_level: Annotated[str | None, typer.Option(help="Override edge.log_level.")] = None) -> None:
+           log_level: Annotated[str | None, typer.Option(help="The master's log level.")] = None) -> None:
     """A data-plane worker of `edgeward run` with [edge] workers > 1 (started by the master)."""
     # The master starts workers through entry.py, without the CLI's libraries; this is the same code.
     from .daemon import run_worker

@@ -43,15 +43,14 @@ def run(config: str | Path, demo: bool = False, log_level: str | None = None) ->
 
 def run_worker(config: str | Path, control_fd: int, index: int = 0, log_level: str | None = None) -> int:
     """A data-plane worker of `edgeward run` with [edge] workers > 1, started by the master
-    (workers/master.py) with its end of the control socket; the exit code."""
-    from .app import StartError, load_config, run_worker
-    from .config.loader import ConfigError
-    try:
-        cfg = load_config(config)  # for the log level; the master sends the config text it checked
-    except ConfigError as e:
-        print(f"edgeward worker {index}: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    _log_to_stderr(log_level or cfg.edge.log_level, f"[worker {index}]")
+    (workers/master.py) with its end of the control socket; the exit code.
+
+    It never reads `config` (the master's file name, for `ps`): the file may be mid-edit when a
+    worker is restarted, and the worker runs the text the master checked, sent over the channel.
+    The log level is the master's (--log-level)."""
+    from .app import StartError, run_worker
+    level = log_level.lower() if log_level is not None and log_level.lower() in LOG_LEVELS else "info"
+    _log_to_stderr(level, f"[worker {index}]")
     try:
         run_worker(control_fd)
     except StartError as e:
@@ -70,7 +69,7 @@ def _log_to_stderr(level: str, tag: str = "") -> None:
 
 
 def parse_worker(args: list[str]) -> tuple[str, int, int, str | None] | None:
-    """`worker`'s arguments as the master passes them (--control-fd N --index I CONFIG), or None."""
+    """`worker`'s arguments as the master passes them (--control-fd N --index I --log-level L CONFIG), or None."""
     opts: dict[str, str] = {}
     config: str | None = None
     it = iter(args)

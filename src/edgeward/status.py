@@ -212,6 +212,7 @@ def merge_reports(control: dict[str, Any], reports: list[dict[str, Any]], full: 
         w = r.get("worker", {})
         per_worker.append({
             "index": w.get("index"), "pid": w.get("pid"), "restarts": w.get("restarts", 0), "hung": w.get("hung", 0),
+            "stale": bool(r.get("stale")),  # no answer in time: its previous report
             "uptime": r.get("uptime"), "connections": r.get("connections", 0), "udp_sessions": r.get("udp_sessions", 0),
             "clients": r.get("clients", 0),
             "total": sum(s.get("total", 0) + s.get("udp_sessions_total", 0) for s in r.get("services", {}).values()),
@@ -219,6 +220,7 @@ def merge_reports(control: dict[str, Any], reports: list[dict[str, Any]], full: 
             "refused": sum(c["value"] for c in r.get("counters", ()) if c["key"][0] == "refused"),
             "reloads": r.get("reloads", 0), "rss_kib": r.get("memory", {}).get("rss_kib", 0),
             "propagation_ms": r.get("propagation_ms", {}),
+            "dropped_reports": r.get("dropped_reports", 0),  # not heard by the jails: the master did not read
         })
     workers = dict(out.get("workers") or {})
     workers["processes"] = per_worker

@@ -76,10 +76,10 @@ def metrics(e: EdgeProcess) -> str:
 
 
 @contextlib.contextmanager
-def edge_with_workers(tmp: Path, admin: int, config: str,
-                      wait: list[tuple[str, int]] | None = None) -> Iterator[EdgeProcess]:
+def edge_with_workers(tmp: Path, admin: int, config: str, wait: list[tuple[str, int]] | None = None,
+                      extra_args: tuple[str, ...] = ()) -> Iterator[EdgeProcess]:
     """The edge, and at the end every worker it ever had stopped by PID (SIGKILL if it outlived its master)."""
-    e = EdgeProcess(tmp, config, admin_port=admin, wait=wait)
+    e = EdgeProcess(tmp, config, admin_port=admin, wait=wait, extra_args=extra_args)
     seen: set[int] = set()
 
     def note() -> None:
@@ -745,4 +745,236 @@ to = "127.0.0.1:{up.port}"
         assert st["workers"]["restarts"] == 1  # type: ignore[index]
         assert [w["hung"] for w in processes(st)] == [1, 0]
         assert "answered nothing" in e.log()
+    up.close()
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return []
+
+
+def replacement(e: EdgeProcess, known: set[int]) -> int:
+    """The pid of the worker the master starts next, once it runs `edgeward worker` (stopping the
+    child between fork and exec would stop the master, which waits for the exec)."""
+    found: list[int] = []
+
+    def look() -> bool:
+        found[:] = [p for p in children(e.pid) if p not in known and "worker" in cmdline(p)]
+        return bool(found)
+    assert wait_until(look, 10), e.log()
+    return found[0]
+
+
+def test_a_worker_restarted_while_the_file_is_mid_edit_starts(tmp_path: Path) -> None:
+    """A worker never reads the config file (the master sends the text it checked, and its log
+    level): one restarted while the file is broken starts and serves, with run's --log-level."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    config = edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+"""
+    with edge_with_workers(tmp_path, admin, config, extra_args=("--log-level", "debug")) as e:
+        ws = wait_workers(e)
+        e.config_path.write_text(config + "\n[services.broken\n")  # being edited, not reloaded
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        assert wait_until(lambda: e.status()["workers"]["alive"] == 2  # type: ignore[index]
+                          and ws[0]["pid"] not in {w["pid"] for w in processes(e.status())}, 15), e.log()
+        st = e.status()
+        assert st["workers"]["restarts"] == 1, e.log()  # type: ignore[index]
+        new = next(w["pid"] for w in processes(st) if w["index"] == 0)
+        args = cmdline(new)
+        assert args[args.index("--log-level") + 1] == "debug"
+        assert all(served("127.0.0.2", port) for _ in range(30))
+    up.close()
+
+
+def test_a_reload_of_a_listeners_options_while_a_worker_starts_leaves_no_socket_unserved(tmp_path: Path) -> None:
+    """The new sockets of a reload sent while a restarted worker is starting wait with the reload
+    (not taken at once under the old config, then closed by the reload, which bound its own)."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+
+    def config(backlog: int) -> str:
+        return edge_section(admin, tmp_path) + f"""
+[listeners.front]
+bind = ["127.0.0.1:{port}"]
+backlog = {backlog}
+[services.echo]
+listen = ["front"]
+to = "127.0.0.1:{up.port}"
+"""
+    with edge_with_workers(tmp_path, admin, config(100), wait=[("127.0.0.1", port)]) as e:
+        ws = wait_workers(e)
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        # The replacement is held (SIGSTOP) as soon as it exists: the reload's messages wait in its
+        # channel behind its init, as when a reload comes while a worker imports.
+        new = replacement(e, {w["pid"] for w in ws})
+        os.kill(new, signal.SIGSTOP)
+        try:
+            e.write_config(config(200))
+            e.signal(signal.SIGHUP)
+            assert wait_until(lambda: e.status()["reloads"] == 1, 10), e.log()  # type: ignore[index]
+        finally:
+            os.kill(new, signal.SIGCONT)
+        assert wait_until(lambda: e.status()["workers"]["alive"] == 2, 15), e.log()  # type: ignore[index]
+        assert all(served("127.0.0.2", port) for _ in range(40)), e.log()
+        assert "binding one" not in e.log()
+    up.close()
+
+
+def test_a_stalled_master_kills_no_healthy_worker(tmp_path: Path) -> None:
+    """The master's own loop stalling longer than HUNG_AFTER (SIGSTOP/SIGCONT here; a paused
+    container or a long reload alike) is not its workers hanging: none is killed."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        e.signal(signal.SIGSTOP)
+        try:
+            time.sleep(7)  # > HUNG_AFTER (5 s)
+        finally:
+            e.signal(signal.SIGCONT)
+        time.sleep(3)  # a few watchdog rounds after the stall
+        st = e.status()
+        assert [w["pid"] for w in processes(st)] == [w["pid"] for w in ws], e.log()
+        assert [w["hung"] for w in processes(st)] == [0, 0]
+        assert st["workers"]["restarts"] == 0  # type: ignore[index]
+        assert all(served("127.0.0.2", port) for _ in range(20))
+    up.close()
+
+
+def test_a_restarted_worker_that_never_gets_ready_is_replaced(tmp_path: Path) -> None:
+    """A replacement stuck in its start (SIGSTOP here) is killed after READY_TIMEOUT (30 s) and
+    replaced, so that its share of the listening sockets is served again."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        first = {w["pid"] for w in ws}
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        stuck = replacement(e, first)
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: not alive(stuck), 45), e.log()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGCONT)
+        assert wait_until(lambda: e.status()["workers"]["alive"] == 2, 15), e.log()  # type: ignore[index]
+        st = e.status()
+        assert stuck not in {w["pid"] for w in processes(st)}
+        assert st["workers"]["restarts"] == 2  # type: ignore[index]
+        assert "was not ready after" in e.log()
+        assert all(served("127.0.0.2", port) for _ in range(30))
+    up.close()
+
+
+def test_a_ban_that_narrows_narrows_in_every_worker(tmp_path: Path) -> None:
+    """One jail bans an address on one listener, another everywhere; lifting the second leaves the
+    first in force in the master and, as narrow as that, in every worker."""
+    up = ThreadServer(echo_handler())
+    port_a, port_b, admin = free_port(), free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[listeners.a]
+bind = ["127.0.0.1:{port_a}"]
+[listeners.b]
+bind = ["127.0.0.1:{port_b}"]
+[services.echo_a]
+listen = ["a"]
+to = "127.0.0.1:{up.port}"
+[services.echo_b]
+listen = ["b"]
+to = "127.0.0.1:{up.port}"
+
+[jails.only_a]
+sources = ["edge:proto"]
+listeners = ["a"]
+""", wait=[("127.0.0.1", port_a), ("127.0.0.1", port_b)]) as e:
+        wait_workers(e)
+        assert e.api("POST", "/ban", {"addr": "127.0.0.9", "jail": "only_a"})[0] == 200
+        assert e.api("POST", "/ban", {"addr": "127.0.0.9", "jail": "manual"})[0] == 200
+        assert wait_until(lambda: not served("127.0.0.9", port_b), 5)
+        assert e.api("POST", "/unban", {"addr": "127.0.0.9", "jail": "manual"})[0] == 200
+        # Every worker serves it on b again (30 connections: both workers), and refuses it on a.
+        assert wait_until(lambda: served("127.0.0.9", port_b), 5)
+        assert all(served("127.0.0.9", port_b) for _ in range(30)), e.log()
+        assert not any(served("127.0.0.9", port_a) for _ in range(30))
+        assert all(w["refused"] > 0 for w in processes(e.status()))
+    up.close()
+
+
+def test_a_worker_that_misses_the_status_deadline_keeps_its_counts(tmp_path: Path) -> None:
+    """A worker that does not answer the status in time (stopped here) is counted as of its
+    previous report, marked stale: /metrics counters never go back."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        assert all(served("127.0.0.2", port) for _ in range(40))
+        assert all(w["total"] > 0 for w in processes(e.status()))
+        before = metric(metrics(e), "edgeward_service_connections_total", service="echo")
+        assert before == 40
+        os.kill(ws[0]["pid"], signal.SIGSTOP)
+        try:
+            during = metric(metrics(e), "edgeward_service_connections_total", service="echo")
+            st = e.status()
+        finally:
+            os.kill(ws[0]["pid"], signal.SIGCONT)
+        assert during == 40
+        assert st["services"]["echo"]["total"] == 40  # type: ignore[index]
+        assert [(w["pid"], w["stale"]) for w in processes(st)] == [(ws[0]["pid"], True), (ws[1]["pid"], False)]
+        assert wait_until(lambda: not any(w["stale"] for w in processes(e.status())), 10)
+    up.close()
+
+
+def test_a_draining_worker_is_succeeded_at_once(tmp_path: Path) -> None:
+    """SIGTERM to one worker (or a reload it rejects): it finishes its connections, while its
+    successor, started at once on the same sockets, serves its share of new clients."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path).replace('"3s"', '"30s"') + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        held = []
+        try:
+            for _ in range(20):  # open connections in both workers: a drain that lasts
+                c = connect_from("127.0.0.2", port)
+                c.sendall(b"x")
+                assert c.recv(1) == b"x"
+                held.append(c)
+            assert all(w["connections"] > 0 for w in processes(e.status()))
+            victim = ws[0]["pid"]
+            os.kill(victim, signal.SIGTERM)
+            assert wait_until(lambda: e.status()["workers"]["alive"] == 2  # type: ignore[index]
+                              and victim not in {w["pid"] for w in processes(e.status())}, 15), e.log()
+            assert alive(victim)  # still finishing its connections
+            assert all(served("127.0.0.2", port) for _ in range(40)), e.log()
+            for c in held:  # the held connections still work, in the draining worker too
+                c.sendall(b"y")
+                assert c.recv(1) == b"y"
+        finally:
+            for c in held:
+                c.close()
+        assert wait_until(lambda: not alive(victim), 10)
+        st = e.status()
+        assert st["services"]["echo"]["total"] >= 60  # type: ignore[index]
+        assert "drains; starting its successor" in e.log()
     up.close()

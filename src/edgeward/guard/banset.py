@@ -135,6 +135,7 @@ class BanSet:
         self._ends: list[tuple[float, str, str]] = []
         self._on_ban: list[BanCallback] = []
         self._on_unban: list[UnbanCallback] = []
+        self._on_narrow: list[BanCallback] = []
         self.refused_by_jail: dict[str, int] = {}
 
     # -- hot path ---------------------------------------------------------
@@ -225,6 +226,7 @@ class BanSet:
             return False
         entry = self._entries.get(key)
         before: frozenset[str] | None = frozenset()
+        existed = False
         if entry is None:
             entry = _Entry()
             self._entries[key] = entry
@@ -236,6 +238,7 @@ class BanSet:
                 self._alias.clear()  # a cached miss may now be a hit
         elif entry.parts:
             before = entry.listeners
+            existed = True
         entry.parts[jail] = _Part(None if listeners is None else frozenset(listeners), until)
         entry.merge()
         if until is not None:
@@ -249,6 +252,8 @@ class BanSet:
                     cb(key, entry.listeners)
                 except Exception:
                     log.exception("on_ban subscriber failed for %s", key)
+        elif existed and entry.listeners != before:  # a jail replaced its part with a narrower one
+            self._notify_narrow(key, entry)
         return True
 
     def remove(self, addr: str, *, jail: str | None = None) -> bool:
@@ -265,7 +270,10 @@ class BanSet:
         elif entry.parts.pop(jail, None) is None:
             return False
         if entry.parts:
+            before = entry.listeners
             entry.merge()
+            if entry.listeners != before:
+                self._notify_narrow(key, entry)
             return True
         self._drop(key)
         self._notify_unban(key)
@@ -309,7 +317,10 @@ class BanSet:
             del entry.parts[jail]
             dropped.append((key, jail))
             if entry.parts:
+                before = entry.listeners
                 entry.merge()
+                if entry.listeners != before:
+                    self._notify_narrow(key, entry)
             else:
                 self._drop(key)
                 self._notify_unban(key)
@@ -344,6 +355,21 @@ class BanSet:
         """Call `callback(addr)` when an address is no longer banned; returns an unsubscribe."""
         self._on_unban.append(callback)
         return lambda: self._on_unban.remove(callback) if callback in self._on_unban else None
+
+    def on_narrow(self, callback: BanCallback) -> Callable[[], None]:
+        """Call `callback(addr, listeners)` when a banned address's merged listener set shrinks and
+        it stays banned (one jail's part lifted or expired, or replaced by a narrower one while
+        another's remains); returns an unsubscribe. With `on_ban` and `on_unban`, a mirror of this
+        set (a worker's) follows every change of the merged view."""
+        self._on_narrow.append(callback)
+        return lambda: self._on_narrow.remove(callback) if callback in self._on_narrow else None
+
+    def _notify_narrow(self, key: str, entry: _Entry) -> None:
+        for cb in list(self._on_narrow):
+            try:
+                cb(key, entry.listeners)
+            except Exception:
+                log.exception("on_narrow subscriber failed for %s", key)
 
     def _notify_unban(self, key: str) -> None:
         for cb in list(self._on_unban):

@@ -19,7 +19,9 @@ status: from the master's send to the worker's apply).
   master → worker  listeners (+ fds) · init · bans · ban · unban · health · reload · server_drain ·
                    reopen · status · clients · stop
   worker → master  ready · reloaded · status · clients · report (what the jails hear: protocol
-                   errors, HTTP 401/403, connections for flood jails)
+                   errors, HTTP 401/403, connections for flood jails; dropped, and counted, when
+                   the master does not read) · draining (with its counts: the master starts its
+                   successor on the same sockets at once)
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -16,6 +17,11 @@ log = logging.getLogger("edgeward.workers")
 
 MAX_FDS = 200  # per message (the kernel takes at most 253)
 _CHUNK = 60_000  # bytes of JSON per packet; longer messages go in several
+# Bytes a channel queues for a peer that does not read (a busy or stopped master) before it drops
+# what can be dropped: "report" messages (what the jails hear), never bans, sockets or control.
+MAX_QUEUED = 8 << 20
+_ENTRY = 160  # what a queued packet costs besides its bytes (bytes header, tuple, list, deque slot)
+DROPPABLE = frozenset({"report"})
 
 
 class Channel:
@@ -26,7 +32,8 @@ class Channel:
     take is queued and written when it is writable again."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 on_message: Callable[[list[Any], list[socket.socket]], None], on_closed: Callable[[], None]) -> None:
+                 on_message: Callable[[list[Any], list[socket.socket]], None], on_closed: Callable[[], None],
+                 max_queued: int = MAX_QUEUED) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.loop = loop
@@ -37,6 +44,9 @@ class Channel:
         self._parts: list[bytes] = []
         self._fds: list[socket.socket] = []
         self._writing = False
+        self.max_queued = max_queued
+        self.queued = 0  # bytes held by _out (the packets, and what each entry costs)
+        self.dropped = 0  # "report" messages dropped because the queue was over max_queued
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._readable)
@@ -45,10 +55,20 @@ class Channel:
         if self.closed:
             return
         data = json.dumps(msg, separators=(",", ":")).encode()
+        if self._out and self.queued + len(data) > self.max_queued and msg[0] in DROPPABLE:
+            if self.dropped == 0:
+                log.warning("workers: the other end of the control channel is not reading; dropping reports")
+            self.dropped += 1
+            return
         chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
+        # Our own copies of the descriptors: the caller may close its socket before the queue
+        # drains, and the kernel would give its number to the next socket opened (the wrong one
+        # would be sent). Closed once sent, or with the channel.
+        own = [os.dup(fd) for fd in fds] if fds else []
         for i, chunk in enumerate(chunks):
             packet = (b"." if i == len(chunks) - 1 else b"+") + chunk
-            self._out.append((packet, fds if (i == 0 and fds) else []))
+            self._out.append((packet, own if i == 0 else []))
+            self.queued += len(packet) + _ENTRY
         self._flush()
 
     def _flush(self) -> None:
@@ -68,6 +88,9 @@ class Channel:
                 self._lost()
                 return
             self._out.popleft()
+            self.queued -= len(packet) + _ENTRY
+            for fd in fds:
+                os.close(fd)
         if self._writing:
             self._writing = False
             self.loop.remove_writer(self.sock.fileno())
@@ -121,3 +144,8 @@ class Channel:
         self.sock.close()
         for s in self._fds:
             s.close()
+        for _packet, fds in self._out:
+            for fd in fds:
+                os.close(fd)
+        self._out.clear()
+        self.queued = 0

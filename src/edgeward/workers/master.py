@@ -57,6 +57,7 @@ class Worker:
         self.restarts = 0
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.last: dict[str, Any] | None = None  # its last status report (what it counted, until then)
+        self.last_full: dict[str, Any] | None = None  # its last full one (with the counters)
         self.heard = 0.0  # when it last sent anything (monotonic)
         self.hung = 0  # times it was killed for answering nothing
 
@@ -96,6 +97,7 @@ class MasterEdge(Edge):
         self.workers = [Worker(i) for i in range(count)]
         self.restarts = 0
         self.stopping = False
+        self.draining: set[asyncio.subprocess.Process] = set()  # predecessors finishing their connections
         # What dead workers had counted (at their last report): totals stay totals across restarts.
         self.retired: dict[str, Any] = {"services": {}, "pools": {}, "counters": [], "retired": True}
         self._ids = itertools.count(1)
@@ -163,6 +165,9 @@ class MasterEdge(Edge):
         if isinstance(bans, BanSet):  # the guard's: the state of record, mirrored in every worker
             self._unsub.append(bans.on_ban(self._on_ban))
             self._unsub.append(bans.on_unban(self._on_unban))
+            # A narrower merged entry (one jail's part lifted while another's remains): the workers
+            # replace theirs with it (a worker's mirror holds one part, "master", per address).
+            self._unsub.append(bans.on_narrow(self._on_ban))
         self._conn_reports = ConnAccepted in self.bus.kinds  # a flood jail listens
         await super().start()  # binds (our _open_listeners), starts the health checks
         for w in self.workers:
@@ -182,8 +187,18 @@ class MasterEdge(Edge):
 
     async def _watchdog(self) -> None:
         while not self.stopping:
+            before = time.monotonic()
             await asyncio.sleep(self.PING_EVERY)
             now = time.monotonic()
+            if now - before > 2 * self.PING_EVERY:
+                # Our own loop stalled (SIGSTOP/SIGCONT, a paused container, a long reload): the
+                # workers' pongs wait unread in the channels, so silence says nothing about them.
+                # Judge them again from now on.
+                log.warning("workers: the master's loop stalled for %.1fs; the watchdog starts over",
+                            now - before - self.PING_EVERY)
+                for w in self.workers:
+                    w.heard = max(w.heard, now)
+                continue
             for w in self.workers:
                 ch = w.channel
                 if not w.alive or ch is None or w.proc is None:
@@ -207,7 +222,7 @@ class MasterEdge(Edge):
             assert self.config_path is not None
             w.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edgeward", "worker", "--control-fd", str(theirs.fileno()),
-                "--index", str(w.index), self.config_path, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+                "--index", str(w.index), "--log-level", _log_level(), self.config_path, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             mine.close()
             raise
@@ -215,6 +230,10 @@ class MasterEdge(Edge):
             theirs.close()
         w.started = w.heard = time.monotonic()
         w.ready = self.loop.create_future()
+        # A worker that never says ready (stuck in its start) is killed, and _watch starts another:
+        # the watchdog only judges running workers.
+        timer = self.loop.call_later(self.READY_TIMEOUT, self._not_ready, w, w.proc)
+        w.ready.add_done_callback(lambda _f: timer.cancel())
         ch = w.channel = Channel(mine, self.loop, lambda msg, fds: self._on_message(w, msg, fds), lambda: None)
         ch.start()
         for msg, fds in self._listener_messages(w, set(self.held)):
@@ -222,20 +241,35 @@ class MasterEdge(Edge):
         self._send_state(w)
         ch.send(["init", {"index": w.index, "path": self.config_path, "config": self.config_text,
                           "conn_reports": self._conn_reports}])
-        task = self.loop.create_task(self._watch(w, w.proc))
+        task = self.loop.create_task(self._watch(w, w.proc, ch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _send_state(self, w: Worker) -> None:
-        """The full ban set and every server's health (at start, after a restart or a reload)."""
-        assert w.channel is not None
+    def _state(self) -> list[list[Any]]:
+        """The full ban set and every server's health (at start, after a restart or a reload): built
+        once, sent to every worker that needs it."""
+        out: list[list[Any]] = []
         bans = self.admission.bans
         if isinstance(bans, BanSet):
-            w.channel.send(["bans", _merged_bans(bans)])
-        w.channel.send(["health", self._health_state()])
+            out.append(["bans", _merged_bans(bans)])
+        out.append(["health", self._health_state()])
         acme = self.acme_state()
         if acme is not None:
-            w.channel.send(["acme", acme])
+            out.append(["acme", acme])
+        return out
+
+    def _not_ready(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+        if self.stopping or w.proc is not proc or proc.returncode is not None or w.ready is None or w.ready.done():
+            return
+        log.error("worker %d (pid %d) was not ready after %.0fs: killing it", w.index, proc.pid, self.READY_TIMEOUT)
+        w.hung += 1
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # _watch restarts it
+
+    def _send_state(self, w: Worker, state: list[list[Any]] | None = None) -> None:
+        assert w.channel is not None
+        for msg in self._state() if state is None else state:
+            w.channel.send(msg)
 
     def acme_changed(self) -> None:
         """A certificate, challenge or HTTP-01 answer of the master's ACME changed: every worker
@@ -253,10 +287,12 @@ class MasterEdge(Edge):
     def _health_state(self) -> list[list[Any]]:
         return [[p.name, s.name, s.healthy] for p in self.runtime.pools.values() for s in p.servers]
 
-    async def _watch(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+    async def _watch(self, w: Worker, proc: asyncio.subprocess.Process, ch: Channel) -> None:
         code = await proc.wait()
-        if w.channel is not None:
-            w.channel.close()
+        ch.close()
+        self.draining.discard(proc)
+        if w.proc is not proc:  # handed over to a successor while it drained (_handover)
+            return
         for fut in w.pending.values():
             if not fut.done():
                 fut.set_result(None)
@@ -303,6 +339,43 @@ class MasterEdge(Edge):
                     w.proc.send_signal(signal.SIGTERM)
         elif kind == "report":
             self._report(msg[1:])
+        elif kind == "draining":
+            self._handover(w, msg[1] if len(msg) > 1 and isinstance(msg[1], dict) else None)
+
+    def _handover(self, w: Worker, last: dict[str, Any] | None) -> None:
+        """Worker `w` drains (SIGTERM, or it rejected a reload): its successor starts at once and
+        takes the same listening sockets, so that its share of new clients is not left queued
+        until its connections end (up to drain_timeout). The draining process finishes alone."""
+        proc, ch = w.proc, w.channel
+        if self.stopping or proc is None or ch is None or proc.returncode is not None:
+            return
+        if last is not None:
+            last["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts, "hung": w.hung}
+            w.last = w.last_full = last
+        self._retire(w)  # its totals as it stopped accepting
+
+        def ignore(_msg: list[Any], fds: list[socket.socket]) -> None:
+            for s in fds:
+                s.close()
+        ch.on_message = ignore  # it is no worker of ours any more; _watch closes the channel at its exit
+        for fut in w.pending.values():
+            if not fut.done():
+                fut.set_result(None)
+        w.pending.clear()
+        self.draining.add(proc)
+        w.proc = w.channel = None
+        w.restarts += 1
+        self.restarts += 1
+        log.warning("worker %d (pid %d) drains; starting its successor", w.index, proc.pid)
+        task = self.loop.create_task(self._respawn(w))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _respawn(self, w: Worker) -> None:
+        try:
+            await self._spawn(w)
+        except OSError as e:
+            log.error("cannot restart worker %d: %s", w.index, e)
 
     def _report(self, r: list[Any]) -> None:
         """What a worker saw that the jails hear: published on the master's bus, where the guard
@@ -339,6 +412,7 @@ class MasterEdge(Edge):
             log.warning("workers = %s: the number of workers changes at the next start; %d run until then",
                         self.runtime.config.edge.workers, self.count)
         rid = next(self._ids)
+        state = self._state()
         for w in self.workers:
             ch = w.channel
             if ch is None or ch.closed:
@@ -346,7 +420,7 @@ class MasterEdge(Edge):
             for msg, fds in self._listener_messages(w, self._fresh):
                 ch.send(msg, fds)
             ch.send(["reload", rid, self.config_text])  # answered by "reloaded"
-            self._send_state(w)
+            self._send_state(w, state)
         return True
 
     def close_client(self, ip: str, listeners: frozenset[str] | None = None) -> int:
@@ -379,7 +453,7 @@ class MasterEdge(Edge):
         await self.stop()
 
     async def _wait_workers(self, limit: float) -> None:
-        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        procs = [p for p in [*(w.proc for w in self.workers), *self.draining] if p is not None and p.returncode is None]
         if not procs:
             return
         try:
@@ -395,10 +469,10 @@ class MasterEdge(Edge):
 
     async def stop(self) -> None:
         self.stopping = True
-        for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
+        for p in [*(w.proc for w in self.workers), *self.draining]:
+            if p is not None and p.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    w.proc.send_signal(signal.SIGINT)  # stop now
+                    p.send_signal(signal.SIGINT)  # stop now
         await self._wait_workers(5.0)
         for w in self.workers:
             if w.channel is not None:
@@ -437,7 +511,16 @@ class MasterEdge(Edge):
             if isinstance(rep, dict):
                 rep["worker"] = {"index": w.index, "pid": w.pid, "restarts": w.restarts, "hung": w.hung}
                 w.last = rep
+                if full:
+                    w.last_full = rep
                 out.append(rep)
+            else:
+                # No answer in time (busy, stopped, restarting): its previous report, marked stale,
+                # so that totals and /metrics counters never go back.
+                last = (w.last_full or w.last) if full else w.last
+                if last is not None:
+                    out.append({**last, "stale": True,
+                                "worker": {**last["worker"], "restarts": w.restarts, "hung": w.hung}})
         if self.restarts:
             out.append(self.retired)
         return out
@@ -445,9 +528,11 @@ class MasterEdge(Edge):
     def _retire(self, w: Worker) -> None:
         """Keep the totals of a worker that died, as of its last report (what it counted after that
         is lost with it), so that status and /metrics counters do not go back at a restart."""
-        last, w.last = w.last, None
+        last, full, w.last, w.last_full = w.last, w.last_full, None, None
         if last is None:
             return
+        if "counters" not in last and full is not None:
+            last = {**last, "counters": full["counters"]}
         r = self.retired
         for name, svc in last.get("services", {}).items():
             mine = r["services"].setdefault(name, {})
@@ -481,6 +566,13 @@ class MasterEdge(Edge):
     def _workers_status(self) -> dict[str, object]:
         return {"count": self.count, "restarts": self.restarts,
                 "alive": sum(1 for w in self.workers if w.alive)}
+
+
+def _log_level() -> str:
+    """The master's log level (`edgeward run --log-level` or [edge] log_level, as daemon.py set it),
+    for its workers: they never read the config file, which may be mid-edit when one restarts."""
+    name = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return name.lower() if isinstance(name, str) and name.lower() in ("debug", "info", "warning", "error") else "info"
 
 
 def _read(path: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -15,7 +16,6 @@ from ..edge import Edge
 from ..events import ConnAccepted, HealthChanged, HttpRequest, ProtocolError, UdpSessionStarted
 from ..guard.banset import BanSet
 from ..monitor import Monitor
-from ..net import sockets
 from ..runtime import ListenerKey
 from ..status import live_clients, plane_report
 from .channel import Channel
@@ -46,8 +46,8 @@ class WorkerLink:
         self._path = ""
         self.reopen: list[Callable[[], None]] = []  # the access log's reopen
         # What needs the edge and came before it was built (a reload sent while this worker was
-        # starting): handled once it runs.
-        self._early: list[list[Any]] = []
+        # starting, and the sockets of that reload): handled once it runs, in order.
+        self._early: list[tuple[list[Any], list[socket.socket]]] = []
         # The master's ACME state (certificates, challenges) and this worker's web front, if it has one.
         self.acme: dict[str, Any] = {}
         self.web_front: Callable[[], WebFront | None] = lambda: None
@@ -62,6 +62,10 @@ class WorkerLink:
 
     def close(self) -> None:
         self.channel.close()
+        for _msg, fds in self._early:
+            for s in fds:
+                s.close()
+        self._early.clear()
 
     def load(self, _path: str) -> Config:
         """The edge's loader: the config text the master sent (it checked it already)."""
@@ -77,6 +81,7 @@ class WorkerLink:
         edge.active_health = False  # the master checks, and says
         edge.admission.bans = self.bans
         self.bans.on_ban(self._banned)
+        edge.on_drain.append(self._draining)
         self.monitor = Monitor(edge)
         self._apply_health()
         bus = edge.bus
@@ -101,25 +106,39 @@ class WorkerLink:
         self.monitor.start()
         self.channel.send(["ready"])
         early, self._early = self._early, []
-        for msg in early:
-            self._on_message(msg, [])
+        for msg, fds in early:
+            self._on_message(msg, fds)
+
+    def _draining(self) -> None:
+        """This worker stops accepting (SIGTERM, a rejected reload, the master's stop): the master
+        starts its successor on the same sockets now, not once this one's connections are done.
+        With what it counted so far, kept in the totals."""
+        edge = self.edge
+        if edge is None or self.channel.closed:
+            return
+        rep = plane_report(edge, self.monitor, True)
+        rep["propagation_ms"] = dict(self.propagation_ms)
+        rep["pid"] = os.getpid()
+        self.channel.send(["draining", rep])
 
     def _take(self, key: ListenerKey) -> socket.socket | None:
         return self.offered.pop(key, None)
 
     def _take_tcp(self, host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
-        s = self._take(("tcp", host, port))
-        if s is None:  # not offered (the master's view differs): join the group on our own
-            log.warning("worker %d: no socket from the master for tcp %s:%d; binding one", self.index, host, port)
-            return sockets.listen_tcp(host, port, backlog, True)
-        s.setblocking(False)
-        return s
+        return self._offered("tcp", host, port)
 
     def _take_udp(self, host: str, port: int, reuseport: bool) -> socket.socket:
-        s = self._take(("udp", host, port))
+        return self._offered("udp", host, port)
+
+    def _offered(self, transport: str, host: str, port: int) -> socket.socket:
+        """The master's socket for this address, in this worker's share. Never one of our own: a
+        socket the master does not hold is one it cannot hand to a successor, and the master's
+        copy of this share would queue clients for nobody. Without it the start or reload fails
+        (a reload answers `reloaded false`, and the master replaces this worker)."""
+        s = self._take((transport, host, port))
         if s is None:
-            log.warning("worker %d: no socket from the master for udp %s:%d; binding one", self.index, host, port)
-            return sockets.bind_udp(host, port, True)
+            log.error("worker %d: no socket from the master for %s %s:%d", self.index, transport, host, port)
+            raise OSError(errno.EADDRNOTAVAIL, f"no socket from the master for {transport} {host}:{port}")
         s.setblocking(False)
         return s
 
@@ -148,6 +167,11 @@ class WorkerLink:
 
     def _on_message(self, msg: list[Any], fds: list[socket.socket]) -> None:
         kind = msg[0]
+        if kind == "listeners" and self.edge is None and self.init.done():
+            # The sockets of a reload sent while this worker starts: taken with that reload, not
+            # now under the config it starts with (which its reload would then close).
+            self._early.append((msg, fds))
+            return
         if kind == "listeners":
             for key, s in zip(msg[1], fds, strict=True):
                 old = self.offered.pop((str(key[0]), str(key[1]), int(key[2])), None)
@@ -158,9 +182,9 @@ class WorkerLink:
         for s in fds:
             s.close()
         if self.edge is None and kind in ("reload", "server_drain", "reopen", "stop"):
-            self._early.append(msg)
+            self._early.append((msg, []))
             return
-        if kind == "ban":
+        if kind == "ban":  # the master's merged entry (wider or narrower): replaces ours
             self.bans.add(msg[1], jail="master", listeners=msg[2])
             self._delay(msg[3])
         elif kind == "unban":
@@ -221,6 +245,7 @@ class WorkerLink:
         rep = plane_report(edge, self.monitor, full)
         rep["propagation_ms"] = dict(self.propagation_ms)
         rep["pid"] = os.getpid()
+        rep["dropped_reports"] = self.channel.dropped
         self.channel.send(["status", rid, rep])
 
     def _clients(self, service: str | None, address: str | None, limit: int) -> dict[str, Any]:

@@ -116,3 +116,137 @@ def test_merged_status_adds_the_workers_up_and_counts_a_client_once() -> None:
     assert counters == {("refused", "l", "banned"): 3, ("reloads", "applied"): 2}
     assert [w["refused"] for w in st["workers"]["processes"]] == [1, 2]
     assert st["pipes"] == {"pooled": 4, "in_use": 0}
+
+
+def fill(ch: Channel) -> None:
+    """Sends until the peer's buffer is full and the channel queues (a worker that is not reading)."""
+    for _ in range(100_000):
+        if ch._out:
+            return
+        ch.send(["ban", "198.51.100.1", None, 0.0])
+    raise AssertionError("the channel never queued")
+
+
+def test_a_queued_socket_is_the_one_sent_even_if_its_owner_closed_it() -> None:
+    """A socket queued behind a full channel and closed by the master before the queue drains is
+    still the one that arrives (not whatever socket got its descriptor number next)."""
+    async def run() -> tuple[list[tuple[str, int]], tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        got: list[tuple[str, int]] = []
+
+        def on_message(msg: list[Any], socks: list[socket.socket]) -> None:
+            for s in socks:
+                if msg[0] == "listeners":
+                    got.append(s.getsockname())
+                s.close()
+        sender = Channel(a, loop, lambda m, s: None, lambda: None)
+        fill(sender)
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        name = first.getsockname()
+        sender.send(["listeners", [["tcp", "127.0.0.1", name[1]]]], [first.fileno()])
+        first.close()
+        other = socket.socket()  # most likely the number `first` had
+        other.bind(("127.0.0.1", 0))
+        receiver = Channel(b, loop, on_message, lambda: None)
+        receiver.start()
+        for _ in range(500):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        sender.close()
+        receiver.close()
+        other.close()
+        return got, name
+
+    got, name = asyncio.run(run())
+    assert got == [name]
+
+
+def test_closing_a_channel_closes_its_queued_copies_of_sockets() -> None:
+    async def run() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sender = Channel(a, loop, lambda m, s: None, lambda: None)
+        fill(sender)
+        before = len(os.listdir("/proc/self/fd"))
+        with socket.socket() as s:
+            for _ in range(10):
+                sender.send(["listeners", [["tcp", "127.0.0.1", 1]]], [s.fileno()])
+            queued = len(os.listdir("/proc/self/fd"))
+        sender.close()
+        b.close()
+        return queued - before, len(os.listdir("/proc/self/fd")) - before
+
+    queued, after = asyncio.run(run())
+    assert queued == 11  # the socket and the channel's ten copies
+    assert after == -2  # the copies closed, and both ends of the channel
+
+
+def test_a_mirror_of_a_ban_set_follows_a_ban_that_narrows() -> None:
+    """The master's ban set and a worker's mirror, wired as master.py and worker.py do: when one
+    jail's part is lifted, expires or narrows while another's remains, the mirror narrows too."""
+    from edgeward.guard.banset import BanSet
+    now = [1000.0]
+    master, mirror = BanSet(clock=lambda: now[0]), BanSet(clock=lambda: now[0])
+    told: list[tuple[str, frozenset[str] | None]] = []
+
+    def ban(addr: str, listeners: frozenset[str] | None) -> None:
+        told.append((addr, listeners))
+        mirror.add(addr, jail="master", listeners=None if listeners is None else sorted(listeners))
+    master.on_ban(ban)
+    master.on_narrow(ban)
+    master.on_unban(lambda addr: mirror.remove(addr))
+    a = "203.0.113.7"
+    master.add(a, jail="sshd", listeners=["ssh"])
+    master.add(a, jail="crowdsec", listeners=None)
+    assert mirror.is_banned(a, "web")
+    master.remove(a, jail="crowdsec")  # lifted: the ssh-only part remains
+    assert not master.is_banned(a, "web") and not mirror.is_banned(a, "web") and mirror.is_banned(a, "ssh")
+    master.add(a, jail="flood", listeners=["web", "ssh"], until=now[0] + 60)
+    assert mirror.is_banned(a, "web")
+    now[0] += 61
+    master.expire()  # the flood part ends: ssh only again
+    assert not mirror.is_banned(a, "web") and mirror.is_banned(a, "ssh")
+    master.add(a, jail="sshd", listeners=["ssh", "imap"])
+    master.add(a, jail="sshd", listeners=["imap"])  # the same jail, narrower
+    assert not mirror.is_banned(a, "ssh") and mirror.is_banned(a, "imap")
+    n = len(told)
+    master.add(a, jail="sshd", listeners=["imap"])  # nothing changed: nobody told
+    assert len(told) == n
+    master.remove(a)
+    assert a not in mirror
+
+
+def test_the_queue_for_a_peer_that_does_not_read_is_capped_dropping_only_reports() -> None:
+    """A master that does not read (stopped, busy) cannot make a worker queue without limit: over
+    the cap, reports are dropped and counted; bans and control messages are still queued, and
+    arrive once the peer reads."""
+    async def run() -> tuple[int, int, int, list[list[Any]]]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sender = Channel(a, loop, lambda m, s: None, lambda: None, max_queued=1 << 20)
+        for i in range(300_000):  # one report per connection of a flood
+            sender.send(["report", "conn", "front", f"198.51.{(i >> 8) & 255}.{i & 255}", 40000 + i % 20000])
+        peak = sender.queued
+        sender.send(["ban", "198.51.100.1", None, 0.0])
+        sender.send(["status", 1, {"x": "y" * 100_000}])
+        got: list[list[Any]] = []
+        receiver = Channel(b, loop, lambda m, s: got.append(m), lambda: None)
+        receiver.start()
+        for _ in range(1000):
+            if got and got[-1][0] == "status":
+                break
+            await asyncio.sleep(0.01)
+        left = sender.queued
+        sender.close()
+        receiver.close()
+        return peak, sender.dropped, left, got
+
+    peak, dropped, left, got = asyncio.run(run())
+    assert peak <= (1 << 20) + 200
+    assert dropped > 250_000
+    assert [m[0] for m in got[-2:]] == ["ban", "status"]
+    assert len(got) == 300_000 - dropped + 2
+    assert left == 0
