@@ -194,12 +194,14 @@ def _print_status(st: dict[str, Any]) -> None:
     workers = st.get("workers")
     if workers:  # [edge] workers = N
         t = Table("worker", "pid", "restarts", "hung", "connections", "udp sessions", "clients", "total", "refused",
-                  "reloads", "rss KiB", "bans/health in (ms, max)",
+                  "reloads", "rss KiB", "bans/health in (ms, max)", "reports dropped",
                   title=f"workers ({workers['alive']} of {workers['count']} running, {workers['restarts']} restarts)")
         for w in workers.get("processes", ()):
-            t.add_row(str(w["index"]), str(w["pid"]), str(w["restarts"]), str(w.get("hung", 0)), str(w["connections"]),
-                      str(w["udp_sessions"]), str(w["clients"]), str(w["total"]), str(w["refused"]), str(w["reloads"]),
-                      str(w["rss_kib"]), f"{w['propagation_ms'].get('max', 0):.2f}")
+            # stale: the worker did not answer in time; these are its previous figures
+            t.add_row(str(w["index"]) + (" (stale)" if w.get("stale") else ""), str(w["pid"]), str(w["restarts"]),
+                      str(w.get("hung", 0)), str(w["connections"]), str(w["udp_sessions"]), str(w["clients"]),
+                      str(w["total"]), str(w["refused"]), str(w["reloads"]), str(w["rss_kib"]),
+                      f"{w['propagation_ms'].get('max', 0):.2f}", str(w.get("dropped_reports", 0)))
         con.print(t)
     web = st.get("web") or {}
     certs = (web.get("certificates") or {}).get("certificates") or {}

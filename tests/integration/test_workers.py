@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from edgeward.cli import _print_status
 from http_peers import get, read_response
 from pebble_peer import pebble
 from support import (
@@ -914,7 +915,8 @@ listeners = ["a"]
     up.close()
 
 
-def test_a_worker_that_misses_the_status_deadline_keeps_its_counts(tmp_path: Path) -> None:
+def test_a_worker_that_misses_the_status_deadline_keeps_its_counts(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """A worker that does not answer the status in time (stopped here) is counted as of its
     previous report, marked stale: /metrics counters never go back."""
     up = ThreadServer(echo_handler())
@@ -935,6 +937,9 @@ to = "127.0.0.1:{up.port}"
             st = e.status()
         finally:
             os.kill(ws[0]["pid"], signal.SIGCONT)
+        _print_status(st)  # what `edgeward status` prints from that answer says which worker is stale
+        shown = capsys.readouterr().out
+        assert "0 (stale)" in shown and "1 (stale)" not in shown
         assert during == 40
         assert st["services"]["echo"]["total"] == 40  # type: ignore[index]
         assert [(w["pid"], w["stale"]) for w in processes(st)] == [(ws[0]["pid"], True), (ws[1]["pid"], False)]
