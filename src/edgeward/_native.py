@@ -29,33 +29,40 @@ NET_MODULES = ("admission", "codec/_names", "codec/proxy", "codec/sniff", "codec
 MANIFEST = "_compiled_net.json"
 
 _HERE = Path(__file__).resolve().parent
-_NAMES = {"edgeward." + m.replace("/", "."): m for m in NET_MODULES}
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
-    """Finds the listed modules' .py files, ahead of any compiled module beside them."""
+    """Finds one group's modules as .py files, ahead of any compiled module beside them."""
+
+    def __init__(self, sources: dict[str, Path]) -> None:
+        self.sources = sources  # module name -> its source file
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        module = _NAMES.get(fullname)
-        if module is None:
+        source = self.sources.get(fullname)
+        if source is None:
             return None
-        return importlib.util.spec_from_file_location(fullname, _HERE / f"{module}.py")
+        return importlib.util.spec_from_file_location(fullname, source)
 
 
-def _compiled_sources_unchanged() -> bool:
+def _compiled_sources_unchanged(package_dir: Path, modules: Sequence[str], manifest: str) -> bool:
     try:
-        recorded = json.loads((_HERE / MANIFEST).read_text())
-        return all(recorded.get(m) == hashlib.sha256((_HERE / f"{m}.py").read_bytes()).hexdigest()
-                   for m in NET_MODULES)
+        recorded = json.loads((package_dir / manifest).read_text())
+        return all(recorded.get(m) == hashlib.sha256((package_dir / f"{m}.py").read_bytes()).hexdigest()
+                   for m in modules)
     except (OSError, ValueError):
         return False  # nothing compiled, or no record of what: the sources
 
 
-def _select() -> None:
-    from_source = os.environ.get("EDGEWARD_PURE_PYTHON") or not _compiled_sources_unchanged()
-    if from_source and not any(isinstance(f, _FromSource) for f in sys.meta_path):
-        sys.meta_path.insert(0, _FromSource())
+def choose(package_dir: Path, package: str, modules: Sequence[str], manifest: str) -> None:
+    """Run one compiled group (this module's NET_MODULES; edgeward.http's, from http/native.py)
+    compiled or, all of it, from source. `modules` are paths under `package_dir` without ".py"
+    ("net/tcp"), as the build records them with their SHA-256 in `manifest`."""
+    if not os.environ.get("EDGEWARD_PURE_PYTHON") and _compiled_sources_unchanged(package_dir, modules, manifest):
+        return
+    sources = {f"{package}.{m.replace('/', '.')}": package_dir / f"{m}.py" for m in modules}
+    if not any(isinstance(f, _FromSource) and f.sources == sources for f in sys.meta_path):
+        sys.meta_path.insert(0, _FromSource(sources))
 
 
 def compiled() -> bool:
@@ -66,4 +73,4 @@ def compiled() -> bool:
     return spec is not None and not (spec.origin or "").endswith(".py")
 
 
-_select()
+choose(_HERE, "edgeward", NET_MODULES, MANIFEST)
