@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import ctools  # noqa: E402
 from bench.hello import client_hello  # noqa: E402
-from bench.procs import cpu_seconds  # noqa: E402
+from bench.procs import cpu_seconds, stop_process  # noqa: E402
 
 SHIM = ROOT / "build" / "shim" / "libedgeward_handoff.so"
 SNI = "bench.example.org"
@@ -75,13 +75,7 @@ def started(argv: list[str], log: Path, env: dict[str, str] | None = None) -> It
     try:
         yield p
     finally:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p, grace=10)
 
 
 def shim_env(port: int, sock: Path) -> dict[str, str]:

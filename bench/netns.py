@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.procs import stop_process
+
 
 def sh(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a command; with `check`, a failure raises with the command's own message."""
@@ -42,13 +44,7 @@ def running(name: str, argv: Sequence[str], log: Path) -> Iterator[subprocess.Po
     try:
         yield p
     finally:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p, grace=10)
 
 
 class Topology:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -78,6 +79,19 @@ def stop_pid(pid: int, timeout: float = 5.0, group: bool = True) -> bool:
     while time.monotonic() < deadline and not (_reap(pid) or not _alive(pid)):
         time.sleep(0.02)
     return True
+
+
+def stop_process(p: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """Stop a program started with Popen (one process, its own exit status kept by Popen):
+    SIGTERM, `grace` seconds to exit, then SIGKILL. Nothing if it has already exited."""
+    if p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
 
 
 def _reap(pid: int) -> bool:

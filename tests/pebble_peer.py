@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
+from bench.procs import stop_process
 
 from support import free_port, require, wait_port
 
@@ -97,10 +98,5 @@ def pebble(tmp: Path, *, validity: int = 3600, resolve: tuple[str, ...] = (), po
             yield peer
         finally:
             for p in (ca_proc, dns):
-                if p is not None and p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait(5)
+                if p is not None:
+                    stop_process(p)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.procs import stop_process
+
 from support import require, wait_port
 
 
@@ -35,12 +37,7 @@ defaults
                 wait_port("127.0.0.1", port, 10)
             yield log
         finally:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            stop_process(p)
 
 
 @contextlib.contextmanager
@@ -82,12 +79,7 @@ http {{
             wait_port("127.0.0.1", port, 10)
         yield prefix
     finally:
-        p.terminate()  # nginx master stops its workers on SIGTERM
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        stop_process(p)  # nginx master stops its workers on SIGTERM
 
 
 def wait_for_text(path: Path, text: str, timeout: float = 5.0) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import trustme
+from bench.procs import stop_process
 
 from support import free_port, require
 
@@ -96,13 +97,8 @@ class RedisServer:
             self.proc.wait(5)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def cli(self, *args: str) -> str:
         """redis-cli against this server (for looking at what the nodes wrote)."""

@@ -21,6 +21,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench.procs import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 EDGEWARD = [sys.executable, "-m", "edgeward"]
 
@@ -285,13 +287,7 @@ def proc(args: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield p
     finally:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p)
 
 
 class UdpEcho:
