@@ -45,6 +45,27 @@ SHIM = ROOT / "build" / "shim" / "libedgeward_handoff.so"
 SNI = "bench.example.org"
 
 
+def haproxy_config(port: int, echo: int, nbthread: int = 1) -> str:
+    """HAProxy forwarding connections whose ClientHello names SNI to the echo server on `echo`
+    (the SNI routing every contestant of the short-connection cases does)."""
+    return f"""global
+    nbthread {nbthread}
+    maxconn 9600
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+frontend rate
+    bind 127.0.0.1:{port}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+    use_backend echo if {{ req.ssl_sni -i {SNI} }}
+backend echo
+    server echo 127.0.0.1:{echo}
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,22 +168,7 @@ def rates(work: Path, tools: dict[str, Path], seconds: int) -> dict[str, float]:
     p_echo_shim, p_echo, p_edge, p_relay, p_haproxy = (free_port() for _ in range(5))
     sock = work / "echo-handoff.sock"
     haproxy_cfg = work / "haproxy.cfg"
-    haproxy_cfg.write_text(f"""global
-    nbthread 1
-    maxconn 9600
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1m
-    timeout server 1m
-frontend rate
-    bind 127.0.0.1:{p_haproxy}
-    tcp-request inspect-delay 5s
-    tcp-request content accept if {{ req.ssl_hello_type 1 }}
-    use_backend echo if {{ req.ssl_sni -i {SNI} }}
-backend echo
-    server echo 127.0.0.1:{p_echo}
-""")
+    haproxy_cfg.write_text(haproxy_config(p_haproxy, p_echo))
     out: dict[str, float] = {}
     with started([str(tools["tcpecho"]), str(p_echo_shim)], work / "echo-shim.log", shim_env(p_echo_shim, sock)), \
             started([str(tools["tcpecho"]), str(p_echo)], work / "echo.log"), \

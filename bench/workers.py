@@ -34,30 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench import ctools  # noqa: E402
 from bench.contestants import nginx_stream_module_line  # noqa: E402
-from bench.handoff import SNI, conn_rate, free_port, started, tcp_open, wait_for  # noqa: E402
+from bench.handoff import SNI, conn_rate, free_port, haproxy_config, started, tcp_open, wait_for  # noqa: E402
 from bench.hello import client_hello  # noqa: E402
 from bench.procs import tree  # noqa: E402
 
 CONTESTANTS = ("haproxy_nbthread2", "nginx_workers2", "edgeward_workers2", "edgeward_workers1")
-
-
-def haproxy_config(port: int, echo: int) -> str:
-    return f"""global
-    nbthread 2
-    maxconn 9600
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1m
-    timeout server 1m
-frontend rate
-    bind 127.0.0.1:{port}
-    tcp-request inspect-delay 5s
-    tcp-request content accept if {{ req.ssl_hello_type 1 }}
-    use_backend echo if {{ req.ssl_sni -i {SNI} }}
-backend echo
-    server echo 127.0.0.1:{echo}
-"""
 
 
 def nginx_config(work: Path, port: int, echo: int) -> str:
@@ -121,7 +102,7 @@ def main() -> None:
         hello.write_bytes(client_hello(SNI)[0])
         echo = free_port()
         ports = {c: free_port() for c in CONTESTANTS}
-        (work / "haproxy.cfg").write_text(haproxy_config(ports["haproxy_nbthread2"], echo))
+        (work / "haproxy.cfg").write_text(haproxy_config(ports["haproxy_nbthread2"], echo, nbthread=2))
         (work / "nginx.conf").write_text(nginx_config(work, ports["nginx_workers2"], echo))
         argv: dict[str, list[str]] = {
             "haproxy_nbthread2": ["haproxy", "-db", "-f", str(work / "haproxy.cfg")],
