@@ -71,11 +71,6 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def metrics(e: EdgeProcess) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{e.admin_port}/metrics", timeout=10) as r:
-        return r.read().decode()  # type: ignore[no-any-return]
-
-
 @contextlib.contextmanager
 def edge_with_workers(tmp: Path, admin: int, config: str, wait: list[tuple[str, int]] | None = None,
                       extra_args: tuple[str, ...] = ()) -> Iterator[EdgeProcess]:
@@ -140,7 +135,7 @@ to = "127.0.0.1:{up.port}"
         assert st["services"]["echo"]["total"] == n  # type: ignore[index]
         assert st["services"]["echo"]["bytes_in"] == 4 * n  # type: ignore[index]
         assert e.counter("closed", f"127.0.0.1:{port}", "done") == n
-        text = metrics(e)
+        text = e.metrics()
         assert metric(text, "edgeward_service_connections_total", service="echo") == n
         assert metric(text, "edgeward_worker_connections_total", worker="0") + \
             metric(text, "edgeward_worker_connections_total", worker="1") == n
@@ -261,14 +256,14 @@ to = "127.0.0.1:{up.port}"
         ws2 = wait_workers(e)
         assert victim not in {w["pid"] for w in ws2} and not alive(victim)
         assert {w["index"]: w["restarts"] for w in ws2} == {0: 1, 1: 0}
-        assert metric(metrics(e), "edgeward_worker_restarts_total", worker="0") == 1
+        assert metric(e.metrics(), "edgeward_worker_restarts_total", worker="0") == 1
         assert all(served("127.0.0.2", port) for _ in range(50))
         assert "worker 0 (pid" in e.log() and "restarting it" in e.log()
         # Totals survive the restart (the dead worker's, as of its last report, are kept).
         st = e.status()
         assert st["services"]["echo"]["total"] == 210  # type: ignore[index]
         assert e.counter("closed", f"127.0.0.1:{port}", "done") == 210
-        assert metric(metrics(e), "edgeward_service_connections_total", service="echo") == 210
+        assert metric(e.metrics(), "edgeward_service_connections_total", service="echo") == 210
     up.close()
 
 
@@ -363,7 +358,7 @@ to = "127.0.0.1:{up.port}"
         assert st["services"]["echo"]["clients"] == 1  # type: ignore[index]
         pool = st["pools"]["service:echo"]  # type: ignore[index]
         assert pool["clients"] == 1 and pool["servers"][0]["clients"] == 1
-        assert metric(metrics(e), "edgeward_clients") == 1
+        assert metric(e.metrics(), "edgeward_clients") == 1
         code, cl = e.api("GET", "/clients")
         assert code == 200 and cl["distinct"] == 1 and cl["matched"] == len(held)  # type: ignore[index]
         assert cl["addresses"] == {"127.0.0.20": len(held)}  # type: ignore[index]
@@ -929,11 +924,11 @@ to = "127.0.0.1:{up.port}"
         ws = wait_workers(e)
         assert all(served("127.0.0.2", port) for _ in range(40))
         assert all(w["total"] > 0 for w in processes(e.status()))
-        before = metric(metrics(e), "edgeward_service_connections_total", service="echo")
+        before = metric(e.metrics(), "edgeward_service_connections_total", service="echo")
         assert before == 40
         os.kill(ws[0]["pid"], signal.SIGSTOP)
         try:
-            during = metric(metrics(e), "edgeward_service_connections_total", service="echo")
+            during = metric(e.metrics(), "edgeward_service_connections_total", service="echo")
             st = e.status()
         finally:
             os.kill(ws[0]["pid"], signal.SIGCONT)
