@@ -131,3 +131,20 @@ def test_kernel_forwarding_cannot_hand_off_or_be_transparent() -> None:
     (p,) = kernel_problems(BASE + '[services.k]\nlisten = ["[::]:7000"]\nto = "10.8.0.2"\nforward = "kernel"\n'
                            'transparent = true\n')
     assert "transparent is for the edge's own connections" in p
+
+
+def test_the_recorded_table_name_is_taken_only_when_edgeward_could_have_written_it(tmp_path: object) -> None:
+    """state_dir/kernel-table names the table a killed edge left (removed at the next start); a
+    name nft scripts could not carry (written by someone else, or damaged) is left alone."""
+    from pathlib import Path
+
+    from edgeward.config.schema import KernelSettings
+    from edgeward.kernel_forward import KernelTable
+
+    state = Path(str(tmp_path))
+    (state / "kernel-table").write_text("edgeward_old\n")
+    left = KernelTable(KernelSettings(), str(state))
+    assert left.applied and left.settings.table == "edgeward_old"
+    (state / "kernel-table").write_text("x; flush ruleset\n")
+    assert not KernelTable(KernelSettings(), str(state)).applied
+    assert not KernelTable(KernelSettings(), None).applied  # no state directory: nothing recorded
