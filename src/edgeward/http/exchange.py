@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, cast
 
 import httptools
@@ -33,6 +32,7 @@ from ..net.sockets import upstream_tcp
 from ..upstream.pool import Server
 from . import forwarding, pages
 from .log import HttpRequestLog
+from .outbox import Sender
 from .paths import routing_path
 from .request import Headers, Rejected, RequestHead, validate_request
 from .routes import HttpRoutes, HttpUpstream, IPAddress, certificate_pin
@@ -59,20 +59,6 @@ _CHUNK_END = b"\r\n"
 _STATUS_KEYS = {i: f"responses_{i}xx" for i in range(1, 6)}
 _LAST_CHUNK = b"0\r\n\r\n"
 _METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")}
-
-
-JOIN_LIMIT = 16 * 1024  # pieces up to this size together are copied into one write
-
-
-def write_parts(transport: asyncio.Transport, parts: Sequence[bytes]) -> None:
-    """Write `parts` with one call: small ones (a head, a chunk's framing, a small body) joined,
-    so a socket gets one send and a TLS connection one record; large ones as they are (no copy)."""
-    if len(parts) == 1:
-        transport.write(parts[0])
-    elif sum(map(len, parts)) <= JOIN_LIMIT:
-        transport.write(b"".join(parts))
-    else:
-        transport.writelines(parts)
 
 
 def _client_address(host: str) -> tuple[str, IPAddress | None]:
@@ -217,7 +203,7 @@ class Exchange:
         if up.transport is None or up.closed:
             return
         self.wrote_upstream = True
-        write_parts(up.transport, parts)
+        up.write_parts(parts)
 
     def flush_held(self) -> None:
         up = self.upstream
@@ -225,7 +211,7 @@ class Exchange:
         self.held = ()
         if held and up is not None and up.transport is not None and not up.closed:
             self.wrote_upstream = True
-            write_parts(up.transport, held)
+            up.write_parts(held)
 
     def _send_body(self, up: UpstreamConnection, data: bytes) -> None:
         assert self.head is not None
@@ -479,7 +465,7 @@ class Exchange:
             return
         self.bytes_out += len(data)
         if self.client_framing == forwarding.CHUNKED:
-            c.writelines((b"%x\r\n" % len(data), data, _CHUNK_END))
+            c.write_parts((b"%x\r\n" % len(data), data, _CHUNK_END))
         elif self.client_framing != forwarding.NO_BODY:
             c.write(data)
 
@@ -644,6 +630,7 @@ class Exchange:
             self.client.close()
             conn.close()
             return False
+        conn.send_out()
         t.write_eof()
         return True
 
@@ -657,6 +644,7 @@ class Exchange:
             if conn is not None:
                 conn.close()
             return False
+        c.send_out()
         t.write_eof()
         return True
 
@@ -782,17 +770,16 @@ def _pin_matches(conn: UpstreamConnection, pin: bytes) -> bool:
     return der is not None and hmac.compare_digest(certificate_pin(der), pin)
 
 
-class ClientConnection:
+class ClientConnection(Sender):
     """The asyncio protocol of one client connection. Not a subclass of asyncio.Protocol (the loops
-    only call its methods): so mypyc compiles it to a native class (see setup.py)."""
+    only call its methods): so mypyc compiles it to a native class (see setup.py). Its writes go
+    out at the end of the loop's turn (outbox.py)."""
 
     __slots__ = (
         "addr_",
         "client_ip",
         "client_port",
-        "closed",
         "closing",
-        "corked",
         "current",
         "fed",
         "feeding",
@@ -817,7 +804,6 @@ class ClientConnection:
         "scheme",
         "service",
         "settings",
-        "transport",
         "trusted",
         "tunnel",
         "via_proxy",
@@ -827,6 +813,7 @@ class ClientConnection:
     def __init__(self, proxy: HttpProxy, routes: HttpRoutes, client: tuple[str, int], local: tuple[str, int], *,
                  scheme: str, redirect: bool, https_port: int, via_proxy: bool, listener: str = "",
                  peer: Peer | None = None) -> None:
+        super().__init__(proxy.outbox)
         self.proxy = proxy
         self.settings = proxy.settings
         self.loop = proxy.loop
@@ -844,7 +831,6 @@ class ClientConnection:
         self.via_proxy = via_proxy
         # The edge's Peer of this client, for the HttpRequest events (built on first use otherwise).
         self.peer_ = peer if peer == (self.client_ip, self.client_port, via_proxy) else None
-        self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
         self.last_parsed: Exchange | None = None
@@ -857,12 +843,10 @@ class ClientConnection:
         self.head_size = 0
         self.tunnel: Exchange | None = None
         self.closing = False
-        self.closed = False
         self.lingering = False
         self.rejected: tuple[int, str, Exchange | None] | None = None
         self.feeding = False  # inside parser.feed_data: writes upstream are held (Exchange._send)
         self.held: Exchange | None = None  # the exchange holding such writes
-        self.corked: list[bytes] | None = None  # writes collected while an upstream read is parsed
 
     @property
     def client_addr(self) -> IPAddress | None:
@@ -988,7 +972,7 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.corked = None
+        self.out = None
         self.read_timer.cancel()
         if self.write_timer is not None:
             self.write_timer.cancel()
@@ -1104,32 +1088,7 @@ class ClientConnection:
         if not ex.finished:
             ex.request_complete()
 
-    # --- used by exchanges ------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.corked is not None:
-            self.corked.append(data)
-        elif not self.closed and self.transport is not None:
-            self.transport.write(data)
-
-    def writelines(self, data: tuple[bytes, ...]) -> None:
-        if self.corked is not None:
-            self.corked += data
-        elif not self.closed and self.transport is not None:
-            write_parts(self.transport, data)
-
-    def cork(self) -> None:
-        """Collect writes (while one upstream read is parsed) so that a response head and body go
-        out in one send."""
-        if self.corked is None:
-            self.corked = []
-
-    def uncork(self) -> None:
-        out = self.corked
-        if out is not None:
-            self.corked = None
-            if out and not self.closed and self.transport is not None:
-                write_parts(self.transport, out)
+    # --- used by exchanges (write and write_parts: Sender's) -----------------------------------
 
     def pause(self, bit: int) -> None:
         if not self.pause_bits and not self.closed and self.transport is not None:
@@ -1146,7 +1105,7 @@ class ClientConnection:
 
     def close(self) -> None:
         if not self.closed:
-            self.uncork()
+            self.send_out()
             self.closed = True
             self.read_timer.cancel()
             if self.write_timer is not None:
@@ -1210,7 +1169,7 @@ class ClientConnection:
             if (ex.head is not None and ex.head.has_body and not ex.req_done and not ex.switched
                     and (ex.error is None or ex.error == "no_route")
                     and t is not None and t.can_write_eof() and not t.is_closing()):
-                self.uncork()
+                self.send_out()
                 # Lingering close: the client may still be sending the body; reading and dropping it
                 # for a moment lets it see the response instead of a reset.
                 t.write_eof()

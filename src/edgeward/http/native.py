@@ -15,7 +15,7 @@ from pathlib import Path
 from .._native import choose
 
 # Keep in step with MODULES in setup.py.
-MODULES = ("exchange", "forwarding", "paths", "request", "routes", "timer", "upstream")
+MODULES = ("exchange", "forwarding", "outbox", "paths", "request", "routes", "timer", "upstream")
 MANIFEST = "_compiled.json"
 
 

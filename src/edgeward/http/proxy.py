@@ -22,6 +22,7 @@ from ..events import EventBus, Peer
 from ..upstream.pool import Server
 from .exchange import ClientConnection
 from .log import HttpRequestLog
+from .outbox import Outbox
 from .routes import HttpRoutes, HttpUpstream, IPAddress
 from .timer import TimerWheel
 from .upstream import IdleUpstreams
@@ -47,6 +48,7 @@ class HttpProxy:
         self.acme_http01 = acme_http01
         self._loop = loop
         self._wheel: TimerWheel | None = None
+        self.outbox = Outbox(loop)  # writes of this proxy's connections, sent at the end of each turn
         self.counters: dict[str, int] = defaultdict(int)
         self.clients: set[ClientConnection] = set()
         self.closing = False

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from ..upstream.pool import Server
+from .outbox import Sender
 from .request import Headers, Rejected
 from .timer import Timer
 
@@ -95,27 +96,27 @@ class _Unsolicited(Exception):
     """A response begins where none was asked for (the edge never pipelines to upstreams)."""
 
 
-class UpstreamConnection:
+class UpstreamConnection(Sender):
     """The asyncio protocol of one upstream connection (not a subclass of asyncio.Protocol, like
-    ClientConnection: a native class when compiled)."""
+    ClientConnection: a native class when compiled). Its writes go out at the end of the loop's
+    turn (outbox.py)."""
 
-    __slots__ = ("closed", "eof", "exchange", "fed", "feeding", "head_size", "headers", "idle_after_feed", "key",
+    __slots__ = ("eof", "exchange", "fed", "feeding", "head_size", "headers", "idle_after_feed", "key",
                  "parser", "proxy",
-                 "read_paused", "reason", "requests", "route", "server", "status", "timer", "transport",
+                 "read_paused", "reason", "requests", "route", "server", "status", "timer",
                  "tunnel", "write_paused")
 
     def __init__(self, proxy: HttpProxy, server: Server, route: HttpUpstream) -> None:
+        super().__init__(proxy.outbox)
         self.proxy = proxy
         self.server = server
         self.route = route
         self.key = (server, route)
-        self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)  # None in a tunnel
         self.exchange: Exchange | None = None
         self.timer = Timer(proxy.wheel, self, UpstreamConnection._timeout)
         self.read_paused = False
         self.write_paused = False
-        self.closed = False
         self.eof = False
         self.tunnel = False
         self.requests = 0
@@ -146,8 +147,6 @@ class UpstreamConnection:
             self.timer.touch()
         ex.upstream_bytes += len(data)
         self.fed += len(data)
-        client = ex.client
-        client.cork()
         parser = self.parser
         assert parser is not None  # only a tunnel has none, and its bytes are relayed above
         self.feeding = True
@@ -160,7 +159,6 @@ class UpstreamConnection:
                 ex.upstream_failed(self, 502, "upstream: response head too large")
         finally:
             self.feeding = False
-            client.uncork()
         if self.idle_after_feed:
             # Pooled only now that the whole read is parsed: nothing in it may pass for the
             # response to another request.
@@ -203,6 +201,7 @@ class UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.out = None
         self.timer.cancel()
         self.parser = None  # bound to this connection: freed at once, not by the cycle collector
         ex = self.exchange
@@ -276,10 +275,6 @@ class UpstreamConnection:
 
     # --- used by the exchange and the proxy -------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
-
     def pause_reading(self) -> None:
         if not self.read_paused and not self.closed and self.transport is not None:
             self.read_paused = True
@@ -292,6 +287,7 @@ class UpstreamConnection:
 
     def close(self) -> None:
         if not self.closed:
+            self.send_out()
             self.closed = True
             self.timer.cancel()
             if self.transport is not None:
@@ -301,6 +297,7 @@ class UpstreamConnection:
     def abort(self) -> None:
         """Close at once, dropping unsent bytes (the exchange on it failed)."""
         if not self.closed:
+            self.out = None
             self.closed = True
             self.timer.cancel()
             if self.transport is not None:

@@ -88,6 +88,7 @@ def run(loop: asyncio.AbstractEventLoop, pieces: list[bytes], *, redirect: bool 
         if t.closed:
             break
         conn.data_received(p)
+        proxy.outbox.flush()  # what the loop does at the end of the turn (http/outbox.py)
     conn.connection_lost(None)
     return t, statuses(bytes(t.out))
 

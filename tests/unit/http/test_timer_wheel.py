@@ -116,11 +116,13 @@ async def test_idle_keepalive_connection_lets_go_of_its_parser() -> None:
     t = MemoryTransport()
     conn.connection_made(t)  # type: ignore[arg-type]
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    proxy.outbox.flush()  # what the loop does at the end of the turn (http/outbox.py)
     assert t.out.startswith(b"HTTP/1.1 404 ") and not t.closed
     assert conn.parser is not None
     await asyncio.sleep(RELEASE_AFTER + 2 * RESOLUTION)
     assert conn.parser is None and not t.closed  # idle: the parser is gone, the connection is not
     conn.data_received(b"GET /again HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    proxy.outbox.flush()
     assert t.out.count(b"HTTP/1.1 404 ") == 2 and not t.closed
     await asyncio.sleep(RELEASE_AFTER + 0.5 + 2 * RESOLUTION)
     assert t.closed  # then the keep-alive timeout closes it (RELEASE_AFTER + the rest)

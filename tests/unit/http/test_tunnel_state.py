@@ -75,10 +75,12 @@ def test_tunnel_keeps_no_parser_and_no_head_fields(loop: asyncio.AbstractEventLo
 
     conn.data_received(b"GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nearly")
+    proxy.outbox.flush()  # the end of the loop's turn (http/outbox.py)
     assert b"Upgrade: websocket\r\n" in up_t.out and b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" in up_t.out
     assert conn.parser is None and not up_t.out.endswith(b"early")  # held until the 101
     up.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhello")
+    proxy.outbox.flush()  # the end of the loop's turn (http/outbox.py)
     assert client.out.startswith(b"HTTP/1.1 101 ")
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in client.out and client.out.endswith(b"hello")
     assert up_t.out.endswith(b"early")
@@ -88,6 +90,8 @@ def test_tunnel_keeps_no_parser_and_no_head_fields(loop: asyncio.AbstractEventLo
     assert up.parser is None and conn.parser is None
     assert ex.head.headers == [] and up.headers == []
     conn.data_received(b"\x81\x05ping!")
+    proxy.outbox.flush()  # the end of the loop's turn (http/outbox.py)
     up.data_received(b"\x81\x05pong!")
+    proxy.outbox.flush()  # the end of the loop's turn (http/outbox.py)
     assert up_t.out.endswith(b"\x81\x05ping!") and client.out.endswith(b"\x81\x05pong!")
     assert ex.head.method == b"GET" and ex.head.path == b"/chat" and ex.head.host == "a.test"
