@@ -72,13 +72,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(pred: object, timeout: float = 15.0) -> None:
+def wait_for(pred: object, timeout: float = 15.0, what: str = "a benchmark process") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():  # type: ignore[operator]
             return
         time.sleep(0.02)
-    raise TimeoutError("a benchmark process did not start")
+    raise TimeoutError(f"{what} did not start within {timeout:g} s")
 
 
 def tcp_open(port: int) -> bool:

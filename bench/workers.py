@@ -117,9 +117,15 @@ def main() -> None:
             for rnd in range(rounds):
                 for name in CONTESTANTS:
                     with started(argv[name], work / f"{name}.log") as proc:
-                        wait_for(lambda name=name: tcp_open(ports[name]), 30)  # type: ignore[misc]
-                        if name.startswith("edgeward_workers2") or name.startswith("nginx"):
-                            wait_for(lambda proc=proc: len(tree(proc.pid)) >= 3, 30)  # type: ignore[misc]
+                        what = f"{name} (round {rnd + 1})"
+                        try:
+                            wait_for(lambda name=name: tcp_open(ports[name]), 30, what)  # type: ignore[misc]
+                            if name.startswith("edgeward_workers2") or name.startswith("nginx"):
+                                wait_for(lambda proc=proc: len(tree(proc.pid)) >= 3, 30,  # type: ignore[misc]
+                                         f"{what}: its worker processes")
+                        except TimeoutError as e:
+                            tail = (work / f"{name}.log").read_text(errors="replace").splitlines()[-5:]
+                            raise TimeoutError(f"{e}; exit status {proc.poll()}; its log ends: {tail}") from None
                         # Warm-up, not counted: edgeward's master holds the listening sockets before
                         # its workers have started, so an open port does not mean a started worker.
                         conn_rate(tools, hello, ports[name], 1, tree(proc.pid))
