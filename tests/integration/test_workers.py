@@ -670,10 +670,16 @@ to = "web"
         assert tags(30) == {b"B"}  # neither worker sends new clients to the drained server
         assert e.status()["pools"]["web"]["servers"][0]["drain"] is True  # type: ignore[index]
         # The dashboard's live view (what `edgeward top` reads too) adds the workers up.
+        # Workers report on an interval: the last client's close may reach the master a report
+        # later, so the stream is read until the view has it (bounded).
+        deadline = time.monotonic() + 10
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/events", timeout=10) as r:
-            while not (line := r.readline()).startswith(b"data: "):
-                pass
-        view = json.loads(line[6:])
+            while True:
+                while not (line := r.readline()).startswith(b"data: "):
+                    pass
+                view = json.loads(line[6:])
+                if view["services"]["web"]["active"] == 0 or time.monotonic() > deadline:
+                    break
         assert view["services"]["web"]["active"] == 0 and view["pools"]["web"]["servers"][1]["server"].endswith(
             str(b.port))
         assert e.api("GET", "/history")[0] == 200
