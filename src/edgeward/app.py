@@ -20,7 +20,7 @@ from .accesslog import AccessLog
 from .admin.api import AdminAPI
 from .config.loader import ConfigError, Problem, load, loads, service_scheme
 from .config.schema import Config, ServiceSettings
-from .edge import BindError, Edge
+from .edge import AsyncConfigLoader, BindError, ConfigLoader, Edge
 from .events import EventBus
 from .guard.validate import config_problems as jail_problems
 from .guard_adapter import GuardAdapter
@@ -65,7 +65,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def load_config_text(text: str, name: str) -> Config:
-    """`load_config` of a config's text (what a master sends its workers)."""
+    """`load_config` of a config's text (the daemon's config checker gets it on its stdin)."""
     return loads(text, name, checks=(jail_problems, _certificate_problems, kernel_problems))
 
 
@@ -183,8 +183,10 @@ def build_runtime(cfg: Config, upstreams: Upstreams | None = None) -> Runtime:
     return RuntimeBuilder()(cfg, upstreams if upstreams is not None else Upstreams())
 
 
-async def serve(path: str, cfg: Config, demo: bool = False) -> None:
-    """Run the edge for `cfg` until it is stopped (SIGTERM drains, SIGINT stops, SIGHUP reloads)."""
+async def serve(path: str, cfg: Config, demo: bool = False, load: ConfigLoader = load_config,
+                load_async: AsyncConfigLoader | None = None) -> None:
+    """Run the edge for `cfg` until it is stopped (SIGTERM drains, SIGINT stops, SIGHUP reloads).
+    Reloads read the config with `load_async` if given (the daemon: config_checker.py), else `load`."""
     demo_servers: list[asyncio.AbstractServer] = []
     if demo:
         from .demo import start_demo_upstreams
@@ -194,7 +196,7 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     workers = worker_count(cfg)
     try:
         if workers > 1:  # a master: the control plane here, the data plane in `workers` processes
-            master = MasterEdge(path, cfg, builder, load_config, load_config_text, workers, loop, builder.bus)
+            master = MasterEdge(path, cfg, builder, load, workers, loop, builder.bus)
             # ACME runs here; the workers serve what it gets (and its challenge answers).
             master.acme_state = lambda: builder.front.shared_state() if builder.front is not None else None
             builder.web_role = lambda front: front.share(master.acme_changed)
@@ -202,9 +204,10 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
                 builder.front.share(master.acme_changed)
             edge: Edge = master
         else:
-            edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
+            edge = Edge(path, cfg, builder, load, loop, builder.bus)
     except ConfigError as e:
         raise StartError(str(e)) from None
+    edge.load_async = load_async
     _wire_web(builder, edge)
     # With workers, each writes its own lines (to the same file, appending whole lines).
     access_log = _access_log(cfg, edge) if workers == 1 else None
@@ -314,7 +317,7 @@ async def serve_worker(control: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     link = WorkerLink(control, loop)
     init = await link.wait_init()
-    cfg = load_config_text(str(init["config"]), str(init["path"]))
+    cfg = link.load()  # as the master checked it
     builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
 
     def follower(front: WebFront) -> None:
@@ -324,7 +327,7 @@ async def serve_worker(control: socket.socket) -> None:
     link.web_front = lambda: builder.front
     edge = Edge(str(init["path"]), cfg, builder, link.load, loop, builder.bus)
     _wire_web(builder, edge)
-    link.attach(edge, load_config_text, bool(init.get("conn_reports")))
+    link.attach(edge, bool(init.get("conn_reports")))
     access_log = _access_log(cfg, edge)
     if access_log is not None:
         link.reopen.append(access_log.reopen)
@@ -366,9 +369,10 @@ def _summary(edge: Edge) -> str:
             f"{edge.reloads} reloads")
 
 
-def run(path: str, cfg: Config, demo: bool = False) -> None:
+def run(path: str, cfg: Config, demo: bool = False, load: ConfigLoader = load_config,
+        load_async: AsyncConfigLoader | None = None) -> None:
     """Run on uvloop (plain asyncio where uvloop is missing). Raises StartError."""
-    _runner()(serve(path, cfg, demo))
+    _runner()(serve(path, cfg, demo, load, load_async))
 
 
 def _runner() -> Callable[[Coroutine[Any, Any, None]], None]:

@@ -12,11 +12,9 @@ layer imports none of them.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import json
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -162,7 +160,7 @@ def _schema_problem(name: str, err: Mapping[str, Any], locator: _KeyLocator) -> 
         options = _options_at(parent) or []
         line, col = locator.find(loc)
         if not parent and isinstance(err.get("input"), dict):
-            close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+            close = _close_matches(key, options)
             hint = f"did you mean [{close[0]}]?" if close else "tables: " + ", ".join(f"[{o}]" for o in options)
             return Problem(name, line, col, f"unknown table [{key}]", hint)
         hint = _did_you_mean(key, options) or ("options here: " + ", ".join(options) if options else "")
@@ -182,19 +180,23 @@ def _schema_problem(name: str, err: Mapping[str, Any], locator: _KeyLocator) -> 
 
 def load(path: str | Path, checks: Sequence[Check] = ()) -> Config:
     """Read, validate and cross-check a config file, then run `checks`. Raises ConfigError."""
-    p = Path(path)
-    name = str(p)
+    return loads(read(path), str(Path(path)), checks)
+
+
+def read(path: str | Path) -> str:
+    """A config file's text (what `load` reads); ConfigError if it cannot be read as UTF-8 text."""
+    name = str(Path(path))
     try:
-        text = p.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([Problem(name, 1, 1, f"cannot read the config: {e.strerror}", "check the path")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([Problem(name, 1, 1, f"not UTF-8 text: {e.reason}", "save the file as UTF-8")]) from None
-    return loads(text, name, checks)
 
 
 def loads(text: str, name: str = "<config>", checks: Sequence[Check] = ()) -> Config:
     """`load` of a config's text; `name` is the file name problems are reported under."""
+    import tomllib  # here, like pydantic below: a daemon that only reads checked configs needs neither
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -236,8 +238,13 @@ def _in_file_order(problems: list[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.line, p.col))
 
 
+def _close_matches(word: str, choices: list[str]) -> list[str]:
+    import difflib  # only when there is a problem to report
+    return difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+
+
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    close = _close_matches(word, list(choices))
     return f"did you mean {close[0]!r}?" if close else ""
 
 

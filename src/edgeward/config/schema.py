@@ -9,7 +9,7 @@ without pydantic (about 16 MB of a daemon that is meant to fit a small VPS):
 `edgeward run` has the config validated in a short-lived process (config_checker.py)
 and unpickles the result. pydantic validates these same classes in that process, in
 `edgeward check` and in tests (config/loader.py), taking from each field:
-its type; its bounds (annotated_types' Ge, Gt, Le, Lt, MinLen in ``Annotated``);
+its type; its bounds (units.Ge, Gt, Le, Lt, MinLen in ``Annotated``);
 its unit parser and checks (units.Before, units.After, read by pydantic only);
 its help (``metadata={"description": ...}``, which pydantic takes as the field's
 description); and a table's cross-field rules from ``__post_init__``.
@@ -21,9 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from annotated_types import Ge, Gt, Le, Lt, MinLen
-
-from .units import CIDR, After, Duration, Size, parse_bind, parse_target
+from .units import CIDR, After, Duration, Ge, Gt, Le, Lt, MinLen, Size, parse_bind, parse_target
 
 ProxyProtocol = Literal["off", "v1", "v2"]
 Protocol = Literal["tls", "http", "xmpp", "ssh", "unknown"]

@@ -47,6 +47,46 @@ class Before:
         return dict(self.json_schema)
 
 
+class _Bound:
+    """In ``Annotated[T, Ge(1)]``: a bound pydantic enforces (and `edgeward schema` shows), given to
+    pydantic as the annotated_types constraint of the same name, so that it checks it natively,
+    with its own errors ("Input should be greater than or equal to 1"). annotated_types is imported
+    only when a validator is built: with typing_extensions and datetime it costs ~0.7 MB of RSS."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        import annotated_types
+        constraint = getattr(annotated_types, type(self).__name__)(self.value)
+        return handler(Annotated[source, constraint])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.value!r})"
+
+
+class Ge(_Bound):
+    """>= value"""
+
+
+class Gt(_Bound):
+    """> value"""
+
+
+class Le(_Bound):
+    """<= value"""
+
+
+class Lt(_Bound):
+    """< value"""
+
+
+class MinLen(_Bound):
+    """at least `value` items"""
+
+
 class After:
     """In ``Annotated[T, After(check)]``: `check` takes the validated value and returns it (or a
     normal form of it), raising ValueError with what is wrong; like pydantic's AfterValidator

@@ -14,7 +14,8 @@ is the state of record, and the worker holds a mirror `BanSet` its admission rea
 Master and worker talk over one SOCK_SEQPACKET socketpair (message boundaries kept, listening
 sockets passed with SCM_RIGHTS): small JSON arrays `[kind, ...]`, sent without waiting. A ban or a
 health change reaches every worker in well under a millisecond (`propagation_ms` in each worker's
-status: from the master's send to the worker's apply).
+status: from the master's send to the worker's apply). The config goes in `init` and `reload` as
+the master applied it, pickled (`pack_config`): workers never read the file nor validate it.
 
   master → worker  listeners (+ fds) · init · bans · ban · unban · health · reload · server_drain ·
                    reopen · status · clients · stop
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from .channel import Channel
 from .master import MasterEdge
-from .settings import TextLoader, worker_count
+from .settings import pack_config, unpack_config, worker_count
 from .worker import WorkerLink
 
-__all__ = ["Channel", "MasterEdge", "TextLoader", "WorkerLink", "worker_count"]
+__all__ = ["Channel", "MasterEdge", "WorkerLink", "pack_config", "unpack_config", "worker_count"]
