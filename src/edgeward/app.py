@@ -35,12 +35,13 @@ from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
 from .systemd import Supervision
 from .upstream.pool import Pool, Upstreams
-from .workers import MasterEdge, WorkerLink, worker_count
+from .workers.settings import worker_count
 
 if TYPE_CHECKING:
     from .admission import Admission
     from .clients import Presence
     from .webfront import Site, WebFront
+    from .workers import MasterEdge
 
 log = logging.getLogger("edgeward")
 
@@ -194,15 +195,18 @@ async def serve(path: str, cfg: Config, demo: bool = False, load: ConfigLoader =
     loop = asyncio.get_running_loop()
     builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
     workers = worker_count(cfg)
+    master: MasterEdge | None = None
     try:
         if workers > 1:  # a master: the control plane here, the data plane in `workers` processes
-            master = MasterEdge(path, cfg, builder, load, workers, loop, builder.bus)
+            # Imported here: a single-process edge never loads the master's side (~0.9 MB of RSS).
+            from .workers import MasterEdge
+            m = master = MasterEdge(path, cfg, builder, load, workers, loop, builder.bus)
             # ACME runs here; the workers serve what it gets (and its challenge answers).
-            master.acme_state = lambda: builder.front.shared_state() if builder.front is not None else None
-            builder.web_role = lambda front: front.share(master.acme_changed)
+            m.acme_state = lambda: builder.front.shared_state() if builder.front is not None else None
+            builder.web_role = lambda front: front.share(m.acme_changed)
             if builder.front is not None:
-                builder.front.share(master.acme_changed)
-            edge: Edge = master
+                builder.front.share(m.acme_changed)
+            edge: Edge = m
         else:
             edge = Edge(path, cfg, builder, load, loop, builder.bus)
     except ConfigError as e:
@@ -257,7 +261,7 @@ async def serve(path: str, cfg: Config, demo: bool = False, load: ConfigLoader =
         await guard.stop()
         raise StartError(f"cannot open the admin API on {cfg.edge.admin}: {e.strerror or e}") from None
     edge.install_signals()
-    supervision = Supervision.from_env(lambda: _summary(edge))
+    supervision = Supervision.from_env(lambda: _summary(edge, master))
     if supervision is not None:
         # Listeners bound, bans restored, admin API up: ready (systemd Type=notify).
         edge.on_reload_start.append(supervision.reloading)
@@ -266,8 +270,8 @@ async def serve(path: str, cfg: Config, demo: bool = False, load: ConfigLoader =
         supervision.ready()
     if access_log is not None:
         loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)  # logrotate's postrotate: kill -USR1
-    elif isinstance(edge, MasterEdge):
-        loop.add_signal_handler(signal.SIGUSR1, edge.reopen_logs)
+    elif master is not None:
+        loop.add_signal_handler(signal.SIGUSR1, master.reopen_logs)
     # Everything built so far (modules, config, runtime) lives as long as the process: move it out
     # of the cyclic collector's sight, so that collections triggered by per-connection objects do
     # not walk it again and again.
@@ -314,6 +318,7 @@ def _access_log(cfg: Config, edge: Edge) -> AccessLog | None:
 async def serve_worker(control: socket.socket) -> None:
     """One worker of a master (`[edge] workers = N`): the data plane only, until the master says
     stop (or goes away). Its listening sockets, bans and server health come from the master."""
+    from .workers import WorkerLink
     loop = asyncio.get_running_loop()
     link = WorkerLink(control, loop)
     init = await link.wait_init()
@@ -355,15 +360,15 @@ def run_worker(control_fd: int) -> None:
     _runner()(serve_worker(socket.socket(fileno=control_fd)))
 
 
-def _summary(edge: Edge) -> str:
-    """One line for systemd's STATUS= (`systemctl status edgeward`)."""
+def _summary(edge: Edge, master: MasterEdge | None = None) -> str:
+    """One line for systemd's STATUS= (`systemctl status edgeward`); `master` is `edge` with workers."""
     adm = edge.admission
     bans = adm.bans
     banned = len(bans) if isinstance(bans, Sized) else 0
-    if isinstance(edge, MasterEdge):  # the connections are the workers' (`edgeward status` adds them up)
-        alive = sum(1 for w in edge.workers if w.alive)
-        return (f"{alive} of {edge.count} workers running ({edge.restarts} restarts); {edge.describe_listeners()}; "
-                f"{banned} banned; {edge.reloads} reloads")
+    if master is not None:  # the connections are the workers' (`edgeward status` adds them up)
+        alive = sum(1 for w in master.workers if w.alive)
+        return (f"{alive} of {master.count} workers running ({master.restarts} restarts); "
+                f"{master.describe_listeners()}; {banned} banned; {master.reloads} reloads")
     return (f"{len(edge.listeners)} TCP and {len(edge.udp_listeners)} UDP listeners; {adm.tcp_count} connections, "
             f"{adm.udp_count} UDP sessions, {adm.distinct_clients()} clients; {banned} banned; "
             f"{edge.reloads} reloads")
