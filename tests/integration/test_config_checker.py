@@ -57,6 +57,7 @@ def test_the_daemon_and_its_workers_never_load_pydantic(tmp_path: Path, workers:
         try:
             if workers > 1:
                 assert wait_until(lambda: e.status()["workers"]["alive"] == workers, 15), e.log()  # type: ignore[index]
+            e.status()  # answered: the start is over (signal handlers installed)
             procs = [e.pid, *[c for c in children(e.pid) if " worker " in cmdline(c)]]
             assert len(procs) == 1 + (workers if workers > 1 else 0)
             for pid in procs:
@@ -135,6 +136,7 @@ def test_a_reload_applies_the_file_as_it_was_when_asked(tmp_path: Path) -> None:
         head = edge_head(tmp_path, admin, 1)
         e = EdgeProcess(tmp_path, head + service(port, up.port), admin_port=admin, wait=[("127.0.0.1", port)])
         try:
+            e.status()  # answered: the start is over (signal handlers installed)
             e.write_config(head + service(port, up.port) + "bad = 1\n")
             e.signal(signal.SIGHUP)
             # The daemon reads the file, then starts the checker: once it runs, the file may change.
