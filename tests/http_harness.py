@@ -63,7 +63,7 @@ def main() -> None:
         for sname, svc in cfg.services.items():
             if service_scheme(cfg, svc) is None:
                 continue
-            pool = pools.get(svc.to) or build_pool(f"service:{sname}", PoolSettings(servers=[svc.to]))  # type: ignore[call-arg]
+            pool = pools.get(svc.to) or build_pool(f"service:{sname}", PoolSettings(servers=[svc.to]))
             route = route_for_service(sname, svc, pool)
             for item in svc.listen:
                 for spec in resolve_listen(cfg, item):

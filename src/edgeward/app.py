@@ -20,7 +20,7 @@ from .accesslog import AccessLog
 from .admin.api import AdminAPI
 from .config.loader import ConfigError, Problem, load, loads, service_scheme
 from .config.schema import Config, ServiceSettings
-from .edge import BindError, Edge
+from .edge import AsyncConfigLoader, BindError, ConfigLoader, Edge
 from .events import EventBus
 from .guard.validate import config_problems as jail_problems
 from .guard_adapter import GuardAdapter
@@ -35,12 +35,13 @@ from .runtime import Runtime
 from .runtime import build_runtime as _build_runtime
 from .systemd import Supervision
 from .upstream.pool import Pool, Upstreams
-from .workers import MasterEdge, WorkerLink, worker_count
+from .workers.settings import worker_count
 
 if TYPE_CHECKING:
     from .admission import Admission
     from .clients import Presence
     from .webfront import Site, WebFront
+    from .workers import MasterEdge
 
 log = logging.getLogger("edgeward")
 
@@ -65,7 +66,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def load_config_text(text: str, name: str) -> Config:
-    """`load_config` of a config's text (what a master sends its workers)."""
+    """`load_config` of a config's text (the daemon's config checker gets it on its stdin)."""
     return loads(text, name, checks=(jail_problems, _certificate_problems, kernel_problems))
 
 
@@ -183,8 +184,10 @@ def build_runtime(cfg: Config, upstreams: Upstreams | None = None) -> Runtime:
     return RuntimeBuilder()(cfg, upstreams if upstreams is not None else Upstreams())
 
 
-async def serve(path: str, cfg: Config, demo: bool = False) -> None:
-    """Run the edge for `cfg` until it is stopped (SIGTERM drains, SIGINT stops, SIGHUP reloads)."""
+async def serve(path: str, cfg: Config, demo: bool = False, load: ConfigLoader = load_config,
+                load_async: AsyncConfigLoader | None = None) -> None:
+    """Run the edge for `cfg` until it is stopped (SIGTERM drains, SIGINT stops, SIGHUP reloads).
+    Reloads read the config with `load_async` if given (the daemon: config_checker.py), else `load`."""
     demo_servers: list[asyncio.AbstractServer] = []
     if demo:
         from .demo import start_demo_upstreams
@@ -192,19 +195,23 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
     loop = asyncio.get_running_loop()
     builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
     workers = worker_count(cfg)
+    master: MasterEdge | None = None
     try:
         if workers > 1:  # a master: the control plane here, the data plane in `workers` processes
-            master = MasterEdge(path, cfg, builder, load_config, load_config_text, workers, loop, builder.bus)
+            # Imported here: a single-process edge never loads the master's side (~0.9 MB of RSS).
+            from .workers import MasterEdge
+            m = master = MasterEdge(path, cfg, builder, load, workers, loop, builder.bus)
             # ACME runs here; the workers serve what it gets (and its challenge answers).
-            master.acme_state = lambda: builder.front.shared_state() if builder.front is not None else None
-            builder.web_role = lambda front: front.share(master.acme_changed)
+            m.acme_state = lambda: builder.front.shared_state() if builder.front is not None else None
+            builder.web_role = lambda front: front.share(m.acme_changed)
             if builder.front is not None:
-                builder.front.share(master.acme_changed)
-            edge: Edge = master
+                builder.front.share(m.acme_changed)
+            edge: Edge = m
         else:
-            edge = Edge(path, cfg, builder, load_config, loop, builder.bus)
+            edge = Edge(path, cfg, builder, load, loop, builder.bus)
     except ConfigError as e:
         raise StartError(str(e)) from None
+    edge.load_async = load_async
     _wire_web(builder, edge)
     # With workers, each writes its own lines (to the same file, appending whole lines).
     access_log = _access_log(cfg, edge) if workers == 1 else None
@@ -254,7 +261,7 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         await guard.stop()
         raise StartError(f"cannot open the admin API on {cfg.edge.admin}: {e.strerror or e}") from None
     edge.install_signals()
-    supervision = Supervision.from_env(lambda: _summary(edge))
+    supervision = Supervision.from_env(lambda: _summary(edge, master))
     if supervision is not None:
         # Listeners bound, bans restored, admin API up: ready (systemd Type=notify).
         edge.on_reload_start.append(supervision.reloading)
@@ -263,8 +270,8 @@ async def serve(path: str, cfg: Config, demo: bool = False) -> None:
         supervision.ready()
     if access_log is not None:
         loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)  # logrotate's postrotate: kill -USR1
-    elif isinstance(edge, MasterEdge):
-        loop.add_signal_handler(signal.SIGUSR1, edge.reopen_logs)
+    elif master is not None:
+        loop.add_signal_handler(signal.SIGUSR1, master.reopen_logs)
     # Everything built so far (modules, config, runtime) lives as long as the process: move it out
     # of the cyclic collector's sight, so that collections triggered by per-connection objects do
     # not walk it again and again.
@@ -311,10 +318,11 @@ def _access_log(cfg: Config, edge: Edge) -> AccessLog | None:
 async def serve_worker(control: socket.socket) -> None:
     """One worker of a master (`[edge] workers = N`): the data plane only, until the master says
     stop (or goes away). Its listening sockets, bans and server health come from the master."""
+    from .workers import WorkerLink
     loop = asyncio.get_running_loop()
     link = WorkerLink(control, loop)
     init = await link.wait_init()
-    cfg = load_config_text(str(init["config"]), str(init["path"]))
+    cfg = link.load()  # as the master checked it
     builder = RuntimeBuilder(EventBus(), loop, cfg.edge.state_dir, check_privileges=True)
 
     def follower(front: WebFront) -> None:
@@ -324,7 +332,7 @@ async def serve_worker(control: socket.socket) -> None:
     link.web_front = lambda: builder.front
     edge = Edge(str(init["path"]), cfg, builder, link.load, loop, builder.bus)
     _wire_web(builder, edge)
-    link.attach(edge, load_config_text, bool(init.get("conn_reports")))
+    link.attach(edge, bool(init.get("conn_reports")))
     access_log = _access_log(cfg, edge)
     if access_log is not None:
         link.reopen.append(access_log.reopen)
@@ -352,23 +360,24 @@ def run_worker(control_fd: int) -> None:
     _runner()(serve_worker(socket.socket(fileno=control_fd)))
 
 
-def _summary(edge: Edge) -> str:
-    """One line for systemd's STATUS= (`systemctl status edgeward`)."""
+def _summary(edge: Edge, master: MasterEdge | None = None) -> str:
+    """One line for systemd's STATUS= (`systemctl status edgeward`); `master` is `edge` with workers."""
     adm = edge.admission
     bans = adm.bans
     banned = len(bans) if isinstance(bans, Sized) else 0
-    if isinstance(edge, MasterEdge):  # the connections are the workers' (`edgeward status` adds them up)
-        alive = sum(1 for w in edge.workers if w.alive)
-        return (f"{alive} of {edge.count} workers running ({edge.restarts} restarts); {edge.describe_listeners()}; "
-                f"{banned} banned; {edge.reloads} reloads")
+    if master is not None:  # the connections are the workers' (`edgeward status` adds them up)
+        alive = sum(1 for w in master.workers if w.alive)
+        return (f"{alive} of {master.count} workers running ({master.restarts} restarts); "
+                f"{master.describe_listeners()}; {banned} banned; {master.reloads} reloads")
     return (f"{len(edge.listeners)} TCP and {len(edge.udp_listeners)} UDP listeners; {adm.tcp_count} connections, "
             f"{adm.udp_count} UDP sessions, {adm.distinct_clients()} clients; {banned} banned; "
             f"{edge.reloads} reloads")
 
 
-def run(path: str, cfg: Config, demo: bool = False) -> None:
+def run(path: str, cfg: Config, demo: bool = False, load: ConfigLoader = load_config,
+        load_async: AsyncConfigLoader | None = None) -> None:
     """Run on uvloop (plain asyncio where uvloop is missing). Raises StartError."""
-    _runner()(serve(path, cfg, demo))
+    _runner()(serve(path, cfg, demo, load, load_async))
 
 
 def _runner() -> Callable[[Coroutine[Any, Any, None]], None]:

@@ -18,15 +18,19 @@ WORKER_OPTIONS = ("--control-fd", "--index", "--log-level")  # cli.worker's, par
 
 
 def run(config: str | Path, demo: bool = False, log_level: str | None = None) -> int:
-    """Run the edge in the foreground; the exit code (0 stopped, 1 cannot start, 2 bad config)."""
-    from .app import StartError, load_config
+    """Run the edge in the foreground; the exit code (0 stopped, 1 cannot start, 2 bad config).
+
+    The config is checked in a process of its own (config_checker.py), at start and at each
+    reload, so that this long-lived process never imports pydantic."""
+    from .app import StartError
     from .app import run as run_edge
     from .config.loader import ConfigError
+    from .config_checker import load_checked, load_checked_async
     if log_level is not None and log_level.lower() not in LOG_LEVELS:
         print(f"edgeward: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        cfg = load_config(config)
+        cfg = load_checked(config)
     except ConfigError as e:
         for p in e.problems:
             print(p, file=sys.stderr)
@@ -34,7 +38,7 @@ def run(config: str | Path, demo: bool = False, log_level: str | None = None) ->
         return EXIT_CONFIG
     _log_to_stderr(log_level or cfg.edge.log_level)
     try:
-        run_edge(str(config), cfg, demo)
+        run_edge(str(config), cfg, demo, load_checked, load_checked_async)
     except StartError as e:
         print(f"edgeward: {e}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -46,7 +50,7 @@ def run_worker(config: str | Path, control_fd: int, index: int = 0, log_level: s
     (workers/master.py) with its end of the control socket; the exit code.
 
     It never reads `config` (the master's file name, for `ps`): the file may be mid-edit when a
-    worker is restarted, and the worker runs the text the master checked, sent over the channel.
+    worker is restarted, and the worker runs the config the master checked, sent over the channel.
     The log level is the master's (--log-level)."""
     from .app import StartError, run_worker
     level = log_level.lower() if log_level is not None and log_level.lower() in LOG_LEVELS else "info"

@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import functools
 import gc
+import inspect
 import logging
 import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .admission import Admission
@@ -41,6 +42,9 @@ log = logging.getLogger("edgeward")
 
 RuntimeBuilder = Callable[[Config, Upstreams], Runtime]
 ConfigLoader = Callable[[str], Config]
+# A loader that waits for another process (the daemon's config checker), the loop serving meanwhile:
+# called when the reload is asked (it reads the file then), awaited when the reloads before it are done.
+AsyncConfigLoader = Callable[[str], Awaitable[Config]]
 
 
 def raise_nofile(want: int | str) -> tuple[int, int]:
@@ -146,6 +150,11 @@ class Edge:
         self.config_path = config_path
         self.build = build
         self.load = load
+        # When set (`edgeward run`), reloads (SIGHUP, the admin API) read the config with it instead
+        # of `load`, as `reload_async`.
+        self.load_async: AsyncConfigLoader | None = None
+        self._reloading = asyncio.Lock()  # one reload at a time, in the order asked
+        self._reload_tasks: set[asyncio.Task[bool]] = set()
         self.loop = loop or asyncio.get_event_loop()
         self.bus = bus if bus is not None else EventBus()
         self.counters = Counters()
@@ -273,18 +282,71 @@ class Edge:
                 done(applied)
         return applied
 
+    async def reload_async(self) -> bool:
+        """`reload`, reading the config with `load_async` when set: the event loop keeps serving
+        while another process checks the file. Returns True if applied."""
+        if self.load_async is None or self.config_path is None:
+            return self.reload()
+        try:  # the file as it is now, even if reloads before this one are still being checked
+            pending: Awaitable[Config] | ConfigError | OSError = self.load_async(self.config_path)
+        except (ConfigError, OSError) as e:
+            pending = e
+        try:
+            await self._reloading.acquire()
+        except asyncio.CancelledError:  # stopping: this reload never runs (nor its check)
+            if inspect.iscoroutine(pending):
+                pending.close()
+            raise
+        try:
+            for fn in self.on_reload_start:
+                fn()
+            applied = False
+            try:
+                try:
+                    if isinstance(pending, ConfigError | OSError):
+                        raise pending
+                    cfg = await pending
+                except (ConfigError, OSError) as e:
+                    self._rejected(e)
+                    return False
+                if self.plane.admission.draining:  # stopping meanwhile: nothing to reload
+                    log.info("reload dropped: the edge is stopping")
+                    return False
+                applied = self._apply_config(cfg)
+            finally:
+                for done in self.on_reload_done:
+                    done(applied)
+            return applied
+        finally:
+            self._reloading.release()
+
+    def _reload_signal(self) -> None:
+        task = self.loop.create_task(self.reload_async())
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    def _rejected(self, e: ConfigError | OSError) -> None:
+        if isinstance(e, ConfigError):
+            log.error("reload rejected, keeping the running config:\n%s", e.__cause__ or e)
+        else:
+            log.error("reload rejected, keeping the running config: %s", e)
+        self.counters.inc("reloads", "rejected")
+
     def _reload(self, path: str) -> bool:
         try:
             cfg = self.load(path)
+        except (ConfigError, OSError) as e:
+            self._rejected(e)
+            return False
+        return self._apply_config(cfg)
+
+    def _apply_config(self, cfg: Config) -> bool:
+        """Build `cfg`'s runtime and serve it; on an error keep the running one. True if applied."""
+        try:
             rt = self.build(cfg, self.upstreams)
             self._open_listeners(rt)
-        except ConfigError as e:
-            log.error("reload rejected, keeping the running config:\n%s", e.__cause__ or e)
-            self.counters.inc("reloads", "rejected")
-            return False
-        except OSError as e:
-            log.error("reload rejected, keeping the running config: %s", e)
-            self.counters.inc("reloads", "rejected")
+        except (ConfigError, OSError) as e:
+            self._rejected(e)
             return False
         old_health = self.health
         self.runtime = rt
@@ -360,7 +422,7 @@ class Edge:
         await self._stopped.wait()
 
     def install_signals(self) -> None:
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
         self.loop.add_signal_handler(signal.SIGTERM, lambda: self.loop.create_task(self.drain()))
         self.loop.add_signal_handler(signal.SIGINT, lambda: self.loop.create_task(self.drain(0)))
 

@@ -23,7 +23,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config.loader import Loc, resolve_listen
@@ -224,7 +224,7 @@ class KernelTable:
         if left is not None:
             # A table left by an earlier run counts as applied: the first apply replaces it or,
             # when this config forwards nothing in the kernel (or names another table), removes it.
-            self.settings = settings.model_copy(update={"table": left})
+            self.settings = replace(settings, table=left)
             self.applied = True
 
     def _read_marker(self) -> str | None:

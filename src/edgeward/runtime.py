@@ -89,7 +89,7 @@ def build_runtime(cfg: Config, upstreams: Upstreams, make_action: ActionFactory,
             pool = pools[target]
         else:
             # An address target is a pool of one, named after the service.
-            pool = upstreams.pool(f"service:{sname}", PoolSettings(servers=[target]))  # type: ignore[call-arg]
+            pool = upstreams.pool(f"service:{sname}", PoolSettings(servers=[target]))
             pools[pool.name] = pool
         route = make_route(sname, make_action(sname, svc, pool), svc.names, svc.protocol, svc.alpn, svc.source)
         all_routes.append(route)
@@ -101,13 +101,13 @@ def build_runtime(cfg: Config, upstreams: Upstreams, make_action: ActionFactory,
                     listener_routes[key].append(route)
                     if key not in listener_settings:
                         lname = item if settings is not None else str(spec)
-                        listener_settings[key] = (lname, settings or ListenerSettings(bind=[item]))  # type: ignore[call-arg]
+                        listener_settings[key] = (lname, settings or ListenerSettings(bind=[item]))
     for bind, route in extra() if extra is not None else ():
         for spec in [parse_bind(bind)]:
             for port in spec.ports():
                 key = (spec.transport, spec.host, port)
                 listener_routes[key].append(route)
-                listener_settings.setdefault(key, (str(spec), ListenerSettings(bind=[bind])))  # type: ignore[call-arg]
+                listener_settings.setdefault(key, (str(spec), ListenerSettings(bind=[bind])))
     listeners = {}
     for key, routes in listener_routes.items():
         lname, ls = listener_settings[key]

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import AcmeSettings
 from edgeward.tls.acme import AcmeManager
 from edgeward.tls.certstore import CertStore
@@ -90,7 +91,7 @@ def settings(peer: Pebble, **kw: object) -> AcmeSettings:
     base: dict[str, object] = {"directory": peer.directory, "ca_file": str(peer.ca_file), "email": "ops@example.org",
                                "retry_min": "1s", "retry_max": "8s", "order_timeout": "30s"}
     base.update(kw)
-    return AcmeSettings.model_validate(base)
+    return validate(AcmeSettings, base)
 
 
 async def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -373,7 +374,7 @@ def test_unreachable_directory_is_a_status_error_not_a_crash(tmp_path: Path) -> 
     async def body() -> None:
         store = CertStore()
         port = _closed_port()
-        s = AcmeSettings.model_validate({"directory": f"https://127.0.0.1:{port}/dir", "retry_min": "1s",
+        s = validate(AcmeSettings, {"directory": f"https://127.0.0.1:{port}/dir", "retry_min": "1s",
                                          "retry_max": "2s"})
         manager = AcmeManager(s, tmp_path / "state", store)
         manager.manage(["a.test"])

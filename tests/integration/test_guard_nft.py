@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import GuardSettings, JailSettings, NftSettings
 from edgeward.guard.nft import render_changes, render_table
 from edgeward.guard.service import Guard
@@ -46,9 +47,9 @@ def test_render_table_and_changes() -> None:
     ]
     assert render_changes(cfg, [], []) == ""
     with pytest.raises(ValueError):
-        NftSettings(hook="output")
+        validate(NftSettings, {"hook": "output"})
     with pytest.raises(ValueError):
-        NftSettings(table="x; flush ruleset")
+        validate(NftSettings, {"table": "x; flush ruleset"})
 
 
 def sh(*args: str) -> None:

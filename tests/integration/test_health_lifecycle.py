@@ -8,7 +8,15 @@ import threading
 import time
 from pathlib import Path
 
-from support import EDGEWARD, EdgeProcess, ThreadServer, echo_handler, free_port, recv_line
+from support import (
+    EDGEWARD,
+    EdgeProcess,
+    ThreadServer,
+    echo_handler,
+    free_port,
+    recv_line,
+    wait_until,
+)
 
 
 class Health:
@@ -160,6 +168,9 @@ to = "127.0.0.1:{{}}"
         assert seen == {b"a\n", b"b\n"}
         long.sendall(b"still here")
         assert long.recv(100) == b"still here"
+        # Each reload's file is checked by a process of its own (config_checker.py), one after the
+        # other: the last ones may still be running.
+        assert wait_until(lambda: edge.counter("reloads", "applied") + edge.counter("reloads", "rejected") == 7, 15)
         assert edge.counter("reloads", "applied") == 6
         assert edge.counter("reloads", "rejected") == 1
         assert "reload rejected" in edge.log()

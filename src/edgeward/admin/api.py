@@ -242,7 +242,7 @@ class AdminAPI:
         return 200, {"step": self.monitor.step, "points": list(self.monitor.history)}
 
     async def _reload(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        ok = self.edge.reload()
+        ok = await self.edge.reload_async()
         return (200 if ok else 422), {"applied": ok}
 
     def _drain(self, pool: str, drain: bool, query: dict[str, list[str]]) -> tuple[int, Any]:

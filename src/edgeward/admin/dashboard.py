@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from http.cookies import CookieError, SimpleCookie
-from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
@@ -76,6 +75,9 @@ class Dashboard:
             return None
         got = self._assets.get(name)
         if got is None:
+            # Imported when the dashboard is first opened: importlib.resources brings tempfile, shutil
+            # and the compression modules, about 1 MB of RSS a daemon nobody looks at need not carry.
+            from importlib import resources
             data = resources.files(__package__).joinpath("static", name).read_bytes()
             got = self._assets[name] = (data, _TYPES[name.rsplit(".", 1)[1]])
         return got

@@ -11,23 +11,24 @@ layer imports none of them.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import ipaddress
 import json
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .schema import Config, PoolSettings, ServiceSettings
 from .units import BindSpec, HttpScheme, looks_like_address, parse_bind, parse_target
 
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
+T = TypeVar("T")
 Loc = tuple[str | int, ...]
 # A check of a schema-valid config: yields (key path, message, hint) per problem,
 # e.g. (("jails", "prosody", "filter"), "jail prosody: no filter named 'prosdy'", "...").
@@ -114,19 +115,18 @@ def _options_at(loc: Loc) -> list[str] | None:
     model: object = Config
     parts = list(loc)
     while parts:
-        fields = getattr(model, "model_fields", None)
+        fields = _fields(model)
         if fields is None:
             return None
         part = parts.pop(0)
-        field = fields.get(str(part))
-        if field is None:
+        model = fields.get(str(part))
+        if model is None:
             return None
-        model = field.annotation
         # Unwrap X | None, dict[str, X] (a table of named tables: the next part is a name), list[X].
         while True:
             origin, args = typing.get_origin(model), typing.get_args(model)
             if origin in (typing.Union, types.UnionType):
-                tables = [a for a in args if hasattr(a, "model_fields") or typing.get_origin(a) in (dict, list)]
+                tables = [a for a in args if dataclasses.is_dataclass(a) or typing.get_origin(a) in (dict, list)]
                 if not tables:
                     return None
                 model = tables[0]
@@ -138,8 +138,16 @@ def _options_at(loc: Loc) -> list[str] | None:
                 model = args[0]
             else:
                 break
-    fields = getattr(model, "model_fields", None)
+    fields = _fields(model)
     return list(fields) if fields is not None else None
+
+
+def _fields(model: object) -> dict[str, object] | None:
+    """A table's options and their types (Annotated's extras dropped), or None if `model` is not a table."""
+    if not isinstance(model, type) or not dataclasses.is_dataclass(model):
+        return None
+    hints = typing.get_type_hints(model)
+    return {f.name: hints[f.name] for f in dataclasses.fields(model)}
 
 
 def _schema_problem(name: str, err: Mapping[str, Any], locator: _KeyLocator) -> Problem:
@@ -147,12 +155,12 @@ def _schema_problem(name: str, err: Mapping[str, Any], locator: _KeyLocator) -> 
     loc: Loc = tuple(err["loc"])
     where = ".".join(str(x) for x in loc)
     kind = err["type"]
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):  # (a dataclass's unknown key)
         key, parent = str(loc[-1]), loc[:-1]
         options = _options_at(parent) or []
         line, col = locator.find(loc)
         if not parent and isinstance(err.get("input"), dict):
-            close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+            close = _close_matches(key, options)
             hint = f"did you mean [{close[0]}]?" if close else "tables: " + ", ".join(f"[{o}]" for o in options)
             return Problem(name, line, col, f"unknown table [{key}]", hint)
         hint = _did_you_mean(key, options) or ("options here: " + ", ".join(options) if options else "")
@@ -172,19 +180,23 @@ def _schema_problem(name: str, err: Mapping[str, Any], locator: _KeyLocator) -> 
 
 def load(path: str | Path, checks: Sequence[Check] = ()) -> Config:
     """Read, validate and cross-check a config file, then run `checks`. Raises ConfigError."""
-    p = Path(path)
-    name = str(p)
+    return loads(read(path), str(Path(path)), checks)
+
+
+def read(path: str | Path) -> str:
+    """A config file's text (what `load` reads); ConfigError if it cannot be read as UTF-8 text."""
+    name = str(Path(path))
     try:
-        text = p.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([Problem(name, 1, 1, f"cannot read the config: {e.strerror}", "check the path")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([Problem(name, 1, 1, f"not UTF-8 text: {e.reason}", "save the file as UTF-8")]) from None
-    return loads(text, name, checks)
 
 
 def loads(text: str, name: str = "<config>", checks: Sequence[Check] = ()) -> Config:
     """`load` of a config's text; `name` is the file name problems are reported under."""
+    import tomllib  # here, like pydantic below: a daemon that only reads checked configs needs neither
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -193,8 +205,10 @@ def loads(text: str, name: str = "<config>", checks: Sequence[Check] = ()) -> Co
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise ConfigError([Problem(name, line, col, f"TOML syntax: {msg}", "see https://toml.io")]) from None
     locator = _KeyLocator(text)
+    # pydantic is imported here only: the running edge reads validated configs, it never validates one.
+    from pydantic import ValidationError
     try:
-        cfg = Config.model_validate(data)
+        cfg = validate(Config, data)
     except ValidationError as e:
         raise ConfigError(_in_file_order([_schema_problem(name, err, locator) for err in e.errors()])) from None
     problems = list(_cross_check(cfg, name, locator))
@@ -207,12 +221,30 @@ def loads(text: str, name: str = "<config>", checks: Sequence[Check] = ()) -> Co
     return cfg
 
 
+def validate(table: type[T], data: object) -> T:
+    """`data` (as tomllib reads it) validated as `table`, one of the schema's tables; raises
+    pydantic's ValidationError. What `loads` does without locations: for tests and tools."""
+    adapter = _adapters.get(table)
+    if adapter is None:
+        from pydantic import TypeAdapter
+        adapter = _adapters[table] = TypeAdapter(table)
+    return adapter.validate_python(data)  # type: ignore[no-any-return]
+
+
+_adapters: dict[type[Any], TypeAdapter[Any]] = {}  # pydantic's validator of each table, built once
+
+
 def _in_file_order(problems: list[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.line, p.col))
 
 
+def _close_matches(word: str, choices: list[str]) -> list[str]:
+    import difflib  # only when there is a problem to report
+    return difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+
+
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    close = _close_matches(word, list(choices))
     return f"did you mean {close[0]!r}?" if close else ""
 
 
@@ -415,7 +447,7 @@ def _check_handoff_service(cfg: Config, sname: str, at: Callable[..., Problem]) 
         yield at(("services", sname, "fallback"), f"service {sname!r}: fallback {fb!r} is a handoff endpoint",
                  "the fallback relays: give an address (\"127.0.0.1:8443\") or a pool")
     elif fb in cfg.pools:
-        if service_scheme(cfg, ServiceSettings(listen=svc.listen, to=fb)) is not None:  # type: ignore[call-arg]
+        if service_scheme(cfg, ServiceSettings(listen=svc.listen, to=fb)) is not None:
             yield at(("services", sname, "fallback"), f"service {sname!r}: fallback pool {fb!r} has HTTP servers",
                      "the fallback relays bytes: use a pool of host:port servers")
     elif looks_like_address(fb):

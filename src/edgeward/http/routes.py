@@ -127,7 +127,7 @@ class HttpRoutes:
 
 def upstream_ssl_context(settings: UpstreamTlsSettings | None, service: str = "") -> ssl.SSLContext:
     """The client-side TLS context for an https:// upstream."""
-    s = settings or UpstreamTlsSettings.model_validate({})
+    s = settings or UpstreamTlsSettings()
     ctx = ssl.create_default_context(cafile=s.ca) if s.ca else ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["http/1.1"])

@@ -22,7 +22,7 @@ from ..net import sockets
 from ..net.tcp import listener_settings_summary
 from ..runtime import ListenerKey, Runtime
 from .channel import MAX_FDS, Channel
-from .settings import TextLoader, worker_count
+from .settings import pack_config, worker_count
 
 log = logging.getLogger("edgeward.workers")
 
@@ -83,17 +83,15 @@ class MasterEdge(Edge):
     PING_EVERY = 1.0
     HUNG_AFTER = 5.0
 
-    def __init__(self, config_path: str, cfg: Config, build: RuntimeBuilder, load: ConfigLoader, load_text: TextLoader,
+    def __init__(self, config_path: str, cfg: Config, build: RuntimeBuilder, load: ConfigLoader,
                  count: int, loop: asyncio.AbstractEventLoop | None = None, bus: EventBus | None = None) -> None:
         self.count = count
-        self.load_text = load_text
-        self._load_file = load
-        self._next_text = ""
-        # The text each worker parses: the very text the master checked, whatever the file says later.
-        self.config_text = _read(config_path)
+        # What each worker runs: the very config the master checked and applied, whatever the file
+        # says later (the workers never read the file, nor validate: they import no pydantic).
+        self.config_packed = pack_config(cfg)
         self.held: dict[ListenerKey, tuple[tuple[str, ...], list[socket.socket]]] = {}
         self._fresh: set[ListenerKey] = set()
-        super().__init__(config_path, cfg, build, self._load, loop, bus)
+        super().__init__(config_path, cfg, build, load, loop, bus)
         self.workers = [Worker(i) for i in range(count)]
         self.restarts = 0
         self.stopping = False
@@ -109,15 +107,6 @@ class MasterEdge(Edge):
         self._acme_due = False
         self.bus.subscribe(HealthChanged, self._on_health)
         self.extra_status["workers"] = self._workers_status
-
-    def _load(self, path: str) -> Config:
-        try:
-            text = _read(path)
-        except (OSError, ValueError):
-            return self._load_file(path)  # raises the loader's own ConfigError
-        cfg = self.load_text(text, path)
-        self._next_text = text
-        return cfg
 
     # ------------------------------------------------------------------ listening sockets
     def _open_listeners(self, rt: Runtime) -> None:
@@ -239,7 +228,7 @@ class MasterEdge(Edge):
         for msg, fds in self._listener_messages(w, set(self.held)):
             ch.send(msg, fds)
         self._send_state(w)
-        ch.send(["init", {"index": w.index, "path": self.config_path, "config": self.config_text,
+        ch.send(["init", {"index": w.index, "path": self.config_path, "config": self.config_packed,
                           "conn_reports": self._conn_reports}])
         task = self.loop.create_task(self._watch(w, w.proc, ch))
         self._tasks.add(task)
@@ -404,10 +393,10 @@ class MasterEdge(Edge):
     def _on_health(self, ev: HealthChanged) -> None:
         self._broadcast(["health", [[ev.pool, ev.server, ev.healthy]], time.monotonic()])
 
-    def _reload(self, path: str) -> bool:
-        if not super()._reload(path):
+    def _apply_config(self, cfg: Config) -> bool:
+        if not super()._apply_config(cfg):
             return False
-        self.config_text = self._next_text
+        self.config_packed = pack_config(cfg)
         if worker_count(self.runtime.config) != self.count:
             log.warning("workers = %s: the number of workers changes at the next start; %d run until then",
                         self.runtime.config.edge.workers, self.count)
@@ -419,7 +408,7 @@ class MasterEdge(Edge):
                 continue  # a worker being restarted gets the new config in its init
             for msg, fds in self._listener_messages(w, self._fresh):
                 ch.send(msg, fds)
-            ch.send(["reload", rid, self.config_text])  # answered by "reloaded"
+            ch.send(["reload", rid, self.config_packed])  # answered by "reloaded"
             self._send_state(w, state)
         return True
 
@@ -573,8 +562,3 @@ def _log_level() -> str:
     for its workers: they never read the config file, which may be mid-edit when one restarts."""
     name = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     return name.lower() if isinstance(name, str) and name.lower() in ("debug", "info", "warning", "error") else "info"
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()

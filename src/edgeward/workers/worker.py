@@ -19,7 +19,7 @@ from ..monitor import Monitor
 from ..runtime import ListenerKey
 from ..status import live_clients, plane_report
 from .channel import Channel
-from .settings import TextLoader
+from .settings import unpack_config
 
 if TYPE_CHECKING:
     from ..webfront import WebFront
@@ -38,11 +38,10 @@ class WorkerLink:
         self.offered: dict[ListenerKey, socket.socket] = {}
         self.edge: Edge | None = None
         self.monitor: Monitor | None = None
-        self.load_text: TextLoader | None = None
         self.index = -1
         self.propagation_ms = {"last": 0.0, "max": 0.0, "count": 0}
         self._health: list[list[Any]] = []
-        self._text = ""
+        self._config = ""  # the config the master sent last (pack_config)
         self._path = ""
         self.reopen: list[Callable[[], None]] = []  # the access log's reopen
         # What needs the edge and came before it was built (a reload sent while this worker was
@@ -54,10 +53,10 @@ class WorkerLink:
         self.channel.start()
 
     async def wait_init(self) -> dict[str, Any]:
-        """The master's init message: index, path, config text, conn_reports."""
+        """The master's init message: index, path, config (`pack_config`), conn_reports."""
         init = await self.init
         self.index = int(init["index"])
-        self._path, self._text = str(init["path"]), str(init["config"])
+        self._path, self._config = str(init["path"]), str(init["config"])
         return init
 
     def close(self) -> None:
@@ -67,14 +66,12 @@ class WorkerLink:
                 s.close()
         self._early.clear()
 
-    def load(self, _path: str) -> Config:
-        """The edge's loader: the config text the master sent (it checked it already)."""
-        assert self.load_text is not None
-        return self.load_text(self._text, self._path)
+    def load(self, _path: str = "") -> Config:
+        """The edge's loader: the config the master sent (it checked it already)."""
+        return unpack_config(self._config)
 
-    def attach(self, edge: Edge, load_text: TextLoader, conn_reports: bool) -> None:
+    def attach(self, edge: Edge, conn_reports: bool) -> None:
         self.edge = edge
-        self.load_text = load_text
         edge.load = self.load
         edge.listen_tcp = self._take_tcp
         edge.bind_udp = self._take_udp
@@ -226,11 +223,11 @@ class WorkerLink:
         elif kind == "stop" and self.edge is not None:
             self.loop.create_task(self.edge.drain(float(msg[1])))
 
-    def _reload(self, rid: int, text: str) -> None:
+    def _reload(self, rid: int, packed: str) -> None:
         edge = self.edge
         if edge is None:
             return
-        self._text = text
+        self._config = packed
         applied = edge.reload()
         for s in self.offered.values():  # offered for a runtime we did not apply: never accept on them
             s.close()

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import uvloop
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import HttpSettings
 from edgeward.config.units import parse_target
 from edgeward.http import HttpProxy, HttpRequestLog, HttpRoute, HttpRoutes, HttpUpstream
@@ -40,7 +41,7 @@ def run_with_proxy(up_port: int, body: Callable[[HttpProxy, int], Awaitable[None
         loop = asyncio.get_running_loop()
         server = Server(parse_target(f"http://127.0.0.1:{up_port}"))
         routes = HttpRoutes([HttpRoute(HttpUpstream("s", Pool("p", [server]), "http"))])
-        proxy = HttpProxy(routes, HttpSettings.model_validate({"redirect": "off"}), on_request=logs.append)
+        proxy = HttpProxy(routes, validate(HttpSettings, {"redirect": "off"}), on_request=logs.append)
         ls = socket.socket()
         ls.bind(("127.0.0.1", 0))
         ls.listen(64)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import pickle
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -250,3 +255,24 @@ def test_the_queue_for_a_peer_that_does_not_read_is_capped_dropping_only_reports
     assert [m[0] for m in got[-2:]] == ["ban", "status"]
     assert len(got) == 300_000 - dropped + 2
     assert left == 0
+
+
+def test_the_config_a_master_sends_is_the_config_it_checked(tmp_path: Path) -> None:
+    """Workers get the master's Config pickled (workers/settings.py): equal, and never validated
+    again, so a worker never imports pydantic."""
+    from edgeward.app import load_config
+    from edgeward.workers import pack_config, unpack_config
+    cfg_path = tmp_path / "edge.toml"
+    cfg_path.write_text('[edge]\nworkers = 2\nadmin = "unix:/tmp/x.sock"\n[pools.p]\nservers = ["10.0.0.1:443", '
+                        '{address = "10.0.0.2:443", weight = 3}]\n[services.s]\nlisten = ["[::]:443"]\n'
+                        'names = ["A.example.org"]\nto = "p"\n')
+    cfg = load_config(cfg_path)
+    packed = pack_config(cfg)
+    assert unpack_config(packed) == cfg and unpack_config(packed).services["s"].names == ["a.example.org"]
+    code = ("import sys; from edgeward.workers import unpack_config; "
+            f"c = unpack_config({packed!r}); assert c.pools['p'].servers[1].weight == 3, c; "
+            "print(sorted(m for m in sys.modules if m.startswith('pydantic')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    with pytest.raises(ValueError, match="not a config"):
+        unpack_config(base64.b64encode(pickle.dumps({"edge": {}})).decode())

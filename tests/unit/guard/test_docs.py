@@ -8,18 +8,18 @@ the list with ``EDGEWARD_WRITE_DOCS=1 pytest tests/unit/guard/test_docs.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import (
     BanIncrementSettings,
     Config,
@@ -35,7 +35,7 @@ from edgeward.guard.validate import config_problems
 DOC = Path(__file__).resolve().parents[3] / "docs" / "config.md"
 BEGIN = "<!-- guard-options: rendered from src/edgeward/config/schema.py by tests/unit/guard/test_docs.py -->"
 END = "<!-- /guard-options -->"
-TABLES: list[tuple[str, type[BaseModel]]] = [
+TABLES: list[tuple[str, type[Any]]] = [
     ("[guard]", GuardSettings),
     ("[guard.nft]", NftSettings),
     ("[guard.share]", ShareSettings),
@@ -52,22 +52,25 @@ def _duration(seconds: float) -> str:
     return f'"{seconds * 1000:g}ms"' if 0 < seconds < 1 else f"{seconds:g}"
 
 
-def _is_duration(info: FieldInfo) -> bool:
-    return any(getattr(m, "func", None) is parse_duration for m in info.metadata)
+def _is_duration(model: type[Any], name: str) -> bool:
+    """The option is a Duration: its type carries the duration parser (units.Before), maybe within X | None."""
+    hint = typing.get_type_hints(model, include_extras=True)[name]
+    return any(getattr(m, "parse", None) is parse_duration
+               for a in (hint, *typing.get_args(hint)) for m in getattr(a, "__metadata__", ()))
 
 
-def _default(info: FieldInfo) -> str:
-    if info.default_factory is not None:
-        value: Any = info.default_factory()  # type: ignore[call-arg]
-    elif info.default is PydanticUndefined:
+def _default(model: type[Any], info: dataclasses.Field[Any]) -> str:
+    if info.default_factory is not dataclasses.MISSING:
+        value: Any = info.default_factory()
+    elif info.default is dataclasses.MISSING:
         return "required"
     else:
         value = info.default
-    if isinstance(value, BaseModel):
+    if dataclasses.is_dataclass(value):
         return "(table below)"
     if value is None:
         return "unset"
-    if _is_duration(info) and isinstance(value, int | float) and value > 0:
+    if _is_duration(model, info.name) and isinstance(value, int | float) and value > 0:
         return _duration(float(value))
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -78,8 +81,8 @@ def render() -> str:
     out = [BEGIN]
     for title, model in TABLES:
         out += ["", f"`{title}`", ""]
-        for name, info in model.model_fields.items():
-            out.append(f"- `{name}` = `{_default(info)}`: {info.description}")
+        for info in dataclasses.fields(model):
+            out.append(f"- `{info.name}` = `{_default(model, info)}`: {info.metadata['description']}")
     out += ["", END]
     return "\n".join(out)
 
@@ -97,15 +100,16 @@ def test_guard_options_in_docs_are_the_schema() -> None:
 
 def test_every_guard_option_is_described() -> None:
     for title, model in TABLES:
-        for name, info in model.model_fields.items():
-            assert info.description and info.description.strip(), f"{title} {name}"
+        for info in dataclasses.fields(model):
+            description = info.metadata.get("description")
+            assert description and description.strip(), f"{title} {info.name}"
 
 
 def test_the_guard_example_in_docs_is_a_valid_config() -> None:
     text = DOC.read_text(encoding="utf-8")
     section = text[text.index("## Guard (jails)"):]
     example = section[section.index("```toml") + len("```toml"):section.index("```\n", section.index("```toml") + 7)]
-    cfg = Config.model_validate(tomllib.loads(example))
+    cfg = validate(Config, tomllib.loads(example))
     assert set(cfg.jails) == {"sshd", "app", "garbage"} and cfg.guard.nft.enabled
     if not Path("/etc/fail2ban/filter.d/sshd.conf").is_file():
         pytest.skip("Debian's fail2ban filters are not installed")

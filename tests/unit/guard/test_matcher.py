@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import Config, GuardSettings, JailSettings
 from edgeward.guard.matcher import MatcherClosed, MatcherError, MatchTimeout, ProcessMatcher
 from edgeward.guard.service import Guard
@@ -174,15 +175,15 @@ async def test_no_process_without_log_jails(tmp_path: Path) -> None:
 def test_bad_isolation_settings_are_refused() -> None:
     # the schema is where the guard's settings are described, and checked
     with pytest.raises(ValueError, match="match_isolation"):
-        GuardSettings(match_isolation="fork")
+        validate(GuardSettings, {"match_isolation": "fork"})
     with pytest.raises(ValueError, match="match_timeout"):
-        GuardSettings(match_timeout=0)
+        validate(GuardSettings, {"match_timeout": 0})
     with pytest.raises(ValueError):
         ProcessMatcher({}, (), timeout=-1)
 
 
 async def test_config_maps_isolation_and_timeout(tmp_path: Path) -> None:
-    cfg = Config.model_validate({"edge": {"state_dir": str(tmp_path)},
+    cfg = validate(Config, {"edge": {"state_dir": str(tmp_path)},
                                  "guard": {"match_isolation": "thread", "match_timeout": "500ms"}})
     g = Guard.from_config(cfg)
     assert g.settings.match_isolation == "thread" and g.settings.match_timeout == 0.5
@@ -192,12 +193,12 @@ async def test_config_maps_isolation_and_timeout(tmp_path: Path) -> None:
         assert g.status()["matcher"] == {"isolation": "thread", "timeout": 0.5, "pid": None, "restarts": 0}
     finally:
         await g.stop()
-    default = Guard.from_config(Config.model_validate({"edge": {"state_dir": str(tmp_path)}}))
+    default = Guard.from_config(validate(Config, {"edge": {"state_dir": str(tmp_path)}}))
     assert default.settings.match_isolation == "process" and default.settings.match_timeout == 2.0
     with pytest.raises(ValueError):
-        Config.model_validate({"guard": {"match_isolation": "fork"}})
+        validate(Config, {"guard": {"match_isolation": "fork"}})
     with pytest.raises(ValueError):
-        Config.model_validate({"guard": {"match_timeout": 0}})
+        validate(Config, {"guard": {"match_timeout": 0}})
 
 
 async def test_matcher_stats_crash_recovery_and_close(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgeward.config.loader import ConfigError, loads
-from edgeward.config.schema import Config, GuardSettings, JailSettings
+from edgeward.config.schema import BanIncrementSettings, Config, GuardSettings, JailSettings
 from edgeward.guard.build import build_filter, filter_search_path
 from edgeward.guard.filter import EDGEWARD_FILTER_DIR
 from edgeward.guard.service import Guard
@@ -95,7 +95,7 @@ async def test_history_max_age_limits_growing_bans(tmp_path: Path) -> None:
     db = str(tmp_path / "g.sqlite")
     t0 = 1_800_000_000.0
     now = [t0]
-    jails = {"e": JailSettings(sources=["edge:x"], maxretry=1, bantime=60, increment={})}
+    jails = {"e": JailSettings(sources=["edge:x"], maxretry=1, bantime=60, increment=BanIncrementSettings())}
 
     async def ban_at(t: float, history_max_age: float) -> int:
         now[0] = t

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import Config, ShareSettings, redact_url
 from edgeward.guard.share import (
     BadRecord,
@@ -243,7 +244,7 @@ def test_unbans_are_remembered_with_the_ban_removal(tmp_path: Path) -> None:
 
 
 def share(**kw: object) -> ShareSettings:
-    return Config.model_validate({"guard": {"share": kw}}).guard.share
+    return validate(Config, {"guard": {"share": kw}}).guard.share
 
 
 def test_share_options() -> None:
@@ -287,7 +288,7 @@ def test_the_share_example_in_docs_is_a_valid_config() -> None:
     text = (Path(__file__).resolve().parents[3] / "docs" / "config.md").read_text(encoding="utf-8")
     section = text[text.index("### Shared bans between edge nodes (Redis)"):]
     start = section.index("```toml") + len("```toml")
-    cfg = Config.model_validate(tomllib.loads(section[start:section.index("```\n", start)]))
+    cfg = validate(Config, tomllib.loads(section[start:section.index("```\n", start)]))
     assert cfg.guard.share.redis == "rediss://edge@redis.internal:6380/0" and cfg.guard.share.node == "edge-paris-1"
 
 
@@ -336,7 +337,7 @@ async def test_the_guard_applies_received_changes_by_the_rule_and_publishes_only
     from edgeward.guard.service import Guard
 
     now = [1000.0]
-    settings = GuardSettings.model_validate({"ignoreip": ["198.51.100.0/24"],
+    settings = validate(GuardSettings, {"ignoreip": ["198.51.100.0/24"],
                                              "share": {"redis": "redis://127.0.0.1:1/0"}})
     g = Guard(settings, {}, db_path=str(tmp_path / "g.sqlite"), clock=lambda: now[0])
     rec_share = _Recorder()
@@ -378,7 +379,7 @@ async def test_the_guard_applies_received_changes_by_the_rule_and_publishes_only
     finally:
         await g.stop()
     # The peers' bans are in the store: a restart without Redis enforces them.
-    g2 = Guard(GuardSettings.model_validate({}), {}, db_path=str(tmp_path / "g.sqlite"), clock=lambda: now[0])
+    g2 = Guard(validate(GuardSettings, {}), {}, db_path=str(tmp_path / "g.sqlite"), clock=lambda: now[0])
     await g2.start()
     try:
         assert {(b["address"], b["origin"]) for b in g2.bans()} == {("192.0.2.3", None), ("192.0.2.4", "b")}

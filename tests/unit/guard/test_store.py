@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import BanIncrementSettings, GuardSettings, JailSettings
 from edgeward.guard.service import Guard, GuardError
 from edgeward.guard.store import BanRecord, Position, Store
@@ -178,7 +179,7 @@ def xmpp_jail(log: Path, **kw: object) -> dict[str, JailSettings]:
         "ignoreip": ["127.0.0.1", "198.51.100.0/24"],
     }
     args.update(kw)
-    return {"xmpp": JailSettings.model_validate(args)}
+    return {"xmpp": validate(JailSettings, args)}
 
 
 async def wait_until(cond: object, timeout: float = 5.0) -> None:
@@ -334,7 +335,7 @@ def test_config_validation_messages(tmp_path: Path) -> None:
         "manual": JailSettings(sources=["edge:sniff"]),
         "e": JailSettings(filter="no-such-filter", logpath=["/x"]),
         "f": JailSettings(sources=["edge:sniff"], bantime=0),
-        "g": JailSettings(sources=["edge:sniff"], increment={"formula": "__import__('os')"}),
+        "g": JailSettings(sources=["edge:sniff"], increment=BanIncrementSettings(formula="__import__('os')")),
         "h": JailSettings(failregex=["x <HOST>"], logpath=["/x"], logtimezone="Mars/Olympus"),
     }
     problems = list(jail_problems(settings, bad))
@@ -363,7 +364,7 @@ def test_config_validation_messages(tmp_path: Path) -> None:
         Guard(settings, bad, db_path=None)
     # what a type can say, the schema refuses before the guard sees it
     with pytest.raises(ValueError, match="maxretry"):
-        JailSettings(sources=["edge:sniff"], maxretry=0)
+        validate(JailSettings, {"sources": ["edge:sniff"], "maxretry": 0})
     with pytest.raises(ValueError, match="ignoreip"):
-        JailSettings(sources=["edge:sniff"], ignoreip=["nope"])
+        validate(JailSettings, {"sources": ["edge:sniff"], "ignoreip": ["nope"]})
     assert list(jail_problems(GuardSettings(), {"ok": JailSettings(sources=["edge:conn"])})) == []

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import HttpSettings
 from edgeward.config.units import parse_target
 from edgeward.http import HttpProxy, HttpRoute, HttpRoutes, HttpUpstream
@@ -74,7 +75,7 @@ def nowhere(name: str) -> HttpUpstream:
     return HttpUpstream(name, Pool(name, [Server(parse_target("http://127.0.0.1:9"), healthy=False)]), "http")
 
 
-SETTINGS = HttpSettings.model_validate({"max_header_bytes": "4KiB", "max_headers": 20})
+SETTINGS = validate(HttpSettings, {"max_header_bytes": "4KiB", "max_headers": 20})
 
 
 def run(loop: asyncio.AbstractEventLoop, pieces: list[bytes], *, redirect: bool = False) -> tuple[FakeTransport, list[int]]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import HttpSettings
 from edgeward.config.units import parse_target
 from edgeward.events import EventBus, HttpRequest, Peer
@@ -75,7 +76,7 @@ def test_event_and_log_agree(loop: asyncio.AbstractEventLoop, peer_given: bool) 
     events: list[HttpRequest] = []
     bus.subscribe(HttpRequest, events.append)
     logs: list[HttpRequestLog] = []
-    proxy = HttpProxy(routes, HttpSettings.model_validate({}), on_request=logs.append, events=bus, loop=loop)
+    proxy = HttpProxy(routes, validate(HttpSettings, {}), on_request=logs.append, events=bus, loop=loop)
     peer = Peer("192.0.2.7", 4321, False)
     conn = ClientConnection(proxy, routes, ("192.0.2.7", 4321), ("127.0.0.1", 8080), scheme="http", redirect=False,
                             https_port=443, via_proxy=False, listener="web-in", peer=peer if peer_given else None)
@@ -108,7 +109,7 @@ def test_event_and_log_agree(loop: asyncio.AbstractEventLoop, peer_given: bool) 
 def test_no_event_built_without_subscribers(loop: asyncio.AbstractEventLoop) -> None:
     routes = HttpRoutes()
     bus = EventBus()
-    proxy = HttpProxy(routes, HttpSettings.model_validate({}), events=bus, loop=loop)
+    proxy = HttpProxy(routes, validate(HttpSettings, {}), events=bus, loop=loop)
     conn = ClientConnection(proxy, routes, ("192.0.2.7", 1), ("127.0.0.1", 80), scheme="http", redirect=False,
                             https_port=443, via_proxy=False)
     conn.connection_made(MemoryTransport())  # type: ignore[arg-type]
@@ -123,7 +124,7 @@ def test_a_closed_connection_is_no_cycle_garbage(loop: asyncio.AbstractEventLoop
     server = Server(parse_target("http://127.0.0.1:9"))
     upstream = HttpUpstream("web", Pool("web", [server]), "http")
     routes = HttpRoutes([HttpRoute(upstream)])
-    proxy = HttpProxy(routes, HttpSettings.model_validate({}), loop=loop)
+    proxy = HttpProxy(routes, validate(HttpSettings, {}), loop=loop)
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import weakref
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import HttpSettings
 from edgeward.http import HttpProxy, HttpRoutes
 from edgeward.http.exchange import RELEASE_AFTER, ClientConnection
@@ -109,7 +110,7 @@ class MemoryTransport:
 
 
 async def test_idle_keepalive_connection_lets_go_of_its_parser() -> None:
-    settings = HttpSettings.model_validate({"keepalive_timeout": RELEASE_AFTER + 0.5})
+    settings = validate(HttpSettings, {"keepalive_timeout": RELEASE_AFTER + 0.5})
     proxy = HttpProxy(HttpRoutes(), settings)
     conn = ClientConnection(proxy, HttpRoutes(), ("192.0.2.1", 1), ("127.0.0.1", 80), scheme="http",
                             redirect=False, https_port=443, via_proxy=False)

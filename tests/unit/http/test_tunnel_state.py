@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import HttpSettings
 from edgeward.config.units import parse_target
 from edgeward.http import HttpProxy, HttpRoute, HttpRoutes, HttpUpstream
@@ -63,7 +64,7 @@ def test_tunnel_keeps_no_parser_and_no_head_fields(loop: asyncio.AbstractEventLo
     server = Server(parse_target("http://127.0.0.1:9"))
     upstream = HttpUpstream("ws", Pool("ws", [server]), "http")
     routes = HttpRoutes([HttpRoute(upstream)])
-    proxy = HttpProxy(routes, HttpSettings.model_validate({}), loop=loop)
+    proxy = HttpProxy(routes, validate(HttpSettings, {}), loop=loop)
     conn = ClientConnection(proxy, routes, ("192.0.2.7", 4321), ("127.0.0.1", 8080), scheme="http", redirect=False,
                             https_port=443, via_proxy=False)
     client = MemoryTransport()

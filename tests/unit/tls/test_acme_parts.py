@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from josepy.jwk import JWKEC
 
+from edgeward.config.loader import validate
 from edgeward.config.schema import AcmeSettings
 from edgeward.tls.acme import (
     ACME_IDENTIFIER_OID,
@@ -92,7 +93,7 @@ def test_describe_error_is_one_line_from_the_ca_problem() -> None:
 
 
 def _settings(**kw: object) -> AcmeSettings:
-    return AcmeSettings.model_validate({"directory": "https://127.0.0.1:9/dir", **kw})
+    return validate(AcmeSettings, {"directory": "https://127.0.0.1:9/dir", **kw})
 
 
 def test_stored_certificates_load_at_manage_and_bad_ones_are_reordered(tmp_path: Path,

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from edgeward.config.loader import validate
 from edgeward.tls.certstore import (
     Certificate,
     CertificateError,
@@ -419,18 +420,18 @@ def test_configured_files_replace_file_slots_and_report_every_bad_pair(tmp_path:
     cb, kb = write_pair(tmp_path, B, "b")
     s = CertStore(minimum_version=tls_version("1.3"), default_name="a.test")
     s.put("acme:c.test", leaf("c.test"))
-    s.set_file_certificates(load_configured_files(TlsSettings.model_validate(
+    s.set_file_certificates(load_configured_files(validate(TlsSettings,
         {"certificates": [{"cert": str(ca), "key": str(ka)}, {"cert": str(cb), "key": str(kb)}]})))
     assert s.lookup("b.test") == load_certificate_files(cb, kb)
     assert s.status()["default"] == f"file:{ca}"
     # A reload without b.test's pair drops it; the ACME slot is not touched.
-    s.set_file_certificates(load_configured_files(TlsSettings.model_validate(
+    s.set_file_certificates(load_configured_files(validate(TlsSettings,
         {"certificates": [{"cert": str(ca), "key": str(ka)}]})))
     assert s.lookup("b.test") is not None and s.lookup("b.test") == s.lookup("a.test")  # now the default
     assert s.covers("b.test") is False and s.covers("c.test") is True
     assert sorted(s.slots()) == ["acme:c.test", f"file:{ca}"]
     with pytest.raises(CertificateError) as err:
-        load_configured_files(TlsSettings.model_validate({"certificates": [
+        load_configured_files(validate(TlsSettings, {"certificates": [
             {"cert": str(tmp_path / "gone.pem"), "key": str(ka)}, {"cert": str(ca), "key": str(kb)}]}))
     assert "gone.pem: certificate file not found" in str(err.value)
     assert "does not match" in str(err.value)
