@@ -8,6 +8,7 @@ click, the admin API's HTTP client, rich. `edgeward run` reaches this module wit
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def run(config: str | Path, demo: bool = False, log_level: str | None = None) ->
 
     The config is checked in a process of its own (config_checker.py), at start and at each
     reload, so that this long-lived process never imports pydantic."""
+    _ignore_until_handled()
     from .app import StartError
     from .app import run as run_edge
     from .config.loader import ConfigError
@@ -52,6 +54,7 @@ def run_worker(config: str | Path, control_fd: int, index: int = 0, log_level: s
     It never reads `config` (the master's file name, for `ps`): the file may be mid-edit when a
     worker is restarted, and the worker runs the config the master checked, sent over the channel.
     The log level is the master's (--log-level)."""
+    _ignore_until_handled()
     from .app import StartError, run_worker
     level = log_level.lower() if log_level is not None and log_level.lower() in LOG_LEVELS else "info"
     _log_to_stderr(level, f"[worker {index}]")
@@ -61,6 +64,14 @@ def run_worker(config: str | Path, control_fd: int, index: int = 0, log_level: s
         print(f"edgeward: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _ignore_until_handled() -> None:
+    """SIGHUP (reload) and SIGUSR1 (reopen logs) end a process by default. The loop handles them
+    once the edge has started (its listeners bound, config checked: up to seconds); until then one
+    sent by a deploy script or logrotate is ignored rather than killing an edge that is starting."""
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _log_to_stderr(level: str, tag: str = "") -> None:

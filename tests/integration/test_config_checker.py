@@ -151,3 +151,48 @@ def test_a_reload_applies_the_file_as_it_was_when_asked(tmp_path: Path) -> None:
             assert "unknown option 'bad'" in e.log()
         finally:
             e.stop()
+
+
+def handles(pid: int, *sigs: signal.Signals) -> bool:
+    """Whether process `pid` ignores or catches each of `sigs` (SigIgn/SigCgt in /proc/PID/status)."""
+    masks = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigIgn:", "SigCgt:")):
+            masks |= int(line.split()[1], 16)
+    return all(masks & (1 << (s - 1)) for s in sigs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_or_reopen_signal_during_the_start_does_not_end_the_edge(tmp_path: Path, workers: int) -> None:
+    """SIGHUP and SIGUSR1 end a process by default. From its first instruction (once the
+    interpreter has started) to the moment its loop handles them, the edge ignores them: a deploy
+    script's reload or logrotate's reopen sent while it starts must not kill it."""
+    admin, port = free_port(), free_port()
+    sigs = (signal.SIGHUP, signal.SIGUSR1)
+    with contextlib.closing(ThreadServer(echo_handler())) as up:
+        cfg = tmp_path / "edge.toml"
+        cfg.write_text(edge_head(tmp_path, admin, workers) + service(port, up.port))
+        proc = subprocess.Popen([*EDGEWARD, "run", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert wait_until(lambda: proc.poll() is not None or handles(proc.pid, *sigs), 15)
+            sent_while_starting = 0
+            answered = False
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and proc.poll() is None and not answered:
+                for pid in [proc.pid, *children(proc.pid)]:  # the checker and the workers too
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sigs[sent_while_starting % 2])
+                sent_while_starting += 1
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                    c.sendall(b"ping")
+                    answered = c.recv(4) == b"ping"
+                time.sleep(0.005)
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert answered and sent_while_starting > 1  # signals reached it before it served
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
