@@ -132,3 +132,30 @@ bantime = "1h"
     finally:
         edge.stop()
         up.close()
+
+
+def maps_sqlite(pid: int) -> bool:
+    return "libsqlite3" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_sqlite_is_loaded_by_the_first_ban_and_the_ban_outlives_a_restart(tmp_path: Path) -> None:
+    """An edge that never banned anything has no ban store yet: SQLite is not loaded (memory on a
+    small VPS) until a ban is written, and that ban is restored at the next start."""
+    up = ThreadServer(echo_handler())
+    port = free_port()
+    cfg = f'[services.fwd]\nlisten = ["127.0.0.1:{port}"]\nto = "127.0.0.1:{up.port}"\n'
+    edge = EdgeProcess(tmp_path, cfg, wait=[("127.0.0.1", port)])
+    try:
+        assert edge.api("GET", "/bans")[0] == 200
+        assert not maps_sqlite(edge.proc.pid)
+        assert served("127.0.0.50", port)
+        assert edge.api("POST", "/ban", {"jail": "manual", "addr": "127.0.0.50"})[0] == 200
+        assert maps_sqlite(edge.proc.pid) and not served("127.0.0.50", port)
+    finally:
+        edge.stop()
+    edge = EdgeProcess(tmp_path, cfg, wait=[("127.0.0.1", port)])
+    try:
+        assert not served("127.0.0.50", port) and served("127.0.0.51", port)
+    finally:
+        edge.stop()
+        up.close()

@@ -26,14 +26,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import sqlite3
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,12 @@ class Store:
         self._pending_positions: dict[str, Position] = {}
         self._flush_scheduled = False
         self._closed = False
-        self.run(self._open)
+        # No file yet (an edge that never banned anything): SQLite, about 1.5 MB of a small edge's
+        # memory, is loaded when the first ban or log position is written; until then every read
+        # answers empty (_unwritten).
+        self._deferred = self.path != ":memory:" and not Path(self.path).exists()
+        if not self._deferred:
+            self.run(self._open)
 
     # -- threading -----------------------------------------------------------------
 
@@ -157,11 +164,19 @@ class Store:
         return await asyncio.wrap_future(self.submit(fn, *args))
 
     def _db(self) -> sqlite3.Connection:
+        if self._conn is None and self._deferred:
+            self._deferred = False
+            self._open()
         if self._conn is None:
             raise RuntimeError("store is closed")
         return self._conn
 
+    def _unwritten(self) -> bool:
+        """Nothing was ever written (no file, not opened): reads need not load SQLite."""
+        return self._deferred and self._conn is None
+
     def _open(self) -> None:
+        import sqlite3
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a commit
@@ -196,6 +211,7 @@ class Store:
             self._executor.shutdown(wait=True)
 
     def _close(self) -> None:
+        self._deferred = False
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -283,11 +299,15 @@ class Store:
 
     def lifted(self, since: float) -> dict[tuple[str, str], float]:
         """(address, jail) -> time of the unban, for the unbans since `since` (shared bans)."""
+        if self._unwritten():
+            return {}
         rows = self._db().execute("SELECT address, jail, at FROM lifted WHERE at >= ?", (since,))
         return {(a, j): at for a, j, at in rows}
 
     def purge_lifted(self, before: float) -> int:
         """Forget unbans older than `before`."""
+        if self._unwritten():
+            return 0
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         cur = db.execute("DELETE FROM lifted WHERE at < ?", (before,))
@@ -296,6 +316,8 @@ class Store:
 
     def remove_expired(self, now: float) -> int:
         """Delete bans whose end has passed; returns how many."""
+        if self._unwritten():
+            return 0
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         cur = db.execute("DELETE FROM bans WHERE end IS NOT NULL AND end <= ?", (now,))
@@ -304,6 +326,8 @@ class Store:
 
     def active_bans(self, now: float | None = None) -> list[BanRecord]:
         """Bans in force at `now` (None: all stored), oldest first."""
+        if self._unwritten():
+            return []
         db = self._db()
         sql = "SELECT address, jail, reason, lines, start, end, count, listeners, origin FROM bans"
         args: tuple[Any, ...] = ()
@@ -331,6 +355,8 @@ class Store:
 
     def history(self, since: float | None = None) -> list[tuple[str, str, float, float]]:
         """(address, jail, start, bantime) of earlier bans, oldest first."""
+        if self._unwritten():
+            return []
         db = self._db()
         if since is None:
             rows = db.execute(
@@ -345,6 +371,8 @@ class Store:
 
     def purge_history(self, before: float) -> int:
         """Forget history entries that started before `before`."""
+        if self._unwritten():
+            return 0
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         cur = db.execute("DELETE FROM ban_history WHERE start < ?", (before,))
@@ -353,6 +381,8 @@ class Store:
 
     def forget_history(self, address: str | None = None) -> int:
         """Forget the history of one address (or all), e.g. after a manual unban."""
+        if self._unwritten():
+            return 0
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         if address is None:
@@ -389,6 +419,8 @@ class Store:
         self.run(self._flush_positions)
 
     def _load_position(self, key: str) -> Position | None:
+        if self._unwritten():
+            return None
         row = (
             self._db()
             .execute("SELECT dev, ino, offset, head, cursor FROM positions WHERE key = ?", (key,))
@@ -402,9 +434,9 @@ class Store:
         with self._lock:
             pending, self._pending_positions = self._pending_positions, {}
             self._flush_scheduled = False
-        if not pending or self._conn is None:
+        if not pending or (self._conn is None and not self._deferred):
             return
-        db = self._conn
+        db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             for key, pos in pending.items():

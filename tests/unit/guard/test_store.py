@@ -94,6 +94,47 @@ def test_positions_coalesce_and_persist(tmp_path: Path) -> None:
         s.close()
 
 
+def test_a_store_without_a_file_answers_empty_until_the_first_write(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "g.sqlite"
+    s = Store(db)
+    try:
+        # Reads at start (restore, purges, history, a log's position) open nothing.
+        assert s.run(s.remove_expired, 1.0) == 0 and s.run(s.purge_history, 1.0) == 0
+        assert s.run(s.purge_lifted, 1.0) == 0 and s.run(s.forget_history, None) == 0
+        assert s.run(s.active_bans) == [] and s.run(s.history) == [] and s.run(s.lifted, 0.0) == {}
+        assert s.load("/var/log/x.log") is None
+        assert not db.exists()
+        ban = BanRecord("192.0.2.9", "edge:manual", "r", (), 100.0, None, 1)
+        s.run(s.add_ban, ban, -1.0)  # the first write makes the file
+        assert db.exists() and s.run(s.active_bans) == [ban]
+    finally:
+        s.close()
+    s = Store(db)
+    try:
+        assert [r.address for r in s.run(s.active_bans)] == ["192.0.2.9"]
+    finally:
+        s.close()
+
+
+def test_a_log_position_alone_makes_the_file_at_close(tmp_path: Path) -> None:
+    db = tmp_path / "g.sqlite"
+    s = Store(db)
+    s.save("journal", Position(cursor="s=7"))
+    s.close()
+    assert db.exists()
+    s = Store(db)
+    try:
+        assert s.load("journal") == Position(cursor="s=7")
+    finally:
+        s.close()
+
+
+def test_a_closed_store_without_a_file_makes_none(tmp_path: Path) -> None:
+    db = tmp_path / "g.sqlite"
+    Store(db).close()
+    assert not db.exists()
+
+
 def test_bad_synchronous_mode() -> None:
     with pytest.raises(ValueError):
         Store(":memory:", synchronous="OFF")
