@@ -948,6 +948,15 @@ def kernel_path(ctx: Context) -> None:
     run_script_case(ctx, "kernel_path")
 
 
+def scenario_rss(ctx: Context) -> None:
+    run_script_case(ctx, "scenario_rss")
+
+
+def scenario_rss_args(source: str, quick: bool) -> list[str]:
+    """bench/scenario_rss.py takes its own median; one start per bench round."""
+    return ["--rounds", "1"]
+
+
 def kernel_path_args(source: str, quick: bool) -> list[str]:
     """bench/kernel_path.py runs 9 iperf3 tests of --seconds each (default 5)."""
     return ["--seconds", "2"] if quick and "--seconds" in source else []
@@ -1036,6 +1045,7 @@ SCRIPT_ARGS: dict[str, Callable[[str, bool], list[str]]] = {
     "handoff": handoff_args,
     "transparent": handoff_args,  # the same: its own rounds, one per bench round
     "workers": handoff_args,  # the same
+    "scenario_rss": scenario_rss_args,
 }
 
 CASES: dict[str, Callable[[Context], None]] = {
@@ -1047,6 +1057,7 @@ CASES: dict[str, Callable[[Context], None]] = {
     "ban_latency": ban_latency,
     "shared_ban_latency": shared_ban_latency,
     "kernel_path": kernel_path,
+    "scenario_rss": scenario_rss,
     "observe_cost": observe_cost,
     "http_keepalive": http_keepalive,
     "https_keepalive": https_keepalive,

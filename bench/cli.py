@@ -28,6 +28,7 @@ DEFAULT_CASES = (
     "tcp_bulk",
     "conn_rate",
     "idle_memory",
+    "scenario_rss",
     "udp",
     "http_keepalive",
     "https_keepalive",
