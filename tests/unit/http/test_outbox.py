@@ -72,7 +72,7 @@ async def test_large_pieces_are_not_copied_into_one() -> None:
 
 async def test_a_close_sends_what_was_queued_first_and_an_abort_drops_it() -> None:
     routes = HttpRoutes()
-    proxy = HttpProxy(routes, HttpSettings.model_validate({}))
+    proxy = HttpProxy(routes, HttpSettings())
     server = Server(parse_target("http://127.0.0.1:9"))
     upstream = HttpUpstream("u", Pool("u", [server]), "http")
     log: list[tuple[str, bytes]] = []
