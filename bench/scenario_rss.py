@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -27,6 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.http_layer import rss_kib  # noqa: E402
+from bench.procs import stop_process  # noqa: E402
+
 EXAMPLE = ROOT / "examples" / "05-home-server-behind-vps.toml"
 SETTLE = 2.5
 
@@ -41,13 +45,6 @@ def first_tcp_port(text: str) -> int:
     m = re.search(r'"127\.0\.0\.2:(\d+)"', text)
     assert m is not None, "no TCP listener in the example"
     return int(m.group(1))
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def answers(port: int) -> bool:
@@ -76,14 +73,12 @@ def one_round() -> int:
                     raise RuntimeError(f"the edge did not start (exit {proc.poll()}): {tail}")
                 time.sleep(0.05)
             time.sleep(SETTLE)
-            return rss_kb(proc.pid)
+            rss = rss_kib(proc.pid)
+            if not rss:
+                raise RuntimeError(f"no VmRSS for the edge (pid {proc.pid})")
+            return rss
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc, grace=15)
 
 
 def main() -> None:
