@@ -21,6 +21,7 @@ import pytest
 from edgeward.config.loader import ConfigError
 from edgeward.config_checker import load_checked, load_checked_async
 from support import EDGEWARD, EdgeProcess, ThreadServer, echo_handler, free_port, wait_until
+from support import proc as running
 
 
 def children(pid: int) -> list[int]:
@@ -172,14 +173,14 @@ def test_a_reload_or_reopen_signal_during_the_start_does_not_end_the_edge(tmp_pa
     with contextlib.closing(ThreadServer(echo_handler())) as up:
         cfg = tmp_path / "edge.toml"
         cfg.write_text(edge_head(tmp_path, admin, workers) + service(port, up.port))
-        proc = subprocess.Popen([*EDGEWARD, "run", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            assert wait_until(lambda: proc.poll() is not None or handles(proc.pid, *sigs), 15)
+        log = tmp_path / "edge.log"
+        with open(log, "wb") as out, running([*EDGEWARD, "run", str(cfg)], stdout=out, stderr=subprocess.STDOUT) as p:
+            assert wait_until(lambda: p.poll() is not None or handles(p.pid, *sigs), 15)
             sent_while_starting = 0
             answered = False
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and proc.poll() is None and not answered:
-                for pid in [proc.pid, *children(proc.pid)]:  # the checker and the workers too
+            while time.monotonic() < deadline and p.poll() is None and not answered:
+                for pid in [p.pid, *children(p.pid)]:  # the checker and the workers too
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, sigs[sent_while_starting % 2])
                 sent_while_starting += 1
@@ -187,12 +188,5 @@ def test_a_reload_or_reopen_signal_during_the_start_does_not_end_the_edge(tmp_pa
                     c.sendall(b"ping")
                     answered = c.recv(4) == b"ping"
                 time.sleep(0.005)
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert p.poll() is None, log.read_text(errors="replace")
             assert answered and sent_while_starting > 1  # signals reached it before it served
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
