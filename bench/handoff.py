@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import ctools  # noqa: E402
 from bench.hello import client_hello  # noqa: E402
-from bench.procs import cpu_seconds, stop_process  # noqa: E402
+from bench.procs import cpu_seconds, stop_process, wait_for  # noqa: E402
 
 SHIM = ROOT / "build" / "shim" / "libedgeward_handoff.so"
 SNI = "bench.example.org"
@@ -70,15 +69,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(pred: object, timeout: float = 15.0, what: str = "a benchmark process") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{what} did not start within {timeout:g} s")
 
 
 def tcp_open(port: int) -> bool:

@@ -81,6 +81,16 @@ def stop_pid(pid: int, timeout: float = 5.0, group: bool = True) -> bool:
     return True
 
 
+def wait_for(pred: Callable[[], object], timeout: float = 15.0, what: str = "a benchmark process") -> None:
+    """Poll `pred` until it is true; TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"{what} did not start within {timeout:g} s")
+
+
 def stop_process(p: subprocess.Popen[Any], grace: float = 5.0) -> None:
     """Stop a program started with Popen (one process, its own exit status kept by Popen):
     SIGTERM, `grace` seconds to exit, then SIGKILL. Nothing if it has already exited."""

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bench import ctools  # noqa: E402
 from bench.hello import client_hello  # noqa: E402
 from bench.netns import Topology, ns, running  # noqa: E402
-from bench.procs import cpu_seconds  # noqa: E402
+from bench.procs import cpu_seconds, wait_for  # noqa: E402
 
 TAG = str(os.getpid() % 100000)
 CLIENT, EDGE, UP = f"ewb-c{TAG}", f"ewb-e{TAG}", f"ewb-u{TAG}"
@@ -59,15 +58,6 @@ def namespaces() -> Iterator[None]:
 
 def listening(name: str, port: int) -> bool:
     return bool(ns(name, "ss", "-Hltn", f"sport = :{port}", check=False).stdout.strip())
-
-
-def wait_for(pred: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise TimeoutError("a benchmark process did not start")
 
 
 CONFIG = f"""

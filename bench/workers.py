@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench import ctools  # noqa: E402
 from bench.contestants import nginx_stream_module_line  # noqa: E402
-from bench.handoff import SNI, conn_rate, free_port, haproxy_config, started, tcp_open, wait_for  # noqa: E402
+from bench.handoff import SNI, conn_rate, free_port, haproxy_config, started, tcp_open  # noqa: E402
 from bench.hello import client_hello  # noqa: E402
-from bench.procs import tree  # noqa: E402
+from bench.procs import tree, wait_for  # noqa: E402
 
 CONTESTANTS = ("haproxy_nbthread2", "nginx_workers2", "edgeward_workers2", "edgeward_workers1")
 
