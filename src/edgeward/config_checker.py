@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pickle
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from . import child_process
 from .config.loader import ConfigError, Problem, read
 from .config.schema import Config
 
@@ -95,14 +97,20 @@ def _timed_out(path: str | Path, timeout: float) -> ConfigError:
 
 def load_checked(path: str | Path, timeout: float = TIMEOUT) -> Config:
     """The config at `path`, checked in a checker process (for the start). Raises ConfigError."""
-    text = read(path)
-    try:
-        r = subprocess.run(_command(path), input=text.encode(), capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:  # run() has killed and reaped it
-        raise _timed_out(path, timeout) from None
-    except OSError as e:
-        raise _failed(path, f"could not start: {e}") from None
-    return _outcome(path, r.returncode, r.stdout, r.stderr)
+    with _Streams.open(path, read(path)) as pipes:
+        try:
+            proc = child_process.popen(_command(path), **pipes.popen_kwargs())
+        except OSError as e:
+            raise _failed(path, f"could not start: {e}") from None
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise _timed_out(path, timeout) from None
+        finally:
+            if proc.returncode is None:  # timed out (or interrupted): never leave it behind
+                proc.kill()
+                proc.wait()
+        return _outcome(path, code, *pipes.output())
 
 
 def load_checked_async(path: str | Path, timeout: float = TIMEOUT) -> Coroutine[Any, Any, Config]:
@@ -113,23 +121,70 @@ def load_checked_async(path: str | Path, timeout: float = TIMEOUT) -> Coroutine[
 
 
 async def _check(text: str, path: str | Path, timeout: float) -> Config:
-    try:
-        proc = await asyncio.create_subprocess_exec(*_command(path), stdin=subprocess.PIPE,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as e:
-        raise _failed(path, f"could not start: {e}") from None
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(text.encode())
-    except TimeoutError:
-        raise _timed_out(path, timeout) from None
-    finally:
-        if proc.returncode is None:  # timed out, or the reload was cancelled: never leave it behind
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return _outcome(path, proc.returncode, out, err)
+    with _Streams.open(path, text) as pipes:
+        try:
+            proc = child_process.spawn(_command(path), asyncio.get_running_loop(), **pipes.popen_kwargs())
+        except OSError as e:
+            raise _failed(path, f"could not start: {e}") from None
+        try:
+            async with asyncio.timeout(timeout):
+                code = await proc.wait()
+        except TimeoutError:
+            raise _timed_out(path, timeout) from None
+        finally:
+            if proc.returncode is None:  # timed out, or the reload was cancelled: never leave it behind
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        return _outcome(path, code, *pipes.output())
+
+
+class _Streams:
+    """The checker's standard input, output and error as in-memory files (memfd): the config text
+    is written before it starts and what it wrote is read after it exits, so nothing waits on a
+    pipe either way, and the event loop needs no reader for them."""
+
+    def __init__(self, stdin: int, stdout: int, stderr: int) -> None:
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
+    @classmethod
+    def open(cls, path: str | Path, text: str) -> _Streams:
+        """The three files, `text` in the first; ConfigError (said like a checker that cannot
+        start) when they cannot be made, e.g. out of descriptors."""
+        fds: list[int] = []
+        try:
+            for name in ("edgeward-config", "edgeward-checked", "edgeward-checker-errors"):
+                fds.append(os.memfd_create(name))
+            view = memoryview(text.encode())
+            while view:
+                view = view[os.write(fds[0], view):]
+            os.lseek(fds[0], 0, os.SEEK_SET)
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise _failed(path, f"could not start: {e}") from None
+        return cls(*fds)
+
+    def popen_kwargs(self) -> dict[str, int]:
+        return {"stdin": self.stdin, "stdout": self.stdout, "stderr": self.stderr}
+
+    def output(self) -> tuple[bytes, bytes]:
+        """What the checker wrote on stdout and stderr (the child shares the files' offsets)."""
+        out = []
+        for fd in (self.stdout, self.stderr):
+            os.lseek(fd, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            out.append(b"".join(chunks))
+        return out[0], out[1]
+
+    def __enter__(self) -> _Streams:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in (self.stdin, self.stdout, self.stderr):
+            os.close(fd)
 
 
 if __name__ == "__main__":

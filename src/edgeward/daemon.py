@@ -69,9 +69,12 @@ def run_worker(config: str | Path, control_fd: int, index: int = 0, log_level: s
 def _ignore_until_handled() -> None:
     """SIGHUP (reload) and SIGUSR1 (reopen logs) end a process by default. The loop handles them
     once the edge has started (its listeners bound, config checked: up to seconds); until then one
-    sent by a deploy script or logrotate is ignored rather than killing an edge that is starting."""
+    sent by a deploy script or logrotate is ignored rather than killing an edge that is starting.
+    A worker starts with them blocked (child_process): ignored now, they can be unblocked (one
+    pending is dropped)."""
     for sig in (signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGHUP, signal.SIGUSR1))
 
 
 def _log_to_stderr(level: str, tag: str = "") -> None:

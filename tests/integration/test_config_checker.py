@@ -190,3 +190,34 @@ def test_a_reload_or_reopen_signal_during_the_start_does_not_end_the_edge(tmp_pa
                 time.sleep(0.005)
             assert p.poll() is None, log.read_text(errors="replace")
             assert answered and sent_while_starting > 1  # signals reached it before it served
+            # The workers started with both blocked (child_process) and unblocked them once ignored.
+            for pid in children(p.pid):
+                if " worker " in cmdline(pid):
+                    assert not blocked(pid) & sum(1 << (s - 1) for s in sigs), cmdline(pid)
+
+
+def blocked(pid: int) -> int:
+    return int(next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if ln.startswith("SigBlk:")).split()[1], 16)
+
+
+def test_a_reload_checker_signalled_while_it_starts_still_checks(tmp_path: Path) -> None:
+    """`pkill -HUP edgeward` reaches the reload's checker too, often in its first milliseconds."""
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(service(free_port(), free_port()))
+
+    async def check_under_signals() -> None:
+        task = asyncio.ensure_future(load_checked_async(cfg))
+        sent = 0
+        while not task.done():
+            for pid in children(os.getpid()):
+                if "edgeward.config_checker" in cmdline(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, (signal.SIGHUP, signal.SIGUSR1)[sent % 2])
+                        sent += 1
+            await asyncio.sleep(0.002)
+        assert (await task).services["echo"].to
+        assert sent > 1
+
+    for _ in range(3):
+        asyncio.run(check_under_signals())

@@ -133,8 +133,10 @@ to = "127.0.0.1:{up.port}"
         assert all(t > 0 for t in per), per  # both workers accepted (SO_REUSEPORT spreads by 4-tuple hash)
         assert sum(per) == n
         assert st["services"]["echo"]["total"] == n  # type: ignore[index]
-        assert st["services"]["echo"]["bytes_in"] == 4 * n  # type: ignore[index]
-        assert e.counter("closed", f"127.0.0.1:{port}", "done") == n
+        # Bytes and closes are counted once the worker has seen the client's FIN: a moment after
+        # served() returns.
+        assert wait_until(lambda: e.counter("closed", f"127.0.0.1:{port}", "done") == n, 5)
+        assert e.status()["services"]["echo"]["bytes_in"] == 4 * n  # type: ignore[index]
         text = e.metrics()
         assert metric(text, "edgeward_service_connections_total", service="echo") == n
         assert metric(text, "edgeward_worker_connections_total", worker="0") + \
@@ -262,7 +264,9 @@ to = "127.0.0.1:{up.port}"
         # Totals survive the restart (the dead worker's, as of its last report, are kept).
         st = e.status()
         assert st["services"]["echo"]["total"] == 210  # type: ignore[index]
-        assert e.counter("closed", f"127.0.0.1:{port}", "done") == 210
+        # (A connection is counted closed once its worker has seen the client's FIN: a moment after
+        # served() returns.)
+        assert wait_until(lambda: e.counter("closed", f"127.0.0.1:{port}", "done") == 210, 5)
         assert metric(e.metrics(), "edgeward_service_connections_total", service="echo") == 210
     up.close()
 

@@ -8,11 +8,13 @@ import itertools
 import logging
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from ..child_process import ChildProcess, spawn
 from ..config.loader import ConfigError
 from ..config.schema import Config
 from ..edge import BindError, ConfigLoader, Edge, RuntimeBuilder
@@ -50,7 +52,7 @@ class Worker:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: ChildProcess | None = None
         self.channel: Channel | None = None
         self.ready: asyncio.Future[None] | None = None
         self.started = 0.0
@@ -95,7 +97,7 @@ class MasterEdge(Edge):
         self.workers = [Worker(i) for i in range(count)]
         self.restarts = 0
         self.stopping = False
-        self.draining: set[asyncio.subprocess.Process] = set()  # predecessors finishing their connections
+        self.draining: set[ChildProcess] = set()  # predecessors finishing their connections
         # What dead workers had counted (at their last report): totals stay totals across restarts.
         self.retired: dict[str, Any] = {"services": {}, "pools": {}, "counters": [], "retired": True}
         self._ids = itertools.count(1)
@@ -209,9 +211,11 @@ class MasterEdge(Edge):
                 with contextlib.suppress(OSError):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
             assert self.config_path is not None
-            w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edgeward", "worker", "--control-fd", str(theirs.fileno()),
-                "--index", str(w.index), "--log-level", _log_level(), self.config_path, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+            # Started with SIGHUP and SIGUSR1 blocked until it ignores them (child_process).
+            w.proc = spawn(
+                [sys.executable, "-m", "edgeward", "worker", "--control-fd", str(theirs.fileno()),
+                 "--index", str(w.index), "--log-level", _log_level(), self.config_path],
+                self.loop, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         except BaseException:
             mine.close()
             raise
@@ -247,7 +251,7 @@ class MasterEdge(Edge):
             out.append(["acme", acme])
         return out
 
-    def _not_ready(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+    def _not_ready(self, w: Worker, proc: ChildProcess) -> None:
         if self.stopping or w.proc is not proc or proc.returncode is not None or w.ready is None or w.ready.done():
             return
         log.error("worker %d (pid %d) was not ready after %.0fs: killing it", w.index, proc.pid, self.READY_TIMEOUT)
@@ -276,7 +280,7 @@ class MasterEdge(Edge):
     def _health_state(self) -> list[list[Any]]:
         return [[p.name, s.name, s.healthy] for p in self.runtime.pools.values() for s in p.servers]
 
-    async def _watch(self, w: Worker, proc: asyncio.subprocess.Process, ch: Channel) -> None:
+    async def _watch(self, w: Worker, proc: ChildProcess, ch: Channel) -> None:
         code = await proc.wait()
         ch.close()
         self.draining.discard(proc)

@@ -1,0 +1,82 @@
+"""child_process: edgeward's children start with SIGHUP and SIGUSR1 blocked, so that one sent
+while their interpreter starts (before their first line can ignore it) does not kill them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from edgeward.child_process import BLOCKED, spawn
+
+# The edge runs on uvloop; the stdlib loop when uvloop is unavailable.
+LOOPS = pytest.mark.parametrize("new_loop", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
+
+
+def run(new_loop: Callable[[], asyncio.AbstractEventLoop], main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(main())
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]
+
+
+def blocked(pid: int) -> int:
+    """The SigBlk mask of process `pid`."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk line")
+
+
+def bits(*sigs: int) -> int:
+    return sum(1 << (s - 1) for s in sigs)
+
+
+@LOOPS
+def test_the_child_starts_with_reload_and_reopen_blocked_and_survives_them(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def main() -> None:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        fds = len(os.listdir("/proc/self/fd"))
+        child = spawn(SLEEPER, asyncio.get_running_loop())
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before  # the parent's mask is as it was
+        assert blocked(child.pid) & bits(*BLOCKED) == bits(*BLOCKED)
+        # Sent at once, while its interpreter is still starting: pending, not acted on.
+        child.send_signal(signal.SIGHUP)
+        child.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(0.5)
+        assert child.returncode is None
+        child.terminate()
+        assert await asyncio.wait_for(child.wait(), 10) == -signal.SIGTERM
+        assert child.returncode == -signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # reaped: its pid may be someone else's now
+            child.kill()
+        assert len(os.listdir("/proc/self/fd")) == fds  # the pidfd is closed
+
+    run(new_loop, main)
+
+
+@LOOPS
+def test_wait_gives_the_exit_code_to_every_waiter(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def main() -> None:
+        child = spawn([sys.executable, "-c", "raise SystemExit(3)"], asyncio.get_running_loop())
+        codes = await asyncio.wait_for(asyncio.gather(child.wait(), child.wait()), 10)
+        assert codes == [3, 3]
+        assert await child.wait() == 3
+
+    run(new_loop, main)
+
+
+@LOOPS
+def test_a_child_that_cannot_start_is_an_oserror(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def main() -> None:
+        with pytest.raises(OSError):
+            spawn(["/nonexistent/python"], asyncio.get_running_loop())
+
+    run(new_loop, main)
