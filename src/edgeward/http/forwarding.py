@@ -14,7 +14,6 @@ trusted proxy they are kept: X-Forwarded-For and Forwarded get this hop appended
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from http import HTTPStatus
 
 from .request import Headers, Rejected, RequestHead, collect_fields, connection_tokens
@@ -172,15 +171,23 @@ def upstream_request_head(req: RequestHead, *, client_ip: str, scheme: str, trus
 LENGTH, CHUNKED, UNTIL_CLOSE, NO_BODY = range(4)  # how a response body is delimited
 
 
-@dataclass(slots=True)
 class ResponseHead:
-    status: int
-    reason: bytes
-    headers: Headers
-    framing: int  # of the upstream's body: LENGTH, CHUNKED, UNTIL_CLOSE or NO_BODY
-    content_length: int | None
-    upstream_keep_alive: bool  # the upstream lets this connection be reused
-    connection_tokens: frozenset[bytes]
+    """A checked upstream response head (a plain class, for a native constructor: see RequestHead)."""
+
+    __slots__ = ("connection_tokens", "content_length", "framing", "headers", "reason", "status", "upstream_keep_alive")
+
+    def __init__(self, status: int, reason: bytes, headers: Headers, framing: int, content_length: int | None,
+                 upstream_keep_alive: bool, connection_tokens: frozenset[bytes]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.framing = framing  # of the upstream's body: LENGTH, CHUNKED, UNTIL_CLOSE or NO_BODY
+        self.content_length = content_length
+        self.upstream_keep_alive = upstream_keep_alive  # the upstream lets this connection be reused
+        self.connection_tokens = connection_tokens
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status} framing={self.framing} keep_alive={self.upstream_keep_alive})"
 
 
 def validate_response(status: int, reason: bytes, headers: Headers, *, version: str, request_method: bytes,

@@ -24,13 +24,15 @@ def _unquote(m: re.Match[bytes]) -> bytes:
 
 def routing_path(path: bytes) -> bytes:
     """The normalized form of a request path (the target before '?') used to pick a route."""
-    if b"%" in path:
+    # (find, not `in`: bytes.__contains__ first tries its argument as an integer, and the
+    # TypeError it formats and drops costs more than the search.)
+    if path.find(b"%") >= 0:
         path = _PCT.sub(_unquote, path)
-    if b"\\" in path:
+    if path.find(b"\\") >= 0:
         path = path.replace(b"\\", b"/")
-    if b"//" in path:
+    if path.find(b"//") >= 0:
         path = _SLASHES.sub(b"/", path)
-    if b"." not in path:
+    if path.find(b".") < 0:
         return path if path.startswith(b"/") else b"/" + path
     out: list[bytes] = []
     segments = path.split(b"/")
