@@ -53,7 +53,7 @@ GROUPS = (
     # Keep in step with NET_MODULES in src/edgeward/_native.py.
     Group("edgeward_net", "the data plane", "src/edgeward",
           ("admission", "codec/_names", "codec/proxy", "codec/sniff", "codec/tls", "events", "net/flow",
-           "net/forward", "net/pipes", "net/poller", "net/refusal", "net/tcp", "routing", "upstream/pool"),
+           "net/forward", "net/pipes", "net/poller", "net/refusal", "net/tcp", "routing", "stats", "upstream/pool"),
           "_compiled_net.json"),
 )
 

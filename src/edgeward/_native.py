@@ -24,7 +24,7 @@ from types import ModuleType
 
 # Paths under edgeward/, without ".py". Keep in step with NET_MODULES in setup.py.
 NET_MODULES = ("admission", "codec/_names", "codec/proxy", "codec/sniff", "codec/tls", "events", "net/flow",
-               "net/forward", "net/pipes", "net/poller", "net/refusal", "net/tcp", "routing", "upstream/pool")
+               "net/forward", "net/pipes", "net/poller", "net/refusal", "net/tcp", "routing", "stats", "upstream/pool")
 MANIFEST = "_compiled_net.json"
 
 _HERE = Path(__file__).resolve().parent
