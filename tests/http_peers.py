@@ -3,6 +3,7 @@ what they saw, a raw HTTP/1.1 client that reads responses with a strict parser."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -329,3 +330,29 @@ def closed_by_peer(s: socket.socket, timeout: float = 5.0) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def wss_exchange(port: int, uri: str, ca: ssl.SSLContext, server_hostname: str, messages: list[str | bytes], *,
+                 idle_after_first: float = 0.0) -> list[str | bytes]:
+    """Send each message over a wss:// websocket to 127.0.0.1:`port` and return the replies.
+
+    With websockets' asyncio client, on one thread: its sync client reads the socket on a thread
+    of its own while the caller's thread writes, and Python's SSL sockets are not safe for that
+    (OpenSSL forbids concurrent SSL_read/SSL_write on one session): now and then the upgrade
+    request never left, and the edge rightly timed the silent connection out
+    (python-socketio#1568 is the same race)."""
+    from websockets.asyncio.client import connect
+
+    async def run() -> list[str | bytes]:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        async with connect(uri, ssl=ca, sock=sock, server_hostname=server_hostname, ping_interval=None,
+                           open_timeout=10, max_size=None) as c:
+            replies: list[str | bytes] = []
+            for i, m in enumerate(messages):
+                await c.send(m)
+                replies.append(await asyncio.wait_for(c.recv(), 10))
+                if i == 0 and idle_after_first:
+                    await asyncio.sleep(idle_after_first)
+            return replies
+
+    return asyncio.run(run())
