@@ -744,9 +744,9 @@ class Exchange:
         if events is not None and events.wants(HttpRequest):
             try:
                 # Built as the tuple it is: a NamedTuple's own __new__ is interpreted code (~0.2 µs).
-                events.publish(cast(HttpRequest, _new_tuple(HttpRequest, (
+                events.publish(_new_tuple(HttpRequest, (
                     c.listener, c.peer(), service or "", c.scheme, host or "", method, path, query, status, bytes_in,
-                    self.bytes_out, duration, upstream or "", self.switched, self.error or ""))))
+                    self.bytes_out, duration, upstream or "", self.switched, self.error or "")))
             except Exception:
                 log.exception("HttpRequest subscriber failed")
         if proxy.on_request is not None:
