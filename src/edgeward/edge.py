@@ -155,6 +155,7 @@ class Edge:
         self.load_async: AsyncConfigLoader | None = None
         self._reloading = asyncio.Lock()  # one reload at a time, in the order asked
         self._reload_tasks: set[asyncio.Task[bool]] = set()
+        self._waiting_signal_reload: asyncio.Task[bool] | None = None  # a SIGHUP's, before its turn
         self.loop = loop or asyncio.get_event_loop()
         self.bus = bus if bus is not None else EventBus()
         self.counters = Counters()
@@ -282,10 +283,13 @@ class Edge:
                 done(applied)
         return applied
 
-    async def reload_async(self) -> bool:
+    async def reload_async(self, on_turn: Callable[[], None] | None = None) -> bool:
         """`reload`, reading the config with `load_async` when set: the event loop keeps serving
-        while another process checks the file. Returns True if applied."""
+        while another process checks the file. Returns True if applied. `on_turn` is called when
+        this reload's turn comes (reloads run one at a time, in the order asked)."""
         if self.load_async is None or self.config_path is None:
+            if on_turn is not None:
+                on_turn()
             return self.reload()
         try:  # the file as it is now, even if reloads before this one are still being checked
             pending: Awaitable[Config] | ConfigError | OSError = self.load_async(self.config_path)
@@ -298,6 +302,8 @@ class Edge:
                 pending.close()
             raise
         try:
+            if on_turn is not None:
+                on_turn()
             for fn in self.on_reload_start:
                 fn()
             applied = False
@@ -321,9 +327,20 @@ class Edge:
             self._reloading.release()
 
     def _reload_signal(self) -> None:
-        task = self.loop.create_task(self.reload_async())
+        waiting = self._waiting_signal_reload
+        if waiting is not None and not waiting.done():
+            # A newer SIGHUP supersedes one still waiting for its turn (it would apply an older
+            # text, then this one would apply the newer): a storm of signals makes at most two
+            # checks (the running one and the last), not one each.
+            waiting.cancel()
+            log.info("reload: a newer SIGHUP supersedes the one still waiting for its turn")
+        task = self.loop.create_task(self.reload_async(on_turn=self._signal_reload_turn))
+        self._waiting_signal_reload = task
         self._reload_tasks.add(task)
         task.add_done_callback(self._reload_tasks.discard)
+
+    def _signal_reload_turn(self) -> None:
+        self._waiting_signal_reload = None
 
     def _rejected(self, e: ConfigError | OSError) -> None:
         if isinstance(e, ConfigError):

@@ -196,6 +196,43 @@ def test_a_reload_or_reopen_signal_during_the_start_does_not_end_the_edge(tmp_pa
                     assert not blocked(pid) & sum(1 << (s - 1) for s in sigs), cmdline(pid)
 
 
+def test_a_storm_of_reload_signals_makes_few_checks_and_applies_the_last_file(tmp_path: Path) -> None:
+    """A SIGHUP every 20 ms for about a second (a deploy loop, a misbehaving watcher): each newer
+    one supersedes the reload still waiting for its turn, so the checker runs a few times, not
+    once per signal, and the file as it was at the last signal is what runs."""
+    admin, port, port2 = free_port(), free_port(), free_port()
+    with contextlib.closing(ThreadServer(echo_handler())) as up:
+        head = edge_head(tmp_path, admin, 1)
+        e = EdgeProcess(tmp_path, head + service(port, up.port), admin_port=admin, wait=[("127.0.0.1", port)])
+        try:
+            e.status()  # answered: the start is over (signal handlers installed)
+            sent = 0
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                if sent == 40:
+                    break
+                e.signal(signal.SIGHUP)
+                sent += 1
+                time.sleep(0.02)
+            e.write_config(head + service(port, up.port) + service(port2, up.port).replace("echo", "echo2"))
+            e.signal(signal.SIGHUP)
+            assert wait_until(lambda: answers(port2), 30), e.log()  # the last file runs
+            time.sleep(0.5)  # (nothing else is left to check)
+            assert not checking(e.pid)
+            applied = e.counter("reloads", "applied")
+            assert sent > 20 and applied <= 4, (sent, applied, e.log())
+            assert "supersedes the one still waiting" in e.log()
+        finally:
+            e.stop()
+
+
+def answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+        c.sendall(b"ping\n")
+        return c.recv(100) == b"ping\n"
+    return False
+
+
 def blocked(pid: int) -> int:
     return int(next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
                     if ln.startswith("SigBlk:")).split()[1], 16)
