@@ -74,9 +74,10 @@ class ChildProcess:
             self._exited.set_result(self._proc.returncode)  # type: ignore[arg-type]
 
     def send_signal(self, sig: int) -> None:
-        """Signal the child unless it has been reaped (its pid may be someone else's by then).
-        ProcessLookupError once it has exited, like asyncio's Process."""
-        if self._proc.poll() is not None:
+        """Signal the child unless it has been reaped (its pid may be someone else's by then):
+        ProcessLookupError once its exit is known, like asyncio's Process; nothing when it has
+        just exited (Popen reaps it first and sends nothing)."""
+        if self._proc.returncode is not None:
             raise ProcessLookupError(self.pid)
         self._proc.send_signal(sig)
 

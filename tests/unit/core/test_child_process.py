@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -78,5 +79,20 @@ def test_a_child_that_cannot_start_is_an_oserror(new_loop: Callable[[], asyncio.
     async def main() -> None:
         with pytest.raises(OSError):
             spawn(["/nonexistent/python"], asyncio.get_running_loop())
+
+    run(new_loop, main)
+
+
+@LOOPS
+def test_a_child_that_has_just_exited_is_not_signalled_and_raises_nothing(
+        new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def main() -> None:
+        child = spawn([sys.executable, "-c", "pass"], asyncio.get_running_loop())
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().split()[2] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)  # (the loop does not run: its exit is not known yet)
+        assert child.returncode is None
+        child.send_signal(signal.SIGTERM)  # a zombie: reaped here, not signalled, no error
+        assert await asyncio.wait_for(child.wait(), 10) == 0
 
     run(new_loop, main)
