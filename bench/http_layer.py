@@ -68,7 +68,10 @@ def idle_memory(port: int, pid: int, n: int) -> float:
             s.settimeout(10)
             got = b""
             while BODY.encode() not in got:
-                got += s.recv(4096)
+                d = s.recv(4096)
+                if not d:
+                    raise RuntimeError(f"the proxy closed an idle-memory connection after {got[:200]!r}")
+                got += d
         return (rss_kib(pid) - before) / n
     finally:
         for s in conns:

@@ -80,7 +80,9 @@ def test_garbage_truncated_oversized_and_silent_clients(edge) -> None:  # type: 
         c.sendall(hello)
         got = b""
         while len(got) < len(hello):
-            got += c.recv(65536)
+            d = c.recv(65536)
+            assert d, got  # (EOF: fail here rather than spin)
+            got += d
         assert got == hello
     assert e.proc.poll() is None
     assert settles_to(e, base) == base

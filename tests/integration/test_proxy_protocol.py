@@ -182,7 +182,9 @@ proxy_protocol = "v2"
                     c.sendall(hello)
                     got = b""
                     while len(got) < len(hello):
-                        got += c.recv(65536)
+                        d = c.recv(65536)
+                        assert d, got  # (EOF: fail here rather than spin)
+                        got += d
                     assert got == hello  # the hello reaches the upstream untouched, after the header
                 text = wait_for_text(log, "authority=site.example.org")
                 assert "client=127.0.0.6 authority=site.example.org" in text, text

@@ -208,7 +208,9 @@ to = "127.0.0.1:{ups['xb'].port}"
             assert recv_line(c) == b"web1\n"
             got = b""
             while len(got) < len(req):
-                got += c.recv(4096)
+                d = c.recv(4096)
+                assert d, got  # (EOF: fail here rather than spin)
+                got += d
             assert got == req
         # No route for an unknown name on a listener without a default.
         with socket.create_connection(("127.0.0.1", http_port), timeout=5) as c:

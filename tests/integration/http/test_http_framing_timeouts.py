@@ -33,11 +33,17 @@ def read_body(c: socket.socket, head: bytes) -> bytes:
     if b"content-length:" in lower:
         n = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
         while len(rest) < n:
-            rest += c.recv(65536)
+            d = c.recv(65536)
+            if not d:  # the edge gave up on this request (a timeout): an upstream sees EOF
+                break
+            rest += d
         return rest
     if b"transfer-encoding: chunked" in lower:
         while not rest.endswith(b"0\r\n\r\n"):
-            rest += c.recv(65536)
+            d = c.recv(65536)
+            if not d:
+                break
+            rest += d
     return rest
 
 
