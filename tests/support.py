@@ -56,6 +56,22 @@ def require(program: str) -> str:
     return path
 
 
+def signal_mask(pid: int, *fields: str) -> int:
+    """The union of process `pid`'s signal masks named `fields` in /proc/PID/status ("SigBlk",
+    "SigIgn", "SigCgt"...): bit (n - 1) is signal n."""
+    mask = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:
+            mask |= int(value, 16)
+    return mask
+
+
+def signal_bits(*sigs: int) -> int:
+    """The mask bits of `sigs`, as signal_mask gives them."""
+    return sum(1 << (s - 1) for s in set(sigs))
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -14,13 +14,23 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edgeward.config.loader import ConfigError
 from edgeward.config_checker import load_checked, load_checked_async
-from support import EDGEWARD, EdgeProcess, ThreadServer, echo_handler, free_port, wait_until
+from support import (
+    EDGEWARD,
+    EdgeProcess,
+    ThreadServer,
+    echo_handler,
+    free_port,
+    signal_bits,
+    signal_mask,
+    wait_until,
+)
 from support import proc as running
 
 
@@ -49,39 +59,54 @@ def edge_head(tmp: Path, admin: int, workers: int) -> str:
     return f'[edge]\nadmin = "127.0.0.1:{admin}"\nstate_dir = "{tmp / "state"}"\nworkers = {workers}\n'
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_the_daemon_and_its_workers_never_load_pydantic(tmp_path: Path, workers: int) -> None:
-    admin, port, port2 = free_port(), free_port(), free_port()
+@contextlib.contextmanager
+def echo_edge(tmp: Path, workers: int = 1) -> Iterator[tuple[EdgeProcess, str, int, int]]:
+    """A running edge with one echo service: (the edge, its config's [edge] head, the service's
+    port, the upstream's port); stopped at the end."""
+    admin, port = free_port(), free_port()
     with contextlib.closing(ThreadServer(echo_handler())) as up:
-        head = edge_head(tmp_path, admin, workers)
-        e = EdgeProcess(tmp_path, head + service(port, up.port), admin_port=admin, wait=[("127.0.0.1", port)])
+        head = edge_head(tmp, admin, workers)
+        e = EdgeProcess(tmp, head + service(port, up.port), admin_port=admin, wait=[("127.0.0.1", port)])
         try:
-            if workers > 1:
-                assert wait_until(lambda: e.status()["workers"]["alive"] == workers, 15), e.log()  # type: ignore[index]
-            e.status()  # answered: the start is over (signal handlers installed)
-            procs = [e.pid, *[c for c in children(e.pid) if " worker " in cmdline(c)]]
-            assert len(procs) == 1 + (workers if workers > 1 else 0)
-            for pid in procs:
-                assert loaded_pydantic(pid) == [], cmdline(pid)
-
-            # A reload by signal applies the new file (a second port), checked by the checker process.
-            e.write_config(head + service(port, up.port) + service(port2, up.port).replace("echo", "echo2"))
-            e.signal(signal.SIGHUP)
-            assert wait_until(lambda: e.counter("reloads", "applied") == 1, 15), e.log()
-            with socket.create_connection(("127.0.0.1", port2), timeout=5) as c:
-                c.sendall(b"ping\n")
-                assert c.recv(100) == b"ping\n"
-            # A bad file is rejected by the API's reload, with the checker's problem at file:line:col.
-            e.write_config(head + service(port, up.port) + "tiemout = 3\n")
-            code, answer = e.api("POST", "/reload")
-            assert (code, answer) == (422, {"applied": False})
-            assert f"{e.config_path}:" in e.log() and "unknown option 'tiemout'" in e.log()
-            assert e.counter("reloads", "rejected") == 1
-            procs = [e.pid, *[c for c in children(e.pid) if " worker " in cmdline(c)]]
-            for pid in procs:
-                assert loaded_pydantic(pid) == [], cmdline(pid)
+            yield e, head, port, up.port
         finally:
             e.stop()
+
+
+def answers(port: int) -> bool:
+    """Whether the echo service on `port` echoes a line."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(b"ping\n")
+        return c.recv(100) == b"ping\n"
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_daemon_and_its_workers_never_load_pydantic(tmp_path: Path, workers: int) -> None:
+    port2 = free_port()
+    with echo_edge(tmp_path, workers) as (e, head, port, up_port):
+        if workers > 1:
+            assert wait_until(lambda: e.status()["workers"]["alive"] == workers, 15), e.log()  # type: ignore[index]
+        e.status()  # answered: the start is over (signal handlers installed)
+        procs = [e.pid, *[c for c in children(e.pid) if " worker " in cmdline(c)]]
+        assert len(procs) == 1 + (workers if workers > 1 else 0)
+        for pid in procs:
+            assert loaded_pydantic(pid) == [], cmdline(pid)
+
+        # A reload by signal applies the new file (a second port), checked by the checker process.
+        e.write_config(head + service(port, up_port) + service(port2, up_port).replace("echo", "echo2"))
+        e.signal(signal.SIGHUP)
+        assert wait_until(lambda: e.counter("reloads", "applied") == 1, 15), e.log()
+        assert answers(port2)
+        # A bad file is rejected by the API's reload, with the checker's problem at file:line:col.
+        e.write_config(head + service(port, up_port) + "tiemout = 3\n")
+        code, answer = e.api("POST", "/reload")
+        assert (code, answer) == (422, {"applied": False})
+        assert f"{e.config_path}:" in e.log() and "unknown option 'tiemout'" in e.log()
+        assert e.counter("reloads", "rejected") == 1
+        procs = [e.pid, *[c for c in children(e.pid) if " worker " in cmdline(c)]]
+        for pid in procs:
+            assert loaded_pydantic(pid) == [], cmdline(pid)
 
 
 def fifo_config(tmp_path: Path) -> Path:
@@ -132,35 +157,26 @@ def checking(pid: int) -> bool:
 def test_a_reload_applies_the_file_as_it_was_when_asked(tmp_path: Path) -> None:
     """Two reloads asked back to back, the file rewritten between them: each applies the text of
     its own request, though the first is still being checked when the file changes."""
-    admin, port, port2 = free_port(), free_port(), free_port()
-    with contextlib.closing(ThreadServer(echo_handler())) as up:
-        head = edge_head(tmp_path, admin, 1)
-        e = EdgeProcess(tmp_path, head + service(port, up.port), admin_port=admin, wait=[("127.0.0.1", port)])
-        try:
-            e.status()  # answered: the start is over (signal handlers installed)
-            e.write_config(head + service(port, up.port) + "bad = 1\n")
-            e.signal(signal.SIGHUP)
-            # The daemon reads the file, then starts the checker: once it runs, the file may change.
-            deadline = time.monotonic() + 15
-            while not checking(e.pid) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert checking(e.pid), e.log()
-            e.write_config(head + service(port2, up.port))
-            e.signal(signal.SIGHUP)
-            assert wait_until(lambda: e.counter("reloads", "applied") == 1, 15), e.log()
-            assert e.counter("reloads", "rejected") == 1
-            assert "unknown option 'bad'" in e.log()
-        finally:
-            e.stop()
+    port2 = free_port()
+    with echo_edge(tmp_path) as (e, head, port, up_port):
+        e.status()  # answered: the start is over (signal handlers installed)
+        e.write_config(head + service(port, up_port) + "bad = 1\n")
+        e.signal(signal.SIGHUP)
+        # The daemon reads the file, then starts the checker: once it runs, the file may change.
+        deadline = time.monotonic() + 15
+        while not checking(e.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert checking(e.pid), e.log()
+        e.write_config(head + service(port2, up_port))
+        e.signal(signal.SIGHUP)
+        assert wait_until(lambda: e.counter("reloads", "applied") == 1, 15), e.log()
+        assert e.counter("reloads", "rejected") == 1
+        assert "unknown option 'bad'" in e.log()
 
 
 def handles(pid: int, *sigs: signal.Signals) -> bool:
     """Whether process `pid` ignores or catches each of `sigs` (SigIgn/SigCgt in /proc/PID/status)."""
-    masks = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("SigIgn:", "SigCgt:")):
-            masks |= int(line.split()[1], 16)
-    return all(masks & (1 << (s - 1)) for s in sigs)
+    return signal_mask(pid, "SigIgn", "SigCgt") & signal_bits(*sigs) == signal_bits(*sigs)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -193,49 +209,30 @@ def test_a_reload_or_reopen_signal_during_the_start_does_not_end_the_edge(tmp_pa
             # The workers started with both blocked (child_process) and unblocked them once ignored.
             for pid in children(p.pid):
                 if " worker " in cmdline(pid):
-                    assert not blocked(pid) & sum(1 << (s - 1) for s in sigs), cmdline(pid)
+                    assert not signal_mask(pid, "SigBlk") & signal_bits(*sigs), cmdline(pid)
 
 
 def test_a_storm_of_reload_signals_makes_few_checks_and_applies_the_last_file(tmp_path: Path) -> None:
     """A SIGHUP every 20 ms for about a second (a deploy loop, a misbehaving watcher): each newer
     one supersedes the reload still waiting for its turn, so the checker runs a few times, not
     once per signal, and the file as it was at the last signal is what runs."""
-    admin, port, port2 = free_port(), free_port(), free_port()
-    with contextlib.closing(ThreadServer(echo_handler())) as up:
-        head = edge_head(tmp_path, admin, 1)
-        e = EdgeProcess(tmp_path, head + service(port, up.port), admin_port=admin, wait=[("127.0.0.1", port)])
-        try:
-            e.status()  # answered: the start is over (signal handlers installed)
-            sent = 0
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline:
-                if sent == 40:
-                    break
-                e.signal(signal.SIGHUP)
-                sent += 1
-                time.sleep(0.02)
-            e.write_config(head + service(port, up.port) + service(port2, up.port).replace("echo", "echo2"))
+    port2 = free_port()
+    with echo_edge(tmp_path) as (e, head, port, up_port):
+        e.status()  # answered: the start is over (signal handlers installed)
+        sent = 0
+        deadline = time.monotonic() + 1.0
+        while sent < 40 and time.monotonic() < deadline:
             e.signal(signal.SIGHUP)
-            assert wait_until(lambda: answers(port2), 30), e.log()  # the last file runs
-            time.sleep(0.5)  # (nothing else is left to check)
-            assert not checking(e.pid)
-            applied = e.counter("reloads", "applied")
-            assert sent > 20 and applied <= 4, (sent, applied, e.log())
-            assert "supersedes the one still waiting" in e.log()
-        finally:
-            e.stop()
-
-
-def answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-        c.sendall(b"ping\n")
-        return c.recv(100) == b"ping\n"
-    return False
-
-
-def blocked(pid: int) -> int:
-    return int(next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-                    if ln.startswith("SigBlk:")).split()[1], 16)
+            sent += 1
+            time.sleep(0.02)
+        e.write_config(head + service(port, up_port) + service(port2, up_port).replace("echo", "echo2"))
+        e.signal(signal.SIGHUP)
+        assert wait_until(lambda: answers(port2), 30), e.log()  # the last file runs
+        time.sleep(0.5)  # (nothing else is left to check)
+        assert not checking(e.pid)
+        applied = e.counter("reloads", "applied")
+        assert sent > 20 and applied <= 4, (sent, applied, e.log())
+        assert "supersedes the one still waiting" in e.log()
 
 
 def test_a_reload_checker_signalled_while_it_starts_still_checks(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 import uvloop
 
 from edgeward.child_process import BLOCKED, spawn
+from support import signal_bits, signal_mask
 
 # The edge runs on uvloop; the stdlib loop when uvloop is unavailable.
 LOOPS = pytest.mark.parametrize("new_loop", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
@@ -28,18 +29,6 @@ def run(new_loop: Callable[[], asyncio.AbstractEventLoop], main: Callable[[], Co
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]
 
 
-def blocked(pid: int) -> int:
-    """The SigBlk mask of process `pid`."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigBlk:"):
-            return int(line.split()[1], 16)
-    raise AssertionError("no SigBlk line")
-
-
-def bits(*sigs: int) -> int:
-    return sum(1 << (s - 1) for s in sigs)
-
-
 @LOOPS
 def test_the_child_starts_with_reload_and_reopen_blocked_and_survives_them(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
     async def main() -> None:
@@ -47,7 +36,7 @@ def test_the_child_starts_with_reload_and_reopen_blocked_and_survives_them(new_l
         fds = len(os.listdir("/proc/self/fd"))
         child = spawn(SLEEPER, asyncio.get_running_loop())
         assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before  # the parent's mask is as it was
-        assert blocked(child.pid) & bits(*BLOCKED) == bits(*BLOCKED)
+        assert signal_mask(child.pid, "SigBlk") & signal_bits(*BLOCKED) == signal_bits(*BLOCKED)
         # Sent at once, while its interpreter is still starting: pending, not acted on.
         child.send_signal(signal.SIGHUP)
         child.send_signal(signal.SIGUSR1)
