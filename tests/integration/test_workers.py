@@ -773,6 +773,35 @@ def replacement(e: EdgeProcess, known: set[int]) -> int:
     return found[0]
 
 
+def test_a_worker_whose_master_dies_while_it_starts_does_not_outlive_it(tmp_path: Path) -> None:
+    """The master sends a new worker its init at once; if the master dies before that worker has
+    built its edge, the worker reads the init and then the end of the channel: it must drain and
+    exit, not serve on as an orphan holding its share of the listening sockets."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+        ws = wait_workers(e)
+        os.kill(ws[0]["pid"], signal.SIGKILL)
+        new = replacement(e, {w["pid"] for w in ws})
+        os.kill(new, signal.SIGSTOP)  # its init waits in the channel, unread
+        try:
+            time.sleep(0.3)
+            os.kill(e.pid, signal.SIGKILL)
+            assert wait_until(lambda: not alive(e.pid), 10)
+        finally:
+            os.kill(new, signal.SIGCONT)
+        try:
+            assert wait_until(lambda: not alive(new), 20), e.log()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(new, signal.SIGKILL)  # (an orphan, if the test failed)
+    up.close()
+
+
 def test_a_worker_restarted_while_the_file_is_mid_edit_starts(tmp_path: Path) -> None:
     """A worker never reads the config file (the master sends the text it checked, and its log
     level): one restarted while the file is broken starts and serves, with run's --log-level."""

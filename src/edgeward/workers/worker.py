@@ -39,6 +39,7 @@ class WorkerLink:
         self.edge: Edge | None = None
         self.monitor: Monitor | None = None
         self.index = -1
+        self._drain_when_ready = False  # the master went while this worker's edge was being built
         self.propagation_ms = {"last": 0.0, "max": 0.0, "count": 0}
         self._health: list[list[Any]] = []
         self._config = ""  # the config the master sent last (pack_config)
@@ -100,6 +101,9 @@ class WorkerLink:
 
     def ready(self) -> None:
         assert self.monitor is not None
+        if self._drain_when_ready and self.edge is not None:
+            self.loop.create_task(self.edge.drain())
+            return
         self.monitor.start()
         self.channel.send(["ready"])
         early, self._early = self._early, []
@@ -258,3 +262,7 @@ class WorkerLink:
             self.loop.create_task(edge.drain())
         elif not self.init.done():
             self.init.set_exception(ConnectionError("the master closed the control socket"))
+        else:
+            # The init came and the edge is still being built: ready() drains it, else this worker
+            # would serve on, an orphan holding its share of the listening sockets.
+            self._drain_when_ready = True
