@@ -49,7 +49,7 @@ class Group:
 GROUPS = (
     # Keep in step with MODULES in src/edgeward/http/native.py.
     Group("edgeward_http", "the HTTP layer", "src/edgeward/http",
-          ("exchange", "forwarding", "outbox", "paths", "request", "routes", "timer", "upstream"), "http/_compiled.json"),
+          ("exchange", "forwarding", "outbox", "paths", "request", "routes", "timer", "tls_transport", "upstream"), "http/_compiled.json"),
     # Keep in step with NET_MODULES in src/edgeward/_native.py.
     Group("edgeward_net", "the data plane", "src/edgeward",
           ("admission", "codec/_names", "codec/proxy", "codec/sniff", "codec/tls", "events", "net/flow",

@@ -15,7 +15,7 @@ from pathlib import Path
 from .._native import choose
 
 # Keep in step with MODULES in setup.py.
-MODULES = ("exchange", "forwarding", "outbox", "paths", "request", "routes", "timer", "upstream")
+MODULES = ("exchange", "forwarding", "outbox", "paths", "request", "routes", "timer", "tls_transport", "upstream")
 MANIFEST = "_compiled.json"
 
 

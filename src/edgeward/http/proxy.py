@@ -25,6 +25,7 @@ from .log import HttpRequestLog
 from .outbox import Outbox
 from .routes import HttpRoutes, HttpUpstream, IPAddress
 from .timer import TimerWheel
+from .tls_transport import TlsTransport
 from .upstream import IdleUpstreams
 
 if TYPE_CHECKING:
@@ -91,11 +92,11 @@ class HttpProxy:
                                 listener=listener, peer=peer)
         loop = self.loop
         try:
+            protocol: object = conn
             if ssl_context is not None:
-                coro = loop.connect_accepted_socket(lambda: cast(asyncio.BaseProtocol, conn), sock=sock, ssl=ssl_context,
-                                                    ssl_handshake_timeout=self.settings.header_timeout)
-            else:
-                coro = loop.connect_accepted_socket(lambda: cast(asyncio.BaseProtocol, conn), sock=sock)
+                # TLS is terminated by the edge's own layer over the plain transport (tls_transport.py).
+                protocol = TlsTransport(self, conn, ssl_context)
+            coro = loop.connect_accepted_socket(lambda: cast(asyncio.BaseProtocol, protocol), sock=sock)
             task = loop.create_task(coro)
         except Exception:
             sock.close()
@@ -113,12 +114,18 @@ class HttpProxy:
             return
         exc = task.exception()
         if exc is not None:
-            # A failed TLS handshake (or a client gone before it): nothing to answer.
-            self.counters["tls_handshake_failed" if isinstance(exc, ssl.SSLError | TimeoutError | ConnectionError)
-                          else "accept_failed"] += 1
+            # The client gone before the loop took the socket: nothing to answer.
+            self.counters["accept_failed"] += 1
             log.debug("HTTP client connection failed before its first request: %r", exc)
             sock.close()
             self.connection_failed(conn)
+
+    def tls_failed(self, conn: ClientConnection, exc: BaseException) -> None:
+        """`conn`'s TLS handshake failed, timed out, or its client left during it (TlsTransport)."""
+        self.counters["tls_handshake_failed" if isinstance(exc, ssl.SSLError | TimeoutError | OSError | ValueError)
+                      else "accept_failed"] += 1
+        log.debug("HTTP client connection failed before its first request: %r", exc)
+        self.connection_failed(conn)
 
     # --- bookkeeping used by connections ----------------------------------------------------
 
