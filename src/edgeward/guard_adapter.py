@@ -58,13 +58,17 @@ class GuardAdapter:
 
         self._unsub.append(bus.subscribe(ProtocolError, on_error))
 
-        def on_request(ev: HttpRequest) -> None:
-            # Failed authentications seen by the edge itself: a jail with sources = ["edge:http401"]
-            # bans repeated 401s of any route, with no log file.
-            if ev.status in (401, 403):
-                report(ev.peer.ip, f"http{ev.status}", f"{ev.listener} {ev.service or '-'} {ev.host}{ev.path}")
-        self._unsub.append(bus.subscribe(HttpRequest, on_request))
-        if any("edge:conn" in j.sources for j in guard.jail_settings.values()):
+        # The per-request and per-connection subscribers only when a jail reads them: each is a
+        # call of interpreted code for every request or connection.
+        sources = {s for j in guard.jail_settings.values() for s in j.sources}
+        if sources & {"edge:http401", "edge:http403", "edge:*"}:
+            def on_request(ev: HttpRequest) -> None:
+                # Failed authentications seen by the edge itself: a jail with sources = ["edge:http401"]
+                # bans repeated 401s of any route, with no log file.
+                if ev.status in (401, 403):
+                    report(ev.peer.ip, f"http{ev.status}", f"{ev.listener} {ev.service or '-'} {ev.host}{ev.path}")
+            self._unsub.append(bus.subscribe(HttpRequest, on_request))
+        if sources & {"edge:conn", "edge:*"}:
             def on_conn(ev: ConnAccepted | UdpSessionStarted) -> None:
                 report(ev.peer.ip, "conn", ev.listener)
             self._unsub.append(bus.subscribe(ConnAccepted, on_conn))

@@ -368,7 +368,8 @@ class JailSettings(_Options):
     logpath: list[str] = field(default_factory=list, metadata=doc("Log files to follow (tail -F: rotation-safe)."))
     sources: list[str] = field(default_factory=list, metadata=doc(
         "Other sources: \"edge:proto\" (protocol errors the edge sees), \"edge:sniff\", \"edge:conn\" (every "
-        "connection: floods), \"journal\" (the systemd journal, see journalmatch)."))
+        "connection: floods), \"edge:http401\" and \"edge:http403\" (those answers to HTTP requests), "
+        "\"journal\" (the systemd journal, see journalmatch)."))
     journalmatch: list[str] = field(default_factory=list, metadata=doc(
         "journalctl matches of the \"journal\" source, e.g. [\"_SYSTEMD_UNIT=sshd.service\"] (default: the "
         "filter's own journalmatch)."))
