@@ -101,10 +101,10 @@ class UpstreamConnection(Sender):
     ClientConnection: a native class when compiled). Its writes go out at the end of the loop's
     turn (outbox.py)."""
 
-    __slots__ = ("eof", "exchange", "fed", "feeding", "head_size", "headers", "idle_after_feed", "key",
+    __slots__ = ("eof", "exchange", "fed", "feeding", "fresh", "head_size", "headers", "idle_after_feed", "key",
                  "parser", "proxy",
                  "read_paused", "reason", "requests", "route", "server", "status", "timer",
-                 "tunnel", "write_paused")
+                 "tunnel", "version", "write_paused")
 
     def __init__(self, proxy: HttpProxy, server: Server, route: HttpUpstream) -> None:
         super().__init__(proxy.outbox)
@@ -127,6 +127,8 @@ class UpstreamConnection(Sender):
         self.reason = b""
         self.headers: Headers = []
         self.head_size = 0
+        self.fresh = True  # no byte of the next response has arrived
+        self.version: str | None = None  # the response's version, read off its first bytes (see data_received)
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -147,6 +149,13 @@ class UpstreamConnection(Sender):
             self.timer.touch()
         ex.upstream_bytes += len(data)
         self.fed += len(data)
+        if self.fresh:
+            # A response's first bytes are its status line: its version is there, and reading it
+            # costs less than httptools' get_http_version() (a str.format). llhttp parses and
+            # checks the same bytes; anything else (a first read shorter than this) asks llhttp.
+            self.fresh = False
+            head = data[:9]
+            self.version = "1.1" if head == b"HTTP/1.1 " else "1.0" if head == b"HTTP/1.0 " else None
         parser = self.parser
         assert parser is not None  # only a tunnel has none, and its bytes are relayed above
         self.feeding = True
@@ -182,6 +191,7 @@ class UpstreamConnection(Sender):
             elif isinstance(cause, _HeadResponseDone):
                 self.parser = httptools.HttpResponseParser(self)
                 self.fed = 0
+                self.fresh = True
                 # Nothing may follow a HEAD response's head: the edge sends no other request yet.
                 ex.response_complete(self, reusable=data.endswith(b"\r\n\r\n"))
             elif isinstance(cause, Rejected):
@@ -227,6 +237,7 @@ class UpstreamConnection(Sender):
     def on_message_begin(self) -> None:
         if self.exchange is None:
             raise _Unsolicited()  # bytes after the response, in the same read
+        self.fresh = False  # (a final response in the same read as a 100 Continue: llhttp tells its version)
         self.status = 0
         self.reason = b""
         self.headers = []
@@ -251,11 +262,14 @@ class UpstreamConnection(Sender):
         assert parser is not None  # called by it
         status = parser.get_status_code()
         self.status = status
+        version = self.version
+        self.version = None  # read off the first response of a read only (an interim one's, maybe)
         if status < 200:
             if status != 101:  # 101 continues in data_received (HttpParserUpgrade)
                 ex.response_interim(status, self.reason, self.headers)
             return
-        ex.response_head(status, self.reason, self.headers, parser.get_http_version(), parser.should_keep_alive())
+        ex.response_head(status, self.reason, self.headers, version or parser.get_http_version(),
+                         parser.should_keep_alive())
         if ex.is_head:
             raise _HeadResponseDone()
 
@@ -267,6 +281,7 @@ class UpstreamConnection(Sender):
 
     def on_message_complete(self) -> None:
         self.fed = 0
+        self.fresh = True
         if self.status < 200:
             return
         ex = self.exchange
