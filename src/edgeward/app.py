@@ -12,6 +12,7 @@ import gc
 import logging
 import signal
 import socket
+from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from .workers.settings import worker_count
 if TYPE_CHECKING:
     from .admission import Admission
     from .clients import Presence
+    from .stats import ServiceStats
     from .webfront import Site, WebFront
     from .workers import MasterEdge
 
@@ -92,6 +94,7 @@ class RuntimeBuilder:
         self.state_dir = state_dir
         self.admission: Admission | None = None
         self.presence: Presence | None = None
+        self.services: defaultdict[str, ServiceStats] | None = None  # the edge's per-service stats
         self.front: WebFront | None = None
         self.site: Site | None = None
         self.endpoints = Endpoints()  # handoff endpoints, kept across reloads
@@ -105,6 +108,7 @@ class RuntimeBuilder:
             self.front = WebFront(self.bus, self.loop)
             self.front.admission = self.admission
             self.front.presence = self.presence
+            self.front.services = self.services
             if self.web_role is not None:
                 self.web_role(self.front)
         return self.front
@@ -295,9 +299,11 @@ async def serve(path: str, cfg: Config, demo: bool = False, load: ConfigLoader =
 def _wire_web(builder: RuntimeBuilder, edge: Edge) -> None:
     builder.admission = edge.admission
     builder.presence = edge.presence
+    builder.services = edge.stats.services
     if builder.front is not None:
         builder.front.admission = edge.admission
         builder.front.presence = edge.presence
+        builder.front.services = edge.stats.services
     builder.apply_web(edge.runtime)
     edge.on_reload.append(builder.apply_web)
     edge.extra_status["web"] = builder.web_status
@@ -332,7 +338,7 @@ async def serve_worker(control: socket.socket) -> None:
     link.web_front = lambda: builder.front
     edge = Edge(str(init["path"]), cfg, builder, link.load, loop, builder.bus)
     _wire_web(builder, edge)
-    link.attach(edge, bool(init.get("conn_reports")))
+    link.attach(edge, bool(init.get("conn_reports")), bool(init.get("http_reports", True)))
     access_log = _access_log(cfg, edge)
     if access_log is not None:
         link.reopen.append(access_log.reopen)

@@ -5,7 +5,9 @@ admin API and the Prometheus collector know every family's label names
 (no decoding of string tuples by position). `Stats` subscribes to the event
 bus for what events say (refusals, closes, protocol errors, per-service
 traffic); per-datagram and per-accept counts that have no event are
-incremented directly by the data plane.
+incremented directly by the data plane, and so are HTTP requests per service
+(`Stats.services`, counted by the HTTP proxy: one request is too little work
+to build an event for when nobody else wants it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from .events import (
     ConnOpened,
     ConnRefused,
     EventBus,
-    HttpRequest,
     ProtocolError,
     UdpSessionEnded,
     UdpSessionStarted,
@@ -117,14 +118,7 @@ class Stats:
             st.dgrams_in += ev.datagrams_in
             st.dgrams_out += ev.datagrams_out
 
-        def on_request(ev: HttpRequest) -> None:
-            st = services[ev.service or "-"]
-            st.requests += 1
-            st.bytes_in += ev.bytes_in
-            st.bytes_out += ev.bytes_out
-
         bus.subscribe(ConnRefused, on_refused)
-        bus.subscribe(HttpRequest, on_request)
         bus.subscribe(ProtocolError, on_error)
         bus.subscribe(ConnOpened, on_opened)
         bus.subscribe(ConnClosed, on_closed)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .admission import Admission
     from .clients import Presence
     from .net.tcp import TcpConn
+    from .stats import ServiceStats
     from .tls.acme import AcmeManager
 
 log = logging.getLogger("edgeward.web")
@@ -106,6 +107,7 @@ class EdgeHttpProxy(HttpProxy):
                          acme_http01=site.front.acme.http01_response if site.front.acme is not None else None,
                          loop=site.front.loop)
         self.site = site
+        self.service_stats = site.front.services  # (again when the site starts serving: WebFront.apply)
         self.admitted: dict[ClientConnection, _Client] = {}
         self._listeners: dict[str, _Named] = {}  # one per listener, shared by its clients
         self.on_service = self._on_service
@@ -244,6 +246,8 @@ class WebFront:
         self.loop = loop
         self.admission: Admission | None = None
         self.presence: Presence | None = None  # who is on: HTTP clients per service
+        # The edge's per-service traffic (stats.Stats.services): the proxy counts its requests there.
+        self.services: defaultdict[str, ServiceStats] | None = None
         self.certs: CertStore | None = None
         self.acme: AcmeManager | None = None
         self.site: Site | None = None
@@ -268,6 +272,8 @@ class WebFront:
         self.site = site
         if old is not None and old is not site and old._proxy is not None:
             old._proxy.retire()
+        if site._proxy is not None:
+            site._proxy.service_stats = self.services
         cfg = site.cfg
         certs = self.certs
         if certs is None or certs.minimum_version != tls_version(cfg.tls.min_version):

@@ -218,6 +218,22 @@ def test_a_reload_keeps_a_keepalive_connection_and_applies_new_routes(env: Env) 
         assert read_response(t).status == 200  # type: ignore[union-attr]
 
 
+def test_status_counts_each_services_requests_and_bytes_across_a_reload(env: Env) -> None:
+    def web() -> dict[str, int]:
+        return dict(env.edge.status()["services"]["web"])  # type: ignore[index]
+    before = web()
+    for i in range(5):
+        assert https_get(env, "web.test", f"/counted/{i}").status == 200  # type: ignore[attr-defined]
+    assert wait_until(lambda: web()["requests"] == before["requests"] + 5), (before, web())
+    after = web()
+    assert after["bytes_in"] - before["bytes_in"] >= 5 * 40 and after["bytes_out"] - before["bytes_out"] >= 5 * 100
+    reloads = env.edge.status()["reloads"]
+    env.edge.signal(signal.SIGHUP)
+    assert wait_until(lambda: env.edge.status()["reloads"] == reloads + 1)  # type: ignore[operator]
+    assert https_get(env, "web.test", "/counted/after-reload").status == 200  # type: ignore[attr-defined]
+    assert wait_until(lambda: web()["requests"] == after["requests"] + 1), (after, web())
+
+
 def test_a_service_without_names_terminates_tls_and_serves_plain_http(tmp_path: Path) -> None:
     """No names: every Host. TLS clients get the default certificate; plain clients plain HTTP."""
     require("nginx")

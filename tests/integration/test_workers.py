@@ -248,6 +248,9 @@ to = "127.0.0.1:{up.port}"
         ws = wait_workers(e)
         assert all(served("127.0.0.2", port) for _ in range(60))
         assert e.status()["services"]["echo"]["total"] == 60  # type: ignore[index]
+        # Every close counted before the kill: what a worker counts after the master's last read of
+        # it dies with it (its last close comes a moment after served() returns).
+        assert wait_until(lambda: e.counter("closed", f"127.0.0.1:{port}", "done") == 60, 5)
         victim = ws[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         # The master keeps the dead worker's listening socket: clients the kernel queues on it wait

@@ -728,6 +728,15 @@ class Exchange:
         proxy = c.proxy
         status = self.status if self.resp_started else 499
         proxy.counters[_STATUS_KEYS[status // 100] if 1 <= status // 100 <= 5 else "responses_other"] += 1
+        services = proxy.service_stats
+        if services is not None:
+            # Counted here rather than by a subscriber of HttpRequest: with no access log and no
+            # jail reading HTTP statuses, no request builds an event at all.
+            route = self.route
+            st = services[route.service if route is not None and route.service else "-"]
+            st.requests += 1
+            st.bytes_in += self.head_bytes + self.body_in
+            st.bytes_out += self.bytes_out
         events = proxy.events
         if (events is not None and events.wants(HttpRequest)) or proxy.on_request is not None:
             self._report(status, events)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from ..config.schema import HttpSettings
 from ..events import EventBus, Peer
+from ..stats import ServiceStats
 from ..upstream.pool import Server
 from .exchange import ClientConnection
 from .log import HttpRequestLog
@@ -60,6 +61,9 @@ class HttpProxy:
         self._trust_cache: dict[IPAddress, bool] = {}
         self._local_names: dict[tuple[str, int], str] = {}
         self.server_names: dict[Server, str] = {}  # the servers of this runtime's pools, named once
+        # Requests and bytes per service, counted by each exchange as it ends (the edge's
+        # stats.Stats.services; no event needed for them, see Exchange.finish).
+        self.service_stats: defaultdict[str, ServiceStats] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

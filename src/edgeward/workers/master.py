@@ -103,6 +103,7 @@ class MasterEdge(Edge):
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_reports = False
+        self._http_reports = False
         self._unsub: list[Callable[[], object]] = []
         # The ACME state the workers serve (app.py: the web front's `shared_state`), None without HTTP.
         self.acme_state: Callable[[], dict[str, Any] | None] = lambda: None
@@ -160,6 +161,7 @@ class MasterEdge(Edge):
             # replace theirs with it (a worker's mirror holds one part, "master", per address).
             self._unsub.append(bans.on_narrow(self._on_ban))
         self._conn_reports = ConnAccepted in self.bus.kinds  # a flood jail listens
+        self._http_reports = HttpRequest in self.bus.kinds  # a jail reads edge:http401/403
         await super().start()  # binds (our _open_listeners), starts the health checks
         for w in self.workers:
             await self._spawn(w)
@@ -233,7 +235,7 @@ class MasterEdge(Edge):
             ch.send(msg, fds)
         self._send_state(w)
         ch.send(["init", {"index": w.index, "path": self.config_path, "config": self.config_packed,
-                          "conn_reports": self._conn_reports}])
+                          "conn_reports": self._conn_reports, "http_reports": self._http_reports}])
         task = self.loop.create_task(self._watch(w, w.proc, ch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -54,7 +54,7 @@ class WorkerLink:
         self.channel.start()
 
     async def wait_init(self) -> dict[str, Any]:
-        """The master's init message: index, path, config (`pack_config`), conn_reports."""
+        """The master's init message: index, path, config (`pack_config`), conn_reports, http_reports."""
         init = await self.init
         self.index = int(init["index"])
         self._path, self._config = str(init["path"]), str(init["config"])
@@ -71,7 +71,7 @@ class WorkerLink:
         """The edge's loader: the config the master sent (it checked it already)."""
         return unpack_config(self._config)
 
-    def attach(self, edge: Edge, conn_reports: bool) -> None:
+    def attach(self, edge: Edge, conn_reports: bool, http_reports: bool = True) -> None:
         self.edge = edge
         edge.load = self.load
         edge.listen_tcp = self._take_tcp
@@ -88,11 +88,12 @@ class WorkerLink:
             self.channel.send(["report", "proto", ev.listener, ev.peer.ip, ev.peer.port, ev.kind])
         bus.subscribe(ProtocolError, on_error)
 
-        def on_request(ev: HttpRequest) -> None:
-            if ev.status in (401, 403):
-                self.channel.send(["report", "http", ev.listener, ev.peer.ip, ev.peer.port, ev.status,
-                                   ev.service or "-", ev.host, ev.path])
-        bus.subscribe(HttpRequest, on_request)
+        if http_reports:
+            def on_request(ev: HttpRequest) -> None:
+                if ev.status in (401, 403):
+                    self.channel.send(["report", "http", ev.listener, ev.peer.ip, ev.peer.port, ev.status,
+                                       ev.service or "-", ev.host, ev.path])
+            bus.subscribe(HttpRequest, on_request)
         if conn_reports:
             def on_conn(ev: ConnAccepted | UdpSessionStarted) -> None:
                 self.channel.send(["report", "conn", ev.listener, ev.peer.ip, ev.peer.port])
