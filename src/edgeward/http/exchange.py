@@ -277,7 +277,7 @@ class Exchange:
                     self.local_response(404, error="acme:unknown_token")
                     return
         routes = c.routes
-        route = None if c.redirect else routes.lookup(head.host, routing_path(head.path),
+        route = None if c.redirect else routes.lookup(head.host, routing_path(head.path) if routes.uses_paths else head.path,
                                                         c.client_addr if routes.uses_source else None)
         if route is None:
             if head.host is not None and ((c.redirect and routes.serves(head.host)) or routes.redirects(head.host)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 
-from .request import Headers, Rejected, RequestHead, collect_fields, connection_tokens
+from .request import Headers, Rejected, RequestHead, collect_fields, connection_tokens, length_value
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -25,7 +25,6 @@ HOP_BY_HOP = frozenset({
 # Framing is chosen by the edge, never copied.
 _FRAMING = frozenset({b"content-length"})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
 
 # What a field of the client's request becomes upstream, by its lowercased name.
 _PASS, _DROP, _EXPECT, _XFF, _FORWARDED, _XF_PROTO, _XF_HOST, _REAL_IP, _XF_OTHER = range(9)
@@ -120,9 +119,8 @@ def upstream_request_head(req: RequestHead, *, client_ip: str, scheme: str, trus
     xff: list[bytes] = []
     fwd: list[bytes] = []
     keep_proto = keep_host = keep_real_ip = False
-    get = _REQUEST_FIELDS.get
     for name, value in req.headers:
-        field = get(name)
+        field = _REQUEST_FIELDS.get(name)  # (compiled: a native dict lookup; a local alias of .get would be a Python call)
         if field is None:
             field = _request_field(name)
         kind, n = field
@@ -206,9 +204,9 @@ def validate_response(status: int, reason: bytes, headers: Headers, *, version: 
         if len(cl_values) > 1:
             raise Rejected(502, "upstream sent more than one Content-Length")
         cl = cl_values[0].strip(b" \t")
-        if not _DIGITS.fullmatch(cl):
+        content_length = length_value(cl)
+        if content_length < 0:
             raise Rejected(502, "upstream sent a bad Content-Length")
-        content_length = int(cl)
     if request_method == b"HEAD" or status in (204, 304):
         framing = NO_BODY
     elif te_values:
@@ -272,9 +270,8 @@ def client_response_head(resp: ResponseHead, *, client_v11: bool, keep_alive: bo
     # the client reads (HEAD, 304), never on a 204.
     keep_length = resp.framing == NO_BODY and resp.status != 204
     out = [_status_line(resp.status, resp.reason)]
-    get = _RESPONSE_FIELDS.get
     for name, value in resp.headers:
-        keep = get(name)
+        keep = _RESPONSE_FIELDS.get(name)
         if keep is None or extra:
             keep, n = _end_to_end(name)
             if extra and n in extra:

@@ -26,7 +26,6 @@ from ..codec._names import normalize_hostname
 
 Headers = list[tuple[bytes, bytes]]
 
-_DIGITS = re.compile(rb"[0-9]{1,18}")
 _PORT = re.compile(rb"[0-9]{0,5}")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form; llhttp refuses CTLs, spaces and non-ASCII already
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -40,6 +39,19 @@ _NO_TOKENS: frozenset[bytes] = frozenset()
 # spellings, so after the first request a field costs one dict lookup, not a lower() and two.
 _NAME_SLOTS: dict[bytes, int] = {**_SLOTS, **{k.title(): v for k, v in _SLOTS.items()}}
 _NAME_SLOTS_MAX = 4096
+
+
+def length_value(value: bytes) -> int:
+    """A Content-Length value (1 to 18 ASCII digits) as a number; -1 for anything else. Compiled,
+    this loop costs less than a regex match and int() of bytes, once per request and response."""
+    if not 0 < len(value) <= 18:
+        return -1
+    n = 0
+    for b in value:
+        if not 48 <= b <= 57:
+            return -1
+        n = n * 10 + (b - 48)
+    return n
 
 
 def field_slot(name: bytes) -> int:
@@ -57,9 +69,8 @@ def collect_fields(headers: Headers) -> list[list[bytes] | None]:
     """The values of the six fields that decide framing, routing and the connection, by slot
     (None where absent), in one pass."""
     found: list[list[bytes] | None] = [None, None, None, None, None, None]
-    get = _NAME_SLOTS.get
     for name, value in headers:
-        i = get(name)
+        i = _NAME_SLOTS.get(name)  # (compiled: a native dict lookup; a local alias of .get would be a Python call)
         if i is None:
             i = field_slot(name)
         if i >= 0:
@@ -230,9 +241,9 @@ def validate_request(method: bytes, target: bytes, version: str, headers: Header
         if len(cl_values) > 1:
             raise Rejected(400, "more than one Content-Length")
         cl = cl_values[0].strip(b" \t")
-        if not _DIGITS.fullmatch(cl):
+        content_length = length_value(cl)
+        if content_length < 0:
             raise Rejected(400, "bad Content-Length")
-        content_length = int(cl)
 
     tokens = connection_tokens(conn_values)
     keep_alive = (b"close" not in tokens) if v11 else (b"keep-alive" in tokens and b"close" not in tokens)

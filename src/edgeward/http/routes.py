@@ -72,7 +72,8 @@ class HttpRoutes:
     `redirect_names`: names (exact or "*.") that are redirected to https when no route takes them
     (a port-80 listener that also proxies plain-HTTP services)."""
 
-    __slots__ = ("_default", "_exact", "_redirect_exact", "_redirect_wild", "_wild", "routes", "uses_source")
+    __slots__ = ("_default", "_exact", "_redirect_exact", "_redirect_wild", "_wild", "routes", "uses_paths",
+                 "uses_source")
 
     def __init__(self, routes: Iterable[HttpRoute] = (), *, redirect_names: Iterable[str] = ()) -> None:
         self.routes = tuple(routes)
@@ -90,6 +91,9 @@ class HttpRoutes:
         self._wild = [(suffix, _sorted(es)) for suffix, es in sorted(wild.items(), key=lambda kv: len(kv[0]), reverse=True)]
         self._default = _sorted(default)
         self.uses_source = any(r.sources for r in self.routes)
+        # Only path prefixes other than "/" read the path: without them a request's path need not
+        # be normalized for routing (paths.routing_path) at all.
+        self.uses_paths = any(p != b"/" for r in self.routes for p in r.paths)
         names = list(redirect_names)
         self._redirect_exact = frozenset(n for n in names if not n.startswith("*."))
         self._redirect_wild = tuple(sorted((n[1:] for n in names if n.startswith("*.")), key=len, reverse=True))
@@ -102,7 +106,8 @@ class HttpRoutes:
         return None
 
     def lookup(self, host: str | None, path: bytes, client: IPAddress | None = None) -> HttpUpstream | None:
-        """The upstream for a request (`path` normalized by paths.routing_path), or None."""
+        """The upstream for a request, or None. `path` normalized by paths.routing_path when
+        `uses_paths` (without it, every prefix is "/" and any path matches)."""
         if host is not None:
             entries = self._exact.get(host)
             if entries is not None and (up := self._first(entries, path, client)) is not None:

@@ -145,8 +145,6 @@ class UpstreamConnection(Sender):
         if self.tunnel:
             ex.tunnel_from_upstream(data)
             return
-        if self.timer.kind:
-            self.timer.touch()
         ex.upstream_bytes += len(data)
         self.fed += len(data)
         if self.fresh:
@@ -168,6 +166,11 @@ class UpstreamConnection(Sender):
                 ex.upstream_failed(self, 502, "upstream: response head too large")
         finally:
             self.feeding = False
+        timer = self.timer
+        if timer.kind and timer.idle:
+            # Still waiting for the rest of the response (a whole response in this read stopped its
+            # timer already: no clock read for it).
+            timer.touch()
         if self.idle_after_feed:
             # Pooled only now that the whole read is parsed: nothing in it may pass for the
             # response to another request.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import httptools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeward.http.forwarding import upstream_request_head
-from edgeward.http.request import Rejected, RequestHead, validate_request
+from edgeward.http.request import Rejected, RequestHead, length_value, validate_request
 
 
 def ok(headers: list[tuple[bytes, bytes]], method: bytes = b"GET", target: bytes = b"/", version: str = "1.1") -> RequestHead:
@@ -201,3 +203,9 @@ def test_validation_total_and_forwarded_head_unambiguous(method: bytes, target: 
     assert xff.endswith(b"192.0.2.1")
     if not trusted:
         assert xff == b"192.0.2.1"
+
+
+@given(st.one_of(st.binary(max_size=24), st.text("0123456789 +-_٣x", max_size=24).map(lambda t: t.encode())))
+def test_a_content_length_is_one_to_eighteen_ascii_digits(value: bytes) -> None:
+    expected = int(value) if re.fullmatch(rb"[0-9]{1,18}", value) else -1
+    assert length_value(value) == expected
