@@ -82,17 +82,6 @@ def _client_ip(host: str) -> str:
     return _client_address(host)[0]
 
 
-def _request_version(data: bytes) -> str | None:
-    """The version of a request whose line starts `data` and ends in it, read off the bytes llhttp
-    parses and checks too: cheaper than httptools' get_http_version() (a str.format). The first LF
-    ends the request line (none can be in it); None when the line is not all here or is unusual."""
-    lf = data.find(b"\n")
-    if lf < 10 or data[lf - 1] != 13:
-        return None
-    tail = data[lf - 9:lf - 1]
-    return "1.1" if tail == b"HTTP/1.1" else "1.0" if tail == b"HTTP/1.0" else None
-
-
 class Exchange:
     """One request and its response."""
 
@@ -826,7 +815,6 @@ class ClientConnection(Sender):
         "settings",
         "trusted",
         "tunnel",
-        "version",
         "via_proxy",
         "write_timer",
     )
@@ -868,7 +856,6 @@ class ClientConnection(Sender):
         self.rejected: tuple[int, str, Exchange | None] | None = None
         self.feeding = False  # inside parser.feed_data: writes upstream are held (Exchange._send)
         self.held: Exchange | None = None  # the exchange holding such writes
-        self.version: str | None = None  # the next request's version, read off its request line (data_received)
 
     @property
     def client_addr(self) -> IPAddress | None:
@@ -908,8 +895,6 @@ class ClientConnection(Sender):
         if self.lingering or self.closed or self.rejected is not None:
             return
         self.fed += len(data)
-        if self.parsing is None:
-            self.version = _request_version(data)
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpRequestParser(self)
@@ -1090,10 +1075,7 @@ class ClientConnection(Sender):
         ex.head_bytes = self.head_size + 16
         parser = self.parser
         assert parser is not None  # called by it
-        version = self.version
-        self.version = None  # (the first request of a read only: the others ask llhttp)
-        head = validate_request(parser.get_method(), b"".join(ex.url), version or parser.get_http_version(),
-                                ex.headers)
+        head = validate_request(parser.get_method(), b"".join(ex.url), parser.get_http_version(), ex.headers)
         ex.head = head
         ex.is_head = head.method == b"HEAD"
         if ex is self.current:

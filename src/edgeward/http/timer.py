@@ -16,7 +16,6 @@ deadline moves earlier. Absolute timers (header, keep-alive) ignore touches.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -36,7 +35,10 @@ class TimerWheel:
 
     def add(self, timer: Timer[Any], due: float) -> int:
         """File `timer` under the bucket that ends at or after `due`; returns that bucket."""
-        tick = math.ceil(due / RESOLUTION)
+        x = due / RESOLUTION
+        tick = int(x)  # ceil of a positive time, compiled to native arithmetic (math.ceil is a Python call)
+        if tick < x:
+            tick += 1
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = set()

@@ -209,3 +209,14 @@ def test_validation_total_and_forwarded_head_unambiguous(method: bytes, target: 
 def test_a_content_length_is_one_to_eighteen_ascii_digits(value: bytes) -> None:
     expected = int(value) if re.fullmatch(rb"[0-9]{1,18}", value) else -1
     assert length_value(value) == expected
+
+
+@given(st.binary(max_size=12).map(lambda b: b"/" + b) | st.binary(max_size=12))
+def test_a_target_is_accepted_when_origin_form_printable_ascii_without_a_fragment(target: bytes) -> None:
+    expected = re.fullmatch(rb"/[\x21-\x7e]*", target) is not None and b"#" not in target
+    try:
+        validate_request(b"GET", target, "1.1", H)
+    except Rejected as e:
+        assert not expected and e.status == 400
+    else:
+        assert expected
