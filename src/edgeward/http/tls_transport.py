@@ -127,7 +127,9 @@ class TlsTransport:
         parts: list[bytes] | None = None
         eof = False
         try:
-            while incoming.pending or obj.pending():
+            # A read of RECORD bytes takes a whole record's plaintext, so OpenSSL never keeps part of
+            # one (obj.pending() stays 0): what is left to decrypt is what the BIO holds.
+            while incoming.pending:
                 chunk: bytes = obj.read(RECORD)
                 if not chunk:
                     eof = True  # close_notify
@@ -190,7 +192,9 @@ class TlsTransport:
         except ssl.SSLError:
             self.abort()  # the session failed (an alert was received)
             return
-        self._flush()
+        raw = self.raw
+        if raw is not None:
+            raw.write(self.outgoing.read())
 
     def writelines(self, parts: list[bytes]) -> None:
         if self.closing or not self.ready:
