@@ -62,6 +62,21 @@ _new_tuple = tuple.__new__
 _METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")}
 
 
+def line_version(line: bytes, method: bytes, target: bytes) -> str | None:
+    """The version of the request whose line begins `line` ("METHOD SP target SP HTTP/1.x CRLF")
+    when llhttp parsed `method` and `target` from those bytes: read off them with native compiled
+    operations, cheaper than httptools' get_http_version() (a str.format). None when `line` does
+    not hold that whole line (a head cut across reads, leading empty lines): llhttp is asked."""
+    m = len(method)
+    i = m + len(target) + 2  # where "HTTP/1.x" starts
+    if len(line) < i + 10 or line[m] != 32 or line[i - 1] != 32 or line[i + 8] != 13 or line[:m] != method:
+        return None
+    if line[i:i + 7] != b"HTTP/1.":
+        return None
+    d = line[i + 7]
+    return "1.1" if d == 49 else "1.0" if d == 48 else None
+
+
 def _client_address(host: str) -> tuple[str, IPAddress | None]:
     try:
         a = ipaddress.ip_address(host.split("%", 1)[0])
@@ -307,9 +322,9 @@ class Exchange:
                 self.local_response(504 if timed_out else 502, error=self.error)
             return
         if not self.retried:
-            conn = c.proxy.idle.take(server, route)
+            conn = c.idle.take(server, route)
             if conn is not None:
-                c.proxy.counters["upstream_reused"] += 1
+                c.counters["upstream_reused"] += 1
                 self.attach(conn, server, reused=True)
                 return
         self.server = server
@@ -414,7 +429,7 @@ class Exchange:
             if conn.feeding:
                 conn.idle_after_feed = True
             else:
-                self.client.proxy.idle.put(conn)
+                self.client.idle.put(conn)
         elif self.resp_done:
             conn.close()
         else:
@@ -714,10 +729,9 @@ class Exchange:
             return
         self.finished = True
         c = self.client
-        proxy = c.proxy
         status = self.status if self.resp_started else 499
-        proxy.counters[_STATUS_KEYS[status // 100] if 1 <= status // 100 <= 5 else "responses_other"] += 1
-        services = proxy.service_stats
+        c.counters[_STATUS_KEYS[status // 100] if 1 <= status // 100 <= 5 else "responses_other"] += 1
+        services = c.service_stats
         if services is not None:
             # Counted here rather than by a subscriber of HttpRequest: with no access log and no
             # jail reading HTTP statuses, no request builds an event at all.
@@ -726,8 +740,8 @@ class Exchange:
             st.requests += 1
             st.bytes_in += self.head_bytes + self.body_in
             st.bytes_out += self.bytes_out
-        events = proxy.events
-        if (events is not None and events.wants(HttpRequest)) or proxy.on_request is not None:
+        events = c.events
+        if (events is not None and events.wants(HttpRequest)) or c.on_request is not None:
             self._report(status, events)
         c.exchange_done(self)
 
@@ -789,17 +803,22 @@ class ClientConnection(Sender):
         "client_ip",
         "client_port",
         "closing",
+        "counters",
         "current",
+        "events",
         "fed",
         "feeding",
         "head_size",
         "held",
         "https_port",
+        "idle",
         "last_parsed",
+        "line",
         "lingering",
         "listener",
         "local",
         "loop",
+        "on_request",
         "parser",
         "parsing",
         "pause_bits",
@@ -812,6 +831,7 @@ class ClientConnection(Sender):
         "routes",
         "scheme",
         "service",
+        "service_stats",
         "settings",
         "trusted",
         "tunnel",
@@ -826,6 +846,13 @@ class ClientConnection(Sender):
         self.proxy = proxy
         self.settings = proxy.settings
         self.loop = proxy.loop
+        # What every request reaches for, held here: the proxy is an interpreted object, each of
+        # its attributes a dict lookup, and these never change in its lifetime.
+        self.counters = proxy.counters
+        self.idle = proxy.idle
+        self.service_stats = proxy.service_stats
+        self.events = proxy.events
+        self.on_request = proxy.on_request
         self.routes = routes
         self.client_ip = _client_ip(client[0])
         self.client_port = client[1]
@@ -856,6 +883,8 @@ class ClientConnection(Sender):
         self.rejected: tuple[int, str, Exchange | None] | None = None
         self.feeding = False  # inside parser.feed_data: writes upstream are held (Exchange._send)
         self.held: Exchange | None = None  # the exchange holding such writes
+        # The read a request began in at its first byte, while it is parsed (see line_version).
+        self.line: bytes | None = None
 
     @property
     def client_addr(self) -> IPAddress | None:
@@ -895,6 +924,8 @@ class ClientConnection(Sender):
         if self.lingering or self.closed or self.rejected is not None:
             return
         self.fed += len(data)
+        if self.parsing is None:
+            self.line = data  # a request starting here starts at its first byte (or after empty lines)
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpRequestParser(self)
@@ -903,6 +934,7 @@ class ClientConnection(Sender):
             try:
                 parser.feed_data(data)
             except httptools.HttpParserUpgrade as e:
+                self.line = None
                 self.feeding = False
                 self._flush_held()
                 ex = self.last_parsed
@@ -920,6 +952,7 @@ class ClientConnection(Sender):
                 if rest:
                     ex.tunnel_from_client(rest)
             except httptools.HttpParserCallbackError as e:
+                self.line = None
                 self._drop_held()
                 cause = e.__context__
                 if isinstance(cause, _StopParsing):
@@ -930,9 +963,11 @@ class ClientConnection(Sender):
                     log.error("HTTP client %s: error while handling its request", self.client_ip, exc_info=cause)
                     self.reject(500, "edge error")
             except httptools.HttpParserError as e:
+                self.line = None
                 self._drop_held()
                 self.reject(400, f"malformed request: {e}")
             else:
+                self.line = None  # not kept past its read: a head cut across reads asks llhttp
                 self.feeding = False
                 if self.fed > self.settings.max_header_bytes:
                     # llhttp is collecting one field (or trailer) that never ends.
@@ -1028,6 +1063,8 @@ class ClientConnection(Sender):
             # not another request.
             raise _StopParsing()
         ex = Exchange(self)
+        if self.parsing is not None or self.last_parsed is not None:
+            self.line = None  # not the read's first request: its line is not at the read's start
         self.parsing = ex
         self.head_size = 0
         self.fed = 0
@@ -1075,7 +1112,14 @@ class ClientConnection(Sender):
         ex.head_bytes = self.head_size + 16
         parser = self.parser
         assert parser is not None  # called by it
-        head = validate_request(parser.get_method(), b"".join(ex.url), parser.get_http_version(), ex.headers)
+        method = parser.get_method()
+        target = b"".join(ex.url)
+        line = self.line
+        version = None
+        if line is not None:
+            self.line = None
+            version = line_version(line, method, target)
+        head = validate_request(method, target, version or parser.get_http_version(), ex.headers)
         ex.head = head
         ex.is_head = head.method == b"HEAD"
         if ex is self.current:

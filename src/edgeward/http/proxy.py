@@ -64,6 +64,8 @@ class HttpProxy:
         # Requests and bytes per service, counted by each exchange as it ends (the edge's
         # stats.Stats.services; no event needed for them, see Exchange.finish).
         self.service_stats: defaultdict[str, ServiceStats] | None = None
+        # (Each client connection keeps its own reference to events, on_request, service_stats,
+        # counters and idle, taken when it is made: set them before the proxy serves.)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -2,12 +2,12 @@
 
 The edge could hand the socket to the loop with `ssl=` (uvloop's SSL protocol), and did. This
 does the same work on memory BIOs (`SSLContext.wrap_bio`, as uvloop does), compiled with the HTTP
-layer, for two costs uvloop pays on every read (about 1.7 µs per request, measured below):
+layer, for two costs uvloop pays on every read (about 1.7 µs per request: docs/architecture.md):
 
 - uvloop reads decrypted data until OpenSSL says it wants more, and that answer is an exception:
   `SSLWantReadError`, which `_ssl` builds with a formatted message and attributes (~1.3 µs). Here
-  a read stops when neither the incoming BIO nor OpenSSL holds anything more (`pending`), so a
-  whole request costs no exception (one only when a record is cut between two reads).
+  a read stops when the incoming BIO holds nothing more (`pending`), so a whole request costs no
+  exception (one only when a record is cut between two reads).
 - `ssl.SSLObject.read` and `.write` are Python functions wrapping the C object's; this calls the
   C object's (`SSLObject._sslobj`) directly.
 
@@ -142,6 +142,8 @@ class TlsTransport:
                     parts.append(chunk)
         except ssl.SSLWantReadError:
             pass  # the rest of a record is still on its way
+        except ssl.SSLZeroReturnError:
+            eof = True  # close_notify, in a state where _ssl raises rather than returning b""
         except ssl.SSLError:
             # A record that does not decrypt, or an alert: what came before it is still the
             # client's; the connection ends.

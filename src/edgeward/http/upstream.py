@@ -101,7 +101,7 @@ class UpstreamConnection(Sender):
     ClientConnection: a native class when compiled). Its writes go out at the end of the loop's
     turn (outbox.py)."""
 
-    __slots__ = ("eof", "exchange", "fed", "feeding", "fresh", "head_size", "headers", "idle_after_feed", "key",
+    __slots__ = ("eof", "exchange", "fed", "feeding", "fresh", "head_size", "headers", "idle", "idle_after_feed", "key",
                  "parser", "proxy",
                  "read_paused", "reason", "requests", "route", "server", "status", "timer",
                  "tunnel", "version", "write_paused")
@@ -109,6 +109,7 @@ class UpstreamConnection(Sender):
     def __init__(self, proxy: HttpProxy, server: Server, route: HttpUpstream) -> None:
         super().__init__(proxy.outbox)
         self.proxy = proxy
+        self.idle = proxy.idle  # (held: the proxy's attributes are dict lookups, this one is per response)
         self.server = server
         self.route = route
         self.key = (server, route)
@@ -176,7 +177,7 @@ class UpstreamConnection(Sender):
             # response to another request.
             self.idle_after_feed = False
             if not self.closed:
-                self.proxy.idle.put(self)
+                self.idle.put(self)
 
     def _feed_failed(self, ex: Exchange, data: bytes, e: Exception) -> None:
         """llhttp stopped: an upgrade, a callback's exception, or a malformed response."""
