@@ -94,6 +94,22 @@ def edge_with_workers(tmp: Path, admin: int, config: str, wait: list[tuple[str, 
                     os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def echo_edge(tmp: Path, workers: int | str = 2, extra: str = "") -> Iterator[tuple[EdgeProcess, int]]:
+    """An edge with workers (edge_with_workers) relaying one port to an echo upstream: (edge, port)."""
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    try:
+        with edge_with_workers(tmp, admin, edge_section(admin, tmp, workers, extra) + f"""
+[services.echo]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+""") as e:
+            yield e, port
+    finally:
+        up.close()
+
+
 def wait_workers(e: EdgeProcess, n: int = 2) -> list[dict[str, Any]]:
     assert wait_until(lambda: len(processes(e.status())) == n, 15), e.log()
     return processes(e.status())
@@ -159,13 +175,7 @@ to = "127.0.0.1:{up.port}"
 
 
 def test_ban_and_unban_reach_every_worker(tmp_path: Path) -> None:
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         wait_workers(e)
         # Connections of the address to ban, held open in both workers.
         held = []
@@ -197,17 +207,10 @@ to = "127.0.0.1:{up.port}"
         assert code == 200
         assert all(served("127.0.0.7", port) for _ in range(20))
         assert all(w["propagation_ms"]["count"] >= 2 for w in processes(e.status()))
-    up.close()
 
 
 def test_a_ban_that_expires_lifts_in_every_worker(tmp_path: Path) -> None:
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         wait_workers(e)
         assert e.api("POST", "/ban", {"addr": "127.0.0.11", "jail": "manual", "bantime": 1.5})[0] == 200
         assert not any(served("127.0.0.11", port) for _ in range(20))
@@ -216,17 +219,10 @@ to = "127.0.0.1:{up.port}"
         assert wait_until(lambda: served("127.0.0.11", port), 5)
         assert all(served("127.0.0.11", port) for _ in range(30))
         assert all(w["propagation_ms"]["count"] >= 2 for w in processes(e.status()))
-    up.close()
 
 
 def test_a_restarted_worker_gets_the_bans(tmp_path: Path) -> None:
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         ws = wait_workers(e)
         assert e.api("POST", "/ban", {"addr": "127.0.0.9", "jail": "manual"})[0] == 200
         os.kill(ws[1]["pid"], signal.SIGKILL)
@@ -234,17 +230,10 @@ to = "127.0.0.1:{up.port}"
         wait_until(lambda: all(w["pid"] != ws[1]["pid"] for w in processes(e.status())), 10)
         assert not any(served("127.0.0.9", port) for _ in range(30))
         assert all(w["refused"] > 0 for w in processes(e.status()))
-    up.close()
 
 
 def test_killed_worker_is_restarted_counted_and_loses_no_queued_client(tmp_path: Path) -> None:
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         ws = wait_workers(e)
         assert all(served("127.0.0.2", port) for _ in range(60))
         assert e.status()["services"]["echo"]["total"] == 60  # type: ignore[index]
@@ -271,7 +260,6 @@ to = "127.0.0.1:{up.port}"
         # served() returns.)
         assert wait_until(lambda: e.counter("closed", f"127.0.0.1:{port}", "done") == 210, 5)
         assert metric(e.metrics(), "edgeward_service_connections_total", service="echo") == 210
-    up.close()
 
 
 def test_reload_under_load_drops_and_refuses_nothing(tmp_path: Path) -> None:
@@ -342,13 +330,7 @@ to = "127.0.0.1:{up.port}"
 
 
 def test_one_client_in_two_workers_is_counted_once(tmp_path: Path) -> None:
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         wait_workers(e)
         held = []
         for _ in range(40):
@@ -376,7 +358,6 @@ to = "127.0.0.1:{up.port}"
         for c in [*held, other]:
             c.close()
         assert wait_until(lambda: e.status()["clients"] == 0, 5)
-    up.close()
 
 
 def test_udp_sessions_stay_in_one_worker(tmp_path: Path) -> None:
@@ -456,13 +437,7 @@ to = "web"
 
 
 def test_master_sigterm_stops_every_worker(tmp_path: Path) -> None:
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path, "auto") + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path, "auto") as (e, port):
         n = len(os.sched_getaffinity(0))
         ws = wait_workers(e, n)
         pids = [w["pid"] for w in ws]
@@ -481,7 +456,6 @@ to = "127.0.0.1:{up.port}"
         e.proc.wait(10)
         assert e.proc.returncode == 0
         assert not any(alive(p) for p in pids)  # no orphans
-    up.close()
 
 
 @pytest.mark.parametrize(("challenge", "workers"), [("http-01", 2), ("tls-alpn-01", 2), ("http-01", 1)])
@@ -724,13 +698,7 @@ to = "127.0.0.1:{up.port}"
 def test_a_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
     """A worker that stops answering (SIGSTOP here: a runaway loop looks the same) is killed and
     restarted; the clients the kernel queued on its socket meanwhile are served by its successor."""
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         ws = wait_workers(e)
         stuck = ws[0]["pid"]
         os.kill(stuck, signal.SIGSTOP)
@@ -754,7 +722,6 @@ to = "127.0.0.1:{up.port}"
         assert st["workers"]["restarts"] == 1  # type: ignore[index]
         assert [w["hung"] for w in processes(st)] == [1, 0]
         assert "answered nothing" in e.log()
-    up.close()
 
 
 def cmdline(pid: int) -> list[str]:
@@ -780,13 +747,7 @@ def test_a_worker_whose_master_dies_while_it_starts_does_not_outlive_it(tmp_path
     """The master sends a new worker its init at once; if the master dies before that worker has
     built its edge, the worker reads the init and then the end of the channel: it must drain and
     exit, not serve on as an orphan holding its share of the listening sockets."""
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, _port):
         ws = wait_workers(e)
         os.kill(ws[0]["pid"], signal.SIGKILL)
         new = replacement(e, {w["pid"] for w in ws})
@@ -802,7 +763,6 @@ to = "127.0.0.1:{up.port}"
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(new, signal.SIGKILL)  # (an orphan, if the test failed)
-    up.close()
 
 
 def test_a_worker_restarted_while_the_file_is_mid_edit_starts(tmp_path: Path) -> None:
@@ -867,13 +827,7 @@ to = "127.0.0.1:{up.port}"
 def test_a_stalled_master_kills_no_healthy_worker(tmp_path: Path) -> None:
     """The master's own loop stalling longer than HUNG_AFTER (SIGSTOP/SIGCONT here; a paused
     container or a long reload alike) is not its workers hanging: none is killed."""
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         ws = wait_workers(e)
         e.signal(signal.SIGSTOP)
         try:
@@ -886,19 +840,12 @@ to = "127.0.0.1:{up.port}"
         assert [w["hung"] for w in processes(st)] == [0, 0]
         assert st["workers"]["restarts"] == 0  # type: ignore[index]
         assert all(served("127.0.0.2", port) for _ in range(20))
-    up.close()
 
 
 def test_a_restarted_worker_that_never_gets_ready_is_replaced(tmp_path: Path) -> None:
     """A replacement stuck in its start (SIGSTOP here) is killed after READY_TIMEOUT (30 s) and
     replaced, so that its share of the listening sockets is served again."""
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         ws = wait_workers(e)
         first = {w["pid"] for w in ws}
         os.kill(ws[0]["pid"], signal.SIGKILL)
@@ -915,7 +862,6 @@ to = "127.0.0.1:{up.port}"
         assert st["workers"]["restarts"] == 2  # type: ignore[index]
         assert "was not ready after" in e.log()
         assert all(served("127.0.0.2", port) for _ in range(30))
-    up.close()
 
 
 def test_a_ban_that_narrows_narrows_in_every_worker(tmp_path: Path) -> None:
@@ -956,13 +902,7 @@ def test_a_worker_that_misses_the_status_deadline_keeps_its_counts(tmp_path: Pat
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A worker that does not answer the status in time (stopped here) is counted as of its
     previous report, marked stale: /metrics counters never go back."""
-    up = ThreadServer(echo_handler())
-    port, admin = free_port(), free_port()
-    with edge_with_workers(tmp_path, admin, edge_section(admin, tmp_path) + f"""
-[services.echo]
-listen = ["127.0.0.1:{port}"]
-to = "127.0.0.1:{up.port}"
-""") as e:
+    with echo_edge(tmp_path) as (e, port):
         ws = wait_workers(e)
         assert all(served("127.0.0.2", port) for _ in range(40))
         assert all(w["total"] > 0 for w in processes(e.status()))
@@ -981,7 +921,6 @@ to = "127.0.0.1:{up.port}"
         assert st["services"]["echo"]["total"] == 40  # type: ignore[index]
         assert [(w["pid"], w["stale"]) for w in processes(st)] == [(ws[0]["pid"], True), (ws[1]["pid"], False)]
         assert wait_until(lambda: not any(w["stale"] for w in processes(e.status())), 10)
-    up.close()
 
 
 def test_a_draining_worker_is_succeeded_at_once(tmp_path: Path) -> None:
