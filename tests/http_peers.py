@@ -24,7 +24,7 @@ from pathlib import Path
 import httptools
 
 from peers import nginx
-from support import ROOT, free_port, open_fds, wait_port
+from support import ROOT, free_port, open_fds, wait_port, whole_lines
 
 HARNESS = ROOT / "tests" / "http_harness.py"
 
@@ -83,9 +83,7 @@ class HttpEdge:
         return int(self.stats()["counters"].get(name, 0))
 
     def records(self) -> list[dict]:  # type: ignore[type-arg]
-        if not self.log_path.exists():
-            return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in whole_lines(self.log_path)]
 
     def wait_records(self, n: int, timeout: float = 5.0) -> list[dict]:  # type: ignore[type-arg]
         deadline = time.monotonic() + timeout
@@ -135,10 +133,7 @@ class NginxUpstream:
     public: Path | None = None  # world-readable files nginx serves
 
     def log(self) -> list[dict]:  # type: ignore[type-arg]
-        p = self.prefix / "logs" / "report.log"
-        if not p.exists():
-            return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in whole_lines(self.prefix / "logs" / "report.log")]
 
     def wait_log(self, n: int, timeout: float = 5.0) -> list[dict]:  # type: ignore[type-arg]
         deadline = time.monotonic() + timeout

@@ -207,6 +207,16 @@ def served(src: str, port: int) -> bool:
         return False
 
 
+def whole_lines(path: Path) -> list[str]:
+    """The lines of a log another process is writing, without the one it may be half-way through
+    (nginx and the edge write a line in more than one write(2) when it is long)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [x for x in data[: data.rfind(b"\n") + 1].decode().splitlines() if x.strip()]
+
+
 def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from edgeward.codec import build_proxy_v1
-from support import EdgeProcess, ThreadServer, UdpEcho, echo_handler, free_port, wait_until
+from support import (
+    EdgeProcess,
+    ThreadServer,
+    UdpEcho,
+    echo_handler,
+    free_port,
+    wait_until,
+    whole_lines,
+)
 
 
 def logfmt(line: str) -> dict[str, str]:
@@ -29,7 +37,7 @@ def read_entries(path: Path, fmt: str, clients: list[str], timeout: float = 5.0)
     entries: dict[str, dict[str, str]] = {}
 
     def enough() -> bool:
-        lines = path.read_text().splitlines() if path.exists() else []
+        lines = whole_lines(path)
         entries.clear()
         for x in lines:
             p = json.loads(x) if fmt == "json" else logfmt(x)

@@ -18,7 +18,15 @@ import trustme
 
 from edgeward.codec import build_proxy_v1
 from http_peers import NginxUpstream, get, nginx_upstream, read_response
-from support import EdgeProcess, ThreadServer, free_port, require, tls_server_handler, wait_until
+from support import (
+    EdgeProcess,
+    ThreadServer,
+    free_port,
+    require,
+    tls_server_handler,
+    wait_until,
+    whole_lines,
+)
 
 
 @dataclass
@@ -175,7 +183,7 @@ def test_each_request_is_in_the_access_log(env: Env) -> None:
     https_get(env, "web.test", "/logged-once", src="127.0.0.6")
 
     def entry() -> dict[str, object] | None:
-        for line in env.access_log.read_text().splitlines():
+        for line in whole_lines(env.access_log):
             rec = json.loads(line)
             if rec.get("path") == "/logged-once":
                 return dict(rec)
