@@ -135,6 +135,19 @@ class NginxUpstream:
     def log(self) -> list[dict]:  # type: ignore[type-arg]
         return [json.loads(line) for line in whole_lines(self.prefix / "logs" / "report.log")]
 
+    def quiet_log(self, quiet: float = 0.1, timeout: float = 5.0) -> list[dict]:  # type: ignore[type-arg]
+        """The log once it has not grown for `quiet` seconds: nginx writes a request's line after
+        its response is sent, so an earlier test's last line may still be on its way."""
+        deadline = time.monotonic() + timeout
+        recs = self.log()
+        still_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - still_since < quiet:
+            time.sleep(0.02)
+            now = self.log()
+            if len(now) != len(recs):
+                recs, still_since = now, time.monotonic()
+        return recs
+
     def wait_log(self, n: int, timeout: float = 5.0) -> list[dict]:  # type: ignore[type-arg]
         deadline = time.monotonic() + timeout
         recs = self.log()

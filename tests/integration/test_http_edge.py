@@ -131,11 +131,11 @@ def test_terminated_name_is_proxied_with_forwarded_headers(env: Env) -> None:
 
 
 def test_path_routes_within_a_name(env: Env) -> None:
-    before = len(env.bosh.log())
+    before = len(env.bosh.quiet_log())
     assert https_get(env, "chat.test", "/http-bind").status == 200  # type: ignore[attr-defined]
     assert https_get(env, "chat.test", "/http-bind/x?y").status == 200  # type: ignore[attr-defined]
     assert len(env.bosh.wait_log(before + 2)) == before + 2
-    n_web = len(env.nginx.log())
+    n_web = len(env.nginx.quiet_log())
     assert https_get(env, "chat.test", "/http-binder").status == 200  # type: ignore[attr-defined]
     assert len(env.nginx.wait_log(n_web + 1)) == n_web + 1  # not a /http-bind path: the web upstream
     assert len(env.bosh.log()) == before + 2

@@ -175,8 +175,11 @@ def test_upstreams_see_the_clients_own_address(upstreams: Path, tmp_path: Path) 
             assert r.stdout == f"remote_addr={C4}\n", r.stderr
             r6 = curl(f"http://[{E6C}]:{HTTP_PORT}/")
             assert r6.stdout == f"remote_addr={C6}\n", r6.stderr
-            log = upstreams.read_text()
-            assert f'{C4} "GET / HTTP/1.1" 200' in log and f'{C6} "GET / HTTP/1.1" 200' in log, log
+            # nginx writes its access-log line after the response is sent: wait for it.
+            def logged() -> bool:
+                log = upstreams.read_text()
+                return f'{C4} "GET / HTTP/1.1" 200' in log and f'{C6} "GET / HTTP/1.1" 200' in log
+            assert wait_until(logged, 5), upstreams.read_text()
             for server in (E4C, E6C):
                 u = ns(CLIENT, sys.executable, "-c", UDP_CLIENT, server, str(UDP_PORT), check=False)
                 client_ip = C4 if ":" not in server else C6

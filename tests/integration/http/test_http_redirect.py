@@ -81,12 +81,12 @@ def test_other_methods_redirect_with_308_keeping_the_connection(env: Env) -> Non
 
 
 def test_unknown_names_get_404_and_are_never_proxied(env: Env) -> None:
-    n = len(env.nginx.log())
+    n = len(env.nginx.quiet_log())
     r = get(env.http_port, "/", host="evil.test")
     assert r.status == 404 and r.header("Location") is None
     r = request(env.http_port, b"GET / HTTP/1.0\r\n\r\n")
     assert r is not None and r.status == 404
-    assert len(env.nginx.log()) == n
+    assert len(env.nginx.quiet_log()) == n
 
 
 def test_acme_http01_is_answered_by_the_edge_for_any_name(env: Env) -> None:
