@@ -58,14 +58,15 @@ to = "bridges"
         first = {c: tag_of(port, c) for c in clients}
         assert set(first.values()) == {b"b1\n", b"b2\n"}  # spread
         assert all(tag_of(port, c) == first[c] for c in clients)  # sticky
+        def b1_healthy() -> object:
+            servers = {s["server"]: s for s in edge.status()["pools"]["bridges"]["servers"]}  # type: ignore[index]
+            return servers[f"127.0.0.1:{b1.port}"]["healthy"]
         h1.ok = False
-        time.sleep(0.8)  # > interval + timeout
+        # (a few intervals of 200 ms; waited for rather than slept, the machine may be busy)
+        assert wait_until(lambda: b1_healthy() is False, 5)
         assert all(tag_of(port, c) == b"b2\n" for c in clients)
-        st = edge.status()
-        servers = {s["server"]: s for s in st["pools"]["bridges"]["servers"]}  # type: ignore[index]
-        assert servers[f"127.0.0.1:{b1.port}"]["healthy"] is False
         h1.ok = True
-        time.sleep(0.8)
+        assert wait_until(lambda: b1_healthy() is True, 5)
         assert {c: tag_of(port, c) for c in clients} == first  # clients come back to their bridge
     finally:
         edge.stop()
@@ -206,14 +207,15 @@ to = "127.0.0.1:{up.port}"
         c.sendall(b"1")
         assert c.recv(1) == b"1"
         edge.signal(signal.SIGTERM)
-        time.sleep(0.3)
-        # No new connections...
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            refused = False
-        except OSError:
-            refused = True
-        assert refused
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return False
+            except OSError:
+                return True
+        # No new connections (once the signal is handled: waited for, well within the drain)...
+        assert wait_until(refused, 2)
         # ...but the established one still works until the drain timeout.
         c.sendall(b"2")
         assert c.recv(1) == b"2"
