@@ -30,7 +30,7 @@ from .config.schema import Config
 from .events import EventBus, HealthChanged
 from .net import sockets
 from .net.pipes import HAS_SPLICE
-from .net.plane import DataPlane
+from .net.plane import CLOCK_STEP, DataPlane
 from .net.tcp import TcpListener, listener_settings_summary
 from .net.udp import UdpListener
 from .runtime import ListenerKey, Runtime
@@ -447,9 +447,13 @@ class Edge:
         """Once a second: refresh the coarse clock connections stamp activity with; close idle ones."""
         plane = self.plane
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(CLOCK_STEP)
+            # A stamp lags its activity by up to the step that followed it; that step may have
+            # been longer than CLOCK_STEP when the loop was busy: the longer of the two is added.
+            step = max(CLOCK_STEP, time.monotonic() - plane.now)
             plane.now = now = time.monotonic()
-            for c in [c for c in plane.conns if now - c.last > c.rt.settings.idle_timeout]:
+            idle_since = now - step
+            for c in [c for c in plane.conns if idle_since - c.last > c.rt.settings.idle_timeout]:
                 if c.flows is not None:
                     c.close("idle_timeout")
                 else:
@@ -457,7 +461,7 @@ class Edge:
             if plane.admission.udp_count:
                 for ulst in list(self.udp_listeners.values()):
                     if ulst.sessions:
-                        ulst.sweep(now)
+                        ulst.sweep(idle_since)
             adm = plane.admission
             live = adm.tcp_count + adm.udp_count
             self.memory.after_sweep(live, adm.peak)

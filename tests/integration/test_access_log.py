@@ -111,7 +111,7 @@ to = "127.0.0.1:{udp_up.port}"
         assert udp["upstream"] == f"127.0.0.1:{udp_up.port}" and udp["end"] == "udp_idle"
         assert int(udp["in"]) == 8 and int(udp["out"]) == 8
         assert int(udp["datagrams_in"]) == 2 and int(udp["datagrams_out"]) == 2
-        assert float(udp["duration"]) > 0.5  # about its idle timeout (checked once a second, on a coarse clock)
+        assert float(udp["duration"]) > 0.95  # at least its idle timeout (judged once a second, never early)
         # A refused client (no route for a PROXY header from an untrusted sender) is logged too.
         with socket.socket() as c:
             c.bind(("127.0.0.5", 0))

@@ -142,9 +142,43 @@ def test_idle_timeout_closes(tmp_path: Path, splice: bool) -> None:
             assert c.recv(10) == b"ping"
             t0 = time.monotonic()
             assert c.recv(10) == b""  # closed by the edge
-            assert 0.5 < time.monotonic() - t0 < 4
+            assert 0.95 < time.monotonic() - t0 < 4
         assert edge.counter("closed", "l", "idle_timeout") == 1
         assert settles_to(edge, base) == base
+    finally:
+        edge.stop()
+        up.close()
+
+
+def test_idle_timeout_never_closes_early(tmp_path: Path, splice: bool) -> None:
+    """Idleness is judged once a second on a clock kept to the second: connections last active at
+    every point of that second are each closed no sooner than their timeout after it."""
+    up = ThreadServer(echo_handler())
+    edge, port = start(tmp_path, up.port, splice, listener_extra='idle_timeout = "1s"')
+    idle: list[float] = []
+    errors: list[str] = []
+
+    def client(delay: float) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=8) as c:
+                time.sleep(delay)
+                c.sendall(b"ping")
+                assert c.recv(10) == b"ping"
+                active = time.monotonic()
+                assert c.recv(10) == b""  # closed by the edge
+                idle.append(time.monotonic() - active)
+        except (OSError, AssertionError) as e:
+            errors.append(repr(e))
+    try:
+        threads = [threading.Thread(target=client, args=(i / 10,)) for i in range(12)]  # 1.2 s of last activity
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        assert errors == [] and len(idle) == 12, errors
+        assert min(idle) > 0.95, sorted(idle)  # not before the timeout...
+        assert max(idle) < 4, sorted(idle)  # ...and within a couple of the clock's steps after it
+        assert edge.counter("closed", "l", "idle_timeout") == 12
     finally:
         edge.stop()
         up.close()

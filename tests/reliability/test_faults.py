@@ -147,7 +147,9 @@ def test_silent_upstream_idle_timeout_fires(tmp_path: Path) -> None:
             c.sendall(b"hello?")
             assert c.recv(10) == b""  # closed by the edge, not by our 10 s timeout
         took = time.monotonic() - t0
-        assert 1.5 <= took < 4.0, took  # idle is judged once a second, on a clock kept to the second
+        # idle is judged once a second, on a clock kept to the second: never before the timeout,
+        # within a couple of the clock's steps after it
+        assert 2.0 <= took < 5.5, took
         assert counters(e.status(), "closed").get(("l", "idle_timeout")) == 1
         assert up.accepted == 1
     finally:

@@ -106,10 +106,12 @@ class ListenerSettings(_Options):
         "Concurrent connections (UDP: sessions) per port of this listener."))
     backlog: Annotated[int, Ge(1)] = field(default=1024, metadata=doc("Accept queue length."))
     reuseport: bool = field(default=False, metadata=doc("Set SO_REUSEPORT (several processes on one port)."))
-    idle_timeout: Duration = field(default=3600.0, metadata=doc("Close a relayed connection idle for this long."))
+    idle_timeout: Duration = field(default=3600.0, metadata=doc(
+        "Close a relayed connection idle for this long (judged once a second: never sooner, at most about two "
+        "seconds later)."))
     udp_idle_timeout: Annotated[Duration, Gt(0)] = field(default=60.0, metadata=doc(
         "UDP binds: end a client's session (and free its upstream socket) after no datagram in either direction "
-        "for this long; checked once a second."))
+        "for this long (judged once a second: never sooner, at most about two seconds later)."))
 
 
 @dataclass(frozen=True, kw_only=True)

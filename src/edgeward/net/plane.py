@@ -22,6 +22,13 @@ from .flow import Flow
 from .pipes import HAS_SPLICE, PipePool
 from .poller import Deadlines, Poller
 
+# The step of the coarse clock below (seconds): the edge's sweeper refreshes it and judges idle
+# connections and UDP sessions once per step. An activity stamp is the clock's value when the
+# activity happened, so it lags the real time by up to the step that followed it: idleness is
+# judged with that step added, so nothing is closed before its timeout (but up to about two
+# steps after it).
+CLOCK_STEP = 1.0
+
 
 class LiveConn(Protocol):
     """A TCP connection (net/tcp.py's TcpConn) as the edge's sweeper and `status` see it."""

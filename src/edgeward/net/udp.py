@@ -128,9 +128,10 @@ class UdpListener:
         if not was_paused:
             self.resume()
 
-    def sweep(self, now: float) -> int:
-        """Close sessions idle longer than their timeout; returns how many."""
-        idle = [s for s in self.sessions.values() if now - s.last > s.idle]
+    def sweep(self, idle_since: float) -> int:
+        """Close sessions idle longer than their timeout as of `idle_since` (the sweeper's clock less
+        the step its stamps may lag by: net/plane.py, CLOCK_STEP); returns how many."""
+        idle = [s for s in self.sessions.values() if idle_since - s.last > s.idle]
         for s in idle:
             s.close("udp_idle")
         return len(idle)
