@@ -76,20 +76,26 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def steady_fds(pid: int) -> int:
+    """Open descriptors of `pid` once the count holds: the same twice, 0.1 s apart (an admin
+    connection that just answered is closed on a later turn of the edge's loop, and on a busy
+    machine a close can take longer than one look)."""
+    last, n = -1, open_fds(pid)
+    for _ in range(30):
+        if n == last:
+            break
+        time.sleep(0.1)
+        last, n = n, open_fds(pid)
+    return n
+
+
 def fds_besides_pipe_pool(edge: EdgeProcess) -> int:
     """Open descriptors of the edge, not counting the idle pipes it keeps pooled for splice().
 
-    Read when steady: the admin connection that asked for the pool's size has closed (the same
-    count twice, 0.1 s apart: on a busy machine a close can take longer than one look), and the
-    pool's size and the count did not change across a second look."""
+    Read when steady (`steady_fds`), and the pool's size and the count did not change across a
+    second look."""
     def steady() -> int:
-        last, n = -1, open_fds(edge.pid)
-        for _ in range(30):
-            if n == last:
-                break
-            time.sleep(0.1)
-            last, n = n, open_fds(edge.pid)
-        return n
+        return steady_fds(edge.pid)
 
     n = pooled = 0
     for _ in range(10):

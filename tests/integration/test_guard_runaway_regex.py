@@ -93,7 +93,7 @@ bantime = -1
         assert elapsed >= 1.8  # the matcher really was stuck for both deadlines
         assert failures == []
         assert len(rtts) >= elapsed / 0.1, len(rtts)
-        assert max(rtts) < 0.2, max(rtts)  # a frozen loop would show a ≥1 s round trip
+        assert max(rtts) < 0.5, max(rtts)  # a frozen loop would show a ≥1 s round trip (2 CPUs, one spinning)
 
         (jail,) = guard()["jails"]
         assert jail["counters"]["filter_timeouts"] == 2 and jail["counters"]["matches"] == 0

@@ -26,7 +26,7 @@ import trustme
 
 from edgeward.admin.client import admin_request
 from netns import Topology, UdpEchoes, in_netns, require_netns, run_in
-from support import ThreadServer, echo_handler, require
+from support import ThreadServer, echo_handler, require, steady_fds
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "05-home-server-behind-vps.toml"
@@ -221,8 +221,7 @@ def test_200_udp_clients_over_the_range_cost_one_descriptor_each(vps: Vps) -> No
         return int(Path(f"/proc/{vps.edge_pid}/statm").read_text().split()[1]) * 4
 
     before_sessions = int(vps.status()["udp_sessions"])  # type: ignore[call-overload]
-    time.sleep(0.2)  # the admin API's connection of that request is closed
-    fd0, rss0 = fds(), rss_kib()
+    fd0, rss0 = steady_fds(vps.edge_pid), rss_kib()  # (once the admin API's connection is closed)
     clients = [client_socket(vps, socket.SOCK_DGRAM, src=(CLIENT_A, CLIENT_B)[i % 2]) for i in range(200)]
     try:
         for i, c in enumerate(clients):  # each on its own port of the range

@@ -230,5 +230,7 @@ def test_survives_a_reload_and_the_upgraded_timeout_applies(env: Env) -> None:
             with pytest.raises(ConnectionClosed):
                 new.send("b")
                 new.recv(5)
+    reloads = env.edge.output().count("reloaded")
     env.edge.config_path.write_text(env.config)
-    env.edge.proc.send_signal(1)
+    env.edge.proc.send_signal(1)  # back to the module's settings, before the next test starts
+    assert wait_until(lambda: env.edge.output().count("reloaded") == reloads + 1)
