@@ -63,7 +63,7 @@ admin_token = "{TOKEN}"
 state_dir = "{tmp_path / 'state'}"
 [pools.app]
 servers = ["127.0.0.1:{up.port}", "127.0.0.1:{free_port()}"]
-health = {{ interval = "0.3s", timeout = "0.2s" }}
+health = {{ interval = "0.3s", timeout = "1s" }}  # (the down server refuses at once)
 [services.web]
 listen = ["127.0.0.1:{port}"]
 to = "app"

@@ -485,7 +485,7 @@ def test_clients_of_a_server_marked_down_move_on_their_next_datagram(tmp_path: P
 [pools.bridges]
 servers = ["127.0.0.3:{up_port}", "127.0.0.4:{up_port}"]
 balance = "source-hash"
-health = {{ port = {health_port}, interval = "200ms", timeout = "200ms" }}
+health = {{ port = {health_port}, interval = "200ms", timeout = "1s" }}  # (A refuses at once)
 [services.media]
 listen = ["udp/127.0.0.1:{port}"]
 to = "bridges"
