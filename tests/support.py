@@ -94,14 +94,11 @@ def fds_besides_pipe_pool(edge: EdgeProcess) -> int:
 
     Read when steady (`steady_fds`), and the pool's size and the count did not change across a
     second look."""
-    def steady() -> int:
-        return steady_fds(edge.pid)
-
     n = pooled = 0
     for _ in range(10):
         pooled = int(edge.status()["pipes"]["pooled"])  # type: ignore[index]
-        n = steady()
-        if int(edge.status()["pipes"]["pooled"]) == pooled and steady() == n:  # type: ignore[index]
+        n = steady_fds(edge.pid)
+        if int(edge.status()["pipes"]["pooled"]) == pooled and steady_fds(edge.pid) == n:  # type: ignore[index]
             break
     return n - 2 * pooled
 
@@ -214,8 +211,8 @@ def served(src: str, port: int) -> bool:
 
 
 def whole_lines(path: Path) -> list[str]:
-    """The lines of a log another process is writing, without the one it may be half-way through
-    (nginx and the edge write a line in more than one write(2) when it is long)."""
+    """The lines of a log another process is writing, without the last one when it has no newline
+    yet: a read can see a line half-written (CI once read half of one of nginx's lines)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -170,15 +170,16 @@ def test_idle_timeout_never_closes_early(tmp_path: Path, splice: bool) -> None:
         except (OSError, AssertionError) as e:
             errors.append(repr(e))
     try:
-        threads = [threading.Thread(target=client, args=(i / 10,)) for i in range(12)]  # 1.2 s of last activity
+        # last active 0.1 s apart across 0.9 s (under the timeout: none may close before its ping)
+        threads = [threading.Thread(target=client, args=(i / 10,)) for i in range(10)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(15)
-        assert errors == [] and len(idle) == 12, errors
+        assert errors == [] and len(idle) == 10, errors
         assert min(idle) > 0.95, sorted(idle)  # not before the timeout...
         assert max(idle) < 4, sorted(idle)  # ...and within a couple of the clock's steps after it
-        assert edge.counter("closed", "l", "idle_timeout") == 12
+        assert edge.counter("closed", "l", "idle_timeout") == 10
     finally:
         edge.stop()
         up.close()

@@ -26,7 +26,9 @@ from .poller import Deadlines, Poller
 # connections and UDP sessions once per step. An activity stamp is the clock's value when the
 # activity happened, so it lags the real time by up to the step that followed it: idleness is
 # judged with that step added, so nothing is closed before its timeout (but up to about two
-# steps after it).
+# steps after it). The sweeper adds the last step it measured, which covers a busy loop's late
+# step for recent stamps; an older stamp whose step ran late could still be judged early by that
+# lateness (milliseconds, against timeouts of seconds).
 CLOCK_STEP = 1.0
 
 
