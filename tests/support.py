@@ -34,13 +34,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until `port` accepts; with `proc`, no longer than that process lives."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise TimeoutError(f"{host}:{port} did not open: the process exited ({proc.returncode})") from None
             time.sleep(0.02)
     raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
 
@@ -130,11 +133,14 @@ class EdgeProcess:
         self.proc = subprocess.Popen([*EDGEWARD, "run", str(self.config_path), *extra_args], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env, cwd=str(tmp))
         try:
-            wait_port("127.0.0.1", self.admin_port, 15)
+            wait_port("127.0.0.1", self.admin_port, 15, self.proc)
             for h, p in wait or []:
-                wait_port(h, p, 5)
-        except BaseException:
+                wait_port(h, p, 5, self.proc)
+        except BaseException as e:
             self.stop()
+            if isinstance(e, TimeoutError):  # say why: the edge's own words (a port in use, a bad config)
+                raise TimeoutError(f"{e}; the edge's log ends:\n{self.log_path.read_text(errors='replace')[-3000:]}") \
+                    from e
             raise
 
     @property

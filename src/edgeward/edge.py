@@ -251,7 +251,7 @@ class Edge:
                 lst.close()
             for ulst in opened_udp.values():
                 ulst.close()
-            raise ConfigError([]) from BindError(f"cannot bind: {e.strerror or e}")
+            raise ConfigError([]) from BindError(sockets.bind_failure(transport, host, port, lrt.name, e))
         for key, lst in list(self.listeners.items()):
             if key not in rt.listeners:
                 lst.close()

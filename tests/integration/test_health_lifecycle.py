@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from support import (
     EDGEWARD,
     EdgeProcess,
@@ -240,3 +242,45 @@ def test_cli_check_reports_problems_with_exit_code(tmp_path: Path) -> None:
     assert r.returncode == 3
     r = subprocess.run([sys.executable, "-m", "edgeward.cli", "schema"], capture_output=True, text=True)
     assert r.returncode == 0 and '"services"' in r.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["single", "workers"])
+def test_a_port_in_use_names_the_address_at_start_and_reload(tmp_path: Path, workers: int) -> None:
+    """As HAProxy's "cannot bind socket [addr]": which address, why, and what usually fixes it; at
+    start the edge exits 1 and leaves nothing; at a reload the running config stays."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    up = ThreadServer(echo_handler())
+    port, admin = free_port(), free_port()
+    head = f"""
+[edge]
+admin = "127.0.0.1:{admin}"
+state_dir = "{tmp_path / 'state'}"
+{f"workers = {workers}" if workers else ""}
+[services.s]
+listen = ["127.0.0.1:{port}"]
+to = "127.0.0.1:{up.port}"
+"""
+    try:
+        cfg = tmp_path / "taken.toml"
+        cfg.write_text(head + f'[services.t]\nlisten = ["127.0.0.1:{taken}"]\nto = "127.0.0.1:{up.port}"\n')
+        r = subprocess.run([*EDGEWARD, "run", str(cfg)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert f"cannot bind 127.0.0.1:{taken}: Address already in use" in r.stderr, r.stderr
+        assert f"ss -lntup 'sport = :{taken}'" in r.stderr
+        # Running, then a reload that asks for the taken port: rejected, named, and the edge serves on.
+        edge = EdgeProcess(tmp_path, head, admin_port=admin, wait=[("127.0.0.1", port)])
+        try:
+            edge.write_config(cfg.read_text())
+            assert edge.api("POST", "/reload") == (422, {"applied": False})  # (the reason is in the log)
+            assert wait_until(lambda: f"cannot bind 127.0.0.1:{taken}: Address already in use" in edge.log())
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(b"still")
+                assert c.recv(5) == b"still"
+        finally:
+            edge.stop()
+    finally:
+        held.close()
+        up.close()

@@ -33,6 +33,21 @@ def is_wildcard(host: str) -> bool:
         return False
 
 
+def bind_failure(transport: str, host: str, port: int, listener: str, e: OSError) -> str:
+    """What to tell the user when a listening socket cannot be made: which address, why, and what
+    usually fixes it (as HAProxy names the address in its "cannot bind socket")."""
+    where = f"{'udp/' if transport == 'udp' else ''}{f'[{host}]' if ':' in host else host}:{port}"
+    msg = f"cannot bind {where}" + (f" (listener {listener})" if listener != where else "") + f": {e.strerror or e}"
+    hint = {
+        errno.EADDRINUSE: f"another program (or another edgeward) has the port: `ss -lntup 'sport = :{port}'` "
+                          "shows which",
+        errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE (contrib/systemd/edgeward.service "
+                      "grants it)",
+        errno.EADDRNOTAVAIL: "no interface of this machine has that address (`ip addr` lists them)",
+    }.get(e.errno or 0)
+    return f"{msg}; {hint}" if hint else msg
+
+
 def listen_tcp(host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
     """A bound, listening, non-blocking TCP socket."""
     s = socket.socket(family_of(host), socket.SOCK_STREAM)

@@ -136,7 +136,7 @@ class MasterEdge(Edge):
             for _, socks in fresh.values():
                 for s in socks:
                     s.close()
-            raise ConfigError([]) from BindError(f"cannot bind: {e.strerror or e}")
+            raise ConfigError([]) from BindError(sockets.bind_failure(transport, host, port, lrt.name, e))
         for key in [k for k in self.held if k not in rt.listeners or k in fresh]:
             for s in self.held.pop(key)[1]:
                 s.close()
