@@ -20,8 +20,12 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.procs import stop_process
+
+if TYPE_CHECKING:
+    import trustme
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGEWARD = [sys.executable, "-m", "edgeward"]
@@ -214,6 +218,14 @@ def served(src: str, port: int) -> bool:
             return c.recv(4) == b"ping"
     except OSError:
         return False
+
+
+def write_cert(ca: trustme.CA, directory: Path, stem: str, *names: str) -> trustme.LeafCert:
+    """A certificate of `ca` for `names`, written as `stem`.pem (the leaf) and `stem`.key."""
+    cert = ca.issue_cert(*names)
+    cert.cert_chain_pems[0].write_to_path(str(directory / f"{stem}.pem"))
+    cert.private_key_pem.write_to_path(str(directory / f"{stem}.key"))
+    return cert
 
 
 def whole_lines(path: Path) -> list[str]:

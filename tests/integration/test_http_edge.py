@@ -26,6 +26,7 @@ from support import (
     tls_server_handler,
     wait_until,
     whole_lines,
+    write_cert,
 )
 
 
@@ -47,9 +48,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("httpedge")
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-    cert = ca.issue_cert("web.test", "chat.test")
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "edge.pem"))
-    cert.private_key_pem.write_to_path(str(tmp / "edge.key"))
+    write_cert(ca, tmp, "edge", "web.test", "chat.test")
     (tmp / "edge.key").chmod(0o600)
     other_ca = trustme.CA()  # the relayed service's own CA: the edge never holds its key
     other_ca.cert_pem.write_to_path(str(tmp / "other-ca.pem"))
@@ -247,9 +246,7 @@ def test_a_service_without_names_terminates_tls_and_serves_plain_http(tmp_path: 
     require("nginx")
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    cert = ca.issue_cert("bench.test")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "edge.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "edge.key"))
+    write_cert(ca, tmp_path, "edge", "bench.test")
     (tmp_path / "edge.key").chmod(0o600)
     with nginx_upstream(tmp_path / "web") as ngx:
         port = free_port()

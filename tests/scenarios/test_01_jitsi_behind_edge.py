@@ -30,6 +30,7 @@ from support import (
     require,
     tls_server_handler,
     wait_until,
+    write_cert,
 )
 
 
@@ -59,9 +60,7 @@ def stand_ins(tmp_path: Path) -> Iterator[dict[str, object]]:
     require("nginx")
     vm_ca = trustme.CA()  # the VM's own self-signed world: the edge trusts it by its CA file
     vm_ca.cert_pem.write_to_path(str(tmp_path / "vm-ca.pem"))
-    vm_cert = vm_ca.issue_cert("127.0.0.1", "meet-vm.internal")
-    vm_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "vm.pem"))
-    vm_cert.private_key_pem.write_to_path(str(tmp_path / "vm.key"))
+    write_cert(vm_ca, tmp_path, "vm", "127.0.0.1", "meet-vm.internal")
     cloud_ca = trustme.CA()
     cloud_ca.cert_pem.write_to_path(str(tmp_path / "cloud-ca.pem"))
     cloud_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

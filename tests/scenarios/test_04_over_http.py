@@ -33,7 +33,7 @@ from scenarios.prosody_peer import (
     wait_for,
     xmpp_login,
 )
-from support import EDGEWARD, EdgeProcess, free_port
+from support import EDGEWARD, EdgeProcess, free_port, write_cert
 
 ATTACKER = "127.0.0.2"
 BYSTANDER = "127.0.0.3"
@@ -122,9 +122,7 @@ def test_failed_bosh_logins_through_the_edge_ban_the_client(tmp_path: Path) -> N
     t0 = time.monotonic()
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    cert = ca.issue_cert(WEB)
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "edge.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "edge.key"))
+    write_cert(ca, tmp_path, "edge", WEB)
     (tmp_path / "edge.key").chmod(0o600)
     ca_file = tmp_path / "ca.pem"
     c2s_port, bosh_port = free_port(), free_port()

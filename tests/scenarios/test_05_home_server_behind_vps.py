@@ -26,7 +26,7 @@ import trustme
 
 from edgeward.admin.client import admin_request
 from netns import Topology, UdpEchoes, in_netns, require_netns, run_in
-from support import ThreadServer, echo_handler, require, steady_fds
+from support import ThreadServer, echo_handler, require, steady_fds, write_cert
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "05-home-server-behind-vps.toml"
@@ -107,9 +107,7 @@ def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vps]:
     require_netns()
     tmp = tmp_path_factory.mktemp("scenario05")
     ca = trustme.CA()
-    cert = ca.issue_cert(*WEB_NAMES, "chat.example.org")
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "home.pem"))
-    cert.private_key_pem.write_to_path(str(tmp / "home.key"))
+    write_cert(ca, tmp, "home", *WEB_NAMES, "chat.example.org")
     topo = Topology()
     tag = f"ew5{os.getpid() % 100000}"
     procs: list[subprocess.Popen[bytes]] = []

@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from http_peers import HttpEdge, NginxUpstream, get, nginx_upstream, pin_of, read_response, request
-from support import free_port, require, wait_until
+from support import free_port, require, wait_until, write_cert
 
 
 @dataclass
@@ -35,12 +35,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     ca = trustme.CA()
     ca_pem = tmp / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
-    up_cert = ca.issue_cert("upstream.test")
-    up_cert.cert_chain_pems[0].write_to_path(str(tmp / "up.pem"))
-    up_cert.private_key_pem.write_to_path(str(tmp / "up.key"))
-    edge_cert = ca.issue_cert("a.test", "s.test", "*.test")
-    edge_cert.cert_chain_pems[0].write_to_path(str(tmp / "edge.pem"))
-    edge_cert.private_key_pem.write_to_path(str(tmp / "edge.key"))
+    up_cert = write_cert(ca, tmp, "up", "upstream.test")
+    write_cert(ca, tmp, "edge", "a.test", "s.test", "*.test")
     other_ca = trustme.CA()
     other_pem = tmp / "other-ca.pem"
     other_ca.cert_pem.write_to_path(str(other_pem))

@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from http_peers import HttpEdge, NginxUpstream, get, nginx_upstream, read_response, request
-from support import free_port, require, wait_until
+from support import free_port, require, wait_until, write_cert
 
 
 @dataclass
@@ -33,9 +33,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("redirect")
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-    cert = ca.issue_cert("meet.test", "*.cloud.test")
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "edge.pem"))
-    cert.private_key_pem.write_to_path(str(tmp / "edge.key"))
+    write_cert(ca, tmp, "edge", "meet.test", "*.cloud.test")
     acme = tmp / "acme"
     acme.mkdir()
     with nginx_upstream(tmp) as ngx:

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from http_peers import HttpEdge, closed_by_peer, read_response, wss_exchange
-from support import free_port, wait_until
+from support import free_port, wait_until, write_cert
 
 
 class WsServer:
@@ -103,9 +103,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("ws")
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-    cert = ca.issue_cert("meet.test")
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "edge.pem"))
-    cert.private_key_pem.write_to_path(str(tmp / "edge.key"))
+    write_cert(ca, tmp, "edge", "meet.test")
     ws = WsServer()
     port, tls_port = free_port(), free_port()
     text = config(port, tls_port, ws.port)

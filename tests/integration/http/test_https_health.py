@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from http_peers import get, nginx_upstream, pin_of
-from support import EdgeProcess, free_port, require, wait_until
+from support import EdgeProcess, free_port, require, wait_until, write_cert
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeProcess]:
     tmp = tmp_path_factory.mktemp("https-health")
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-    up = ca.issue_cert("upstream.test")
-    up.cert_chain_pems[0].write_to_path(str(tmp / "up.pem"))
-    up.private_key_pem.write_to_path(str(tmp / "up.key"))
+    up = write_cert(ca, tmp, "up", "upstream.test")
     other = trustme.CA()
     other.cert_pem.write_to_path(str(tmp / "other.pem"))
     pin = pin_of(up.cert_chain_pems[0].bytes())

@@ -22,7 +22,7 @@ import pytest
 import trustme
 
 from http_peers import HttpEdge, NginxUpstream, closed_by_peer, get, nginx_upstream
-from support import free_port, require, wait_until
+from support import free_port, require, wait_until, write_cert
 
 
 @dataclass
@@ -40,9 +40,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     ca = trustme.CA()
     ca_pem = tmp / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
-    cert = ca.issue_cert("a.test")
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "edge.pem"))
-    cert.private_key_pem.write_to_path(str(tmp / "edge.key"))
+    write_cert(ca, tmp, "edge", "a.test")
     with nginx_upstream(tmp, store_bodies=True, big_bytes=8 << 20) as ngx:
         tls_port = free_port()
         config = f"""
