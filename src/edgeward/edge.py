@@ -450,8 +450,9 @@ class Edge:
             await asyncio.sleep(CLOCK_STEP)
             # A stamp lags its activity by up to the step that followed it; that step may have
             # been longer than CLOCK_STEP when the loop was busy: the longer of the two is added.
-            step = max(CLOCK_STEP, time.monotonic() - plane.now)
-            plane.now = now = time.monotonic()
+            now = time.monotonic()
+            step = max(CLOCK_STEP, now - plane.now)
+            plane.now = now
             idle_since = now - step
             for c in [c for c in plane.conns if idle_since - c.last > c.rt.settings.idle_timeout]:
                 if c.flows is not None:
